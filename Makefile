@@ -1,0 +1,42 @@
+# ftsearch: every target creates the virtual environment first if it is missing.
+#   make search STUDY=imdb ARGS="--n-trials 8"     run or resume a study
+#   make ui                                         MLflow UI on 127.0.0.1:$(PORT)
+#   make promote STUDY=imdb ARGS=--force            move the champion alias
+#   make test                                       the test suite (fast; ARGS="-m slow" for the slow ones)
+
+PYTHON ?= python3
+VENV ?= .venv
+STUDY ?= imdb
+ARGS ?=
+HOST ?= 127.0.0.1
+PORT ?= 5000
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: search ui promote test env clean-env
+
+env: $(STAMP)
+
+# Re-installs when pyproject.toml changes. torch 2.14.1 is pinned: pip takes it from local files here.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+search: $(STAMP)
+	$(BIN)/ftsearch search $(STUDY) $(ARGS)
+
+promote: $(STAMP)
+	$(BIN)/ftsearch promote $(STUDY) $(ARGS)
+
+ui: $(STAMP)
+	@echo "MLflow UI: http://$(HOST):$(PORT)"
+	$(BIN)/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlruns/mlflow.db}" \
+		--host $(HOST) --port $(PORT)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(ARGS)
+
+clean-env:
+	rm -rf $(VENV)

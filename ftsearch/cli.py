@@ -1,0 +1,120 @@
+"""The ``ftsearch`` command: search, promote, predict. Thin: parses arguments and calls the package."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ftsearch", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    search = commands.add_parser("search", help="run or resume a study")
+    search.add_argument("study", help="a study name under studies/ (e.g. imdb) or a path to a study file")
+    search.add_argument("--n-trials", type=int, help="trials the study should reach (overrides the file)")
+    search.add_argument("--timeout", type=float, help="seconds after which no new trial starts")
+    search.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a study-file field, e.g. --set search.lr.high=1e-3 (repeatable)",
+    )
+    search.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    search.add_argument("--fresh", action="store_true", help="start a new study instead of resuming")
+    search.add_argument("--storage", help="Optuna storage URL (default: sqlite in mlruns/)")
+
+    promote = commands.add_parser("promote", help="move the champion alias to the study's candidate model")
+    promote.add_argument("study", help="a study name under studies/ or a path to a study file")
+    promote.add_argument("--force", action="store_true", help="promote even if it does not beat the champion")
+
+    predict = commands.add_parser("predict", help="predict with a registered model")
+    predict.add_argument("model_uri", help="e.g. models:/ftsearch-imdb@champion")
+    predict.add_argument("inputs", nargs="+", help="texts to classify")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status (2 for a user error, 130 when interrupted)."""
+    args = _parser().parse_args(argv)
+    _quiet_libraries()
+    from ftsearch.errors import FtsearchError
+
+    try:
+        return _COMMANDS[args.command](args)
+    except FtsearchError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: the current trial was ended; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+def _quiet_libraries() -> None:
+    """ftsearch prints its own progress; the libraries' progress bars and INFO logs are noise."""
+    import logging
+    import os
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", module="mlflow")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    import optuna
+    from transformers.utils import logging as hf_logging
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _search(args: argparse.Namespace) -> int:
+    from ftsearch.study import SearchOptions, run_search
+
+    summary = run_search(
+        SearchOptions(
+            study=args.study,
+            n_trials=args.n_trials,
+            timeout=args.timeout,
+            overrides=tuple(args.overrides),
+            device=args.device,
+            fresh=args.fresh,
+            storage=args.storage,
+        )
+    )
+    counts = ", ".join(f"{n} {state.lower()}" for state, n in summary.counts.items())
+    print(f"study {summary.study_name} done in {summary.seconds:.0f} s: {counts}")
+    if summary.best_trial is not None:
+        tests = ", ".join(f"{k} {v:.4f}" for k, v in summary.test_metrics.items())
+        print(f"best trial {summary.best_trial}: validation {summary.best_value:.4f}; {tests}")
+        print(f"registered as version {summary.model_version} with alias 'candidate'; promote it with "
+              f"`ftsearch promote {args.study}`")
+    return 0
+
+
+def _promote(args: argparse.Namespace) -> int:
+    from ftsearch.config import load_study
+    from ftsearch.publish import promote
+
+    config = load_study(args.study)
+    print(promote(config.registered_model, config.metric, config.direction == "maximize", force=args.force))
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from ftsearch.publish import predict
+
+    table = predict(args.model_uri, args.inputs)
+    prob_columns = [c for c in table.columns if c.startswith("prob_")]
+    for text, (_, row) in zip(args.inputs, table.iterrows()):
+        probs = ", ".join(f"{c.removeprefix('prob_')} {row[c]:.3f}" for c in prob_columns)
+        shown = text if len(text) <= 60 else text[:57] + "..."
+        print(f"{row['label']}\t({probs})\t{shown}")
+    return 0
+
+
+_COMMANDS = {"search": _search, "promote": _promote, "predict": _predict}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

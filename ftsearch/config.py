@@ -1,0 +1,310 @@
+"""Study files: loading, the CPU plan, ``--set`` overrides and validation into a typed StudyConfig.
+
+A study file holds data only. Every key is checked: a typo or an out-of-range value is an error
+naming the file, the key and what is allowed, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from ftsearch.errors import FtsearchError
+
+STUDIES_DIR = Path(__file__).resolve().parent.parent / "studies"
+STUDY_SUFFIXES = (".yaml", ".yml")
+_STUDY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FloatRange(_Strict):
+    """A float searched between ``low`` and ``high`` (log-uniform when ``log``)."""
+
+    low: float
+    high: float
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _ordered(self) -> FloatRange:
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low}) is above high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log range needs low > 0, got {self.low}")
+        return self
+
+
+class IntRange(_Strict):
+    """An integer searched between ``low`` and ``high`` inclusive."""
+
+    low: int = Field(ge=0)
+    high: int = Field(ge=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> IntRange:
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low}) is above high ({self.high})")
+        return self
+
+
+def _check_within(value: FloatRange | IntRange | None, info: ValidationInfo, bounds: dict) -> Any:
+    low, high = bounds[info.field_name]
+    if value is not None and (value.low < low or value.high > high):
+        raise ValueError(f"range must lie within [{low}, {high}]")
+    return value
+
+
+class DataConfig(_Strict):
+    """Which data set, its columns and labels, and how it is split and subsampled."""
+
+    dataset: str = Field(description="catalog name (imdb) or path to a .csv/.jsonl/.parquet file")
+    test_file: str | None = Field(None, description="held-out test file for a local data set")
+    text_column: str = "text"
+    label_column: str = "label"
+    labels: list[str] = Field(min_length=2, description="class names; label i is labels[i]")
+    val_fraction: float = Field(0.1, gt=0, lt=0.5)
+    split_seed: int = 0
+    train_size: int | None = Field(None, ge=10, description="subsample of train (null: all)")
+    val_size: int | None = Field(None, ge=10, description="subsample of validation (null: all)")
+    test_size: int | None = Field(None, ge=10, description="subsample of test (null: all)")
+
+
+class AugmentSpace(_Strict):
+    """Text augmentations; each strength is the probability applied per token, searched."""
+
+    token_mask: FloatRange | None = None
+    token_delete: FloatRange | None = None
+
+    @field_validator("token_mask", "token_delete")
+    @classmethod
+    def _within(cls, value: FloatRange | None, info: ValidationInfo) -> FloatRange | None:
+        return _check_within(value, info, {"token_mask": (0.0, 0.5), "token_delete": (0.0, 0.5)})
+
+
+_SEARCH_BOUNDS = {
+    "lr": (1e-7, 1.0),
+    "weight_decay": (0.0, 1.0),
+    "epochs": (1, 100),
+    "warmup_ratio": (0.0, 0.5),
+    "freeze_depth": (0, 1000),
+}
+
+
+class SearchSpace(_Strict):
+    """The ranges a trial samples from."""
+
+    lr: FloatRange
+    batch_size: list[int] = Field(min_length=1)
+    freeze_depth: IntRange = IntRange(low=0, high=0)
+    weight_decay: FloatRange = FloatRange(low=0.0, high=0.0)
+    epochs: IntRange = IntRange(low=1, high=1)
+    warmup_ratio: FloatRange = FloatRange(low=0.0, high=0.0)
+    max_length: list[int] = Field([128], min_length=1)
+    augment: AugmentSpace = AugmentSpace()
+
+    @field_validator(*_SEARCH_BOUNDS)
+    @classmethod
+    def _within(cls, value: FloatRange | IntRange, info: ValidationInfo) -> FloatRange | IntRange:
+        return _check_within(value, info, _SEARCH_BOUNDS)
+
+    @field_validator("batch_size", "max_length")
+    @classmethod
+    def _choices(cls, value: list[int], info: ValidationInfo) -> list[int]:
+        low, high = {"batch_size": (1, 4096), "max_length": (8, 8192)}[info.field_name]
+        if any(not low <= choice <= high for choice in value):
+            raise ValueError(f"choices must lie within [{low}, {high}]")
+        return value
+
+
+class SamplerConfig(_Strict):
+    """``startup_trials``: trials sampled at random before TPE starts modelling the results."""
+
+    name: Literal["tpe", "random"] = "tpe"
+    seed: int = 0
+    startup_trials: int = Field(5, ge=1)
+
+
+class PrunerConfig(_Strict):
+    """``warmup_epochs``: epochs every trial runs before it may be pruned."""
+
+    name: Literal["median", "successive_halving", "hyperband", "none"] = "median"
+    warmup_epochs: int = Field(1, ge=0)
+    startup_trials: int = Field(1, ge=0)
+
+
+class StudyConfig(_Strict):
+    """A validated study: what to search, on which data, how, and where to register the winner."""
+
+    name: str
+    task: Literal["text-classification"] = "text-classification"
+    data: DataConfig
+    metric: Literal["accuracy", "f1"] = "accuracy"
+    direction: Literal["maximize", "minimize"] = "maximize"
+    backbones: list[str] = Field(min_length=1)
+    search: SearchSpace
+    sampler: SamplerConfig = SamplerConfig()
+    pruner: PrunerConfig = PrunerConfig()
+    n_trials: int = Field(10, ge=1)
+    timeout: float | None = Field(None, gt=0, description="seconds after which no new trial starts")
+    registered_model: str = Field(min_length=1)
+    trust_remote_code: bool = False
+    cpu_plan: dict[str, Any] = Field(
+        default_factory=dict, description="overrides applied when training on the CPU"
+    )
+    source: str = Field("", description="the file the study was loaded from")
+
+    def plan_summary(self) -> str:
+        """One line telling the user what this (possibly CPU-planned) study will do."""
+        d, s = self.data, self.search
+        size = lambda n: "all" if n is None else str(n)  # noqa: E731
+        return (
+            f"data: train {size(d.train_size)} / val {size(d.val_size)} / test {size(d.test_size)}, "
+            f"max length {s.max_length}, epochs {s.epochs.low}-{s.epochs.high}, "
+            f"freeze depth {s.freeze_depth.low}-{s.freeze_depth.high}, "
+            f"{self.n_trials} trials, timeout {self.timeout or 'none'} s"
+        )
+
+    def search_identity(self) -> dict[str, Any]:
+        """The fields that define the search; resuming a study with other values is refused."""
+        return self.model_dump(exclude={"n_trials", "timeout", "cpu_plan", "source"})
+
+
+def resolve_study_path(study: str) -> Path:
+    """A study name under ``studies/`` or a path to a study file."""
+    path = Path(study)
+    if path.suffix in STUDY_SUFFIXES or path.exists():
+        if not path.is_file():
+            raise FtsearchError(f"study file {study!r} does not exist")
+        return path
+    if not _STUDY_NAME.match(study) or ".." in study:
+        raise FtsearchError(
+            f"study name {study!r} is not valid: use a name from studies/ (letters, digits, '-', '_') "
+            "or a path to a .yaml file"
+        )
+    for suffix in STUDY_SUFFIXES:
+        candidate = STUDIES_DIR / f"{study}{suffix}"
+        if candidate.is_file():
+            return candidate
+    known = sorted(p.stem for p in STUDIES_DIR.rglob("*") if p.suffix in STUDY_SUFFIXES)
+    raise FtsearchError(
+        f"unknown study {study!r}: known studies are {', '.join(known) or 'none'}; "
+        "or pass a path to a .yaml study file"
+    )
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``["search.lr.high=1e-3", ...]`` -> a nested dict; values are parsed as YAML."""
+    nested: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise FtsearchError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set n_trials=4")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as err:
+            raise FtsearchError(f"--set {pair!r}: value is not valid YAML ({err})") from None
+        node = nested
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise FtsearchError(f"--set {pair!r}: {part!r} is set twice as value and as table")
+        node[parts[-1]] = value
+    return nested
+
+
+def deep_merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``base`` with ``overrides`` merged in, tables recursively, other values replaced."""
+    merged = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def load_study(study: str, overrides: list[str] = (), cpu: bool = False) -> StudyConfig:
+    """Load and validate a study file, apply its CPU plan when ``cpu``, then ``--set`` overrides.
+
+    Raises FtsearchError naming the file, the key and what is allowed on any problem.
+    """
+    path = resolve_study_path(study)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise FtsearchError(f"{path}: not valid YAML: {err}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise FtsearchError(f"{path}: cannot be read: {err}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise FtsearchError(f"{path}: a study file must be a YAML mapping of keys to values")
+    raw = {"name": path.stem, **raw, "source": str(path)}
+    set_values = parse_overrides(list(overrides))
+    # The plan is validated as part of the file even when it is not applied, so a typo in it is
+    # caught on a GPU machine too.
+    validate(raw, path)
+    if cpu and raw.get("cpu_plan"):
+        raw = deep_merge(raw, raw["cpu_plan"])
+    return validate(deep_merge(raw, set_values), path)
+
+
+def validate(raw: dict[str, Any], path: Path) -> StudyConfig:
+    """Validate a study mapping; the error lists every bad key with what is allowed."""
+    try:
+        config = StudyConfig.model_validate(raw)
+    except ValidationError as err:
+        raise FtsearchError(f"{path}: invalid study file:\n{_describe(err)}") from None
+    if config.cpu_plan:
+        try:
+            StudyConfig.model_validate(deep_merge(raw, config.cpu_plan))
+        except ValidationError as err:
+            detail = _describe(err, prefix="cpu_plan.")
+            raise FtsearchError(f"{path}: invalid study file:\n{detail}") from None
+    return config
+
+
+def _describe(err: ValidationError, prefix: str = "") -> str:
+    lines = []
+    for item in err.errors():
+        key = prefix + ".".join(str(p) for p in item["loc"])
+        if item["type"] == "extra_forbidden":
+            parent = key.removeprefix(prefix).rpartition(".")[0]
+            allowed = _allowed_keys(parent)
+            lines.append(f"  {key}: unknown key; allowed here: {', '.join(allowed)}")
+        elif item["type"] == "missing":
+            lines.append(f"  {key}: required key is missing")
+        else:
+            msg = item["msg"].removeprefix("Value error, ")
+            lines.append(f"  {key or '(top level)'}: {msg} (got {item.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _allowed_keys(dotted_parent: str) -> list[str]:
+    model: Any = StudyConfig
+    for part in [p for p in dotted_parent.split(".") if p]:
+        field = model.model_fields.get(part)
+        if field is None:
+            return []
+        annotation = field.annotation
+        candidates = getattr(annotation, "__args__", (annotation,))
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if model is None:
+            return []
+    return [name for name in model.model_fields if name != "source"]

@@ -1,0 +1,9 @@
+"""The one exception type that reaches the user as a message instead of a traceback."""
+
+
+class FtsearchError(Exception):
+    """A problem the user can fix (bad study file, missing data, unknown backbone...).
+
+    The CLI prints its message and exits with status 2; nothing has been created when it is raised
+    before the search starts.
+    """

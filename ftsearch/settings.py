@@ -1,0 +1,52 @@
+"""Where ftsearch keeps its state and finds its data, from environment settings.
+
+Everything lives under one state directory (``mlruns/`` by default) so that a clone of the project
+is self-contained: the MLflow store, its artifacts, the Optuna storage, checkpoints and caches.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+STATE_DIR_ENV = "FTSEARCH_STATE_DIR"
+DATA_DIR_ENV = "FTSEARCH_DATA_DIR"
+DEFAULT_STATE_DIR = "mlruns"
+DEFAULT_DATA_DIR = "data"
+
+
+def state_dir() -> Path:
+    """The directory holding MLflow's store, Optuna's storage, checkpoints and caches."""
+    path = Path(os.environ.get(STATE_DIR_ENV, DEFAULT_STATE_DIR)).resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def data_dir() -> Path:
+    """The local data mirror: ``$FTSEARCH_DATA_DIR``, else ``./data``."""
+    return Path(os.environ.get(DATA_DIR_ENV, DEFAULT_DATA_DIR)).resolve()
+
+
+def tracking_uri() -> str:
+    """MLflow tracking URI: ``$MLFLOW_TRACKING_URI`` or a SQLite store in the state directory."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{state_dir() / 'mlflow.db'}"
+
+
+def artifact_root() -> Path:
+    """Where experiments created on the default local store keep their artifacts."""
+    return state_dir() / "artifacts"
+
+
+def optuna_storage_url(override: str | None = None) -> str:
+    """Optuna storage URL: ``--storage`` if given, else a SQLite file in the state directory."""
+    return override or f"sqlite:///{state_dir() / 'optuna.db'}"
+
+
+def checkpoint_dir() -> Path:
+    """Per-trial best-epoch weights, kept until the study knows whether the trial is the best."""
+    return state_dir() / "checkpoints"
+
+
+def cache_dir() -> Path:
+    """Tokenised data sets, shared by all trials and studies."""
+    return state_dir() / "cache"

@@ -1,0 +1,436 @@
+"""Drives a search: checks inputs, creates or resumes the Optuna study, runs trials, publishes.
+
+Everything a user can get wrong (study file, data, backbones, device) is checked before any
+Optuna study or MLflow run exists, so a bad input leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import shutil
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import optuna
+import torch
+from optuna.trial import FrozenTrial, TrialState
+
+from ftsearch import publish, settings, tracking
+from ftsearch.augment import TokenAugment
+from ftsearch.config import StudyConfig, load_study
+from ftsearch.data.text import TextSplits, load_text_splits
+from ftsearch.data.tokens import TokenizedSplit, make_loader, tokenize_cached
+from ftsearch.errors import FtsearchError
+from ftsearch.models.text import ResolvedBackbone, freeze_lowest_blocks, load_classifier, load_tokenizer, resolve_backbone
+from ftsearch.predictor import save_classifier
+from ftsearch.space import TrialConfig, sample_trial
+from ftsearch.train import EpochMetrics, FitResult, TrainSettings, evaluate, fit, resolve_device
+
+PARENT_RUN_ATTR = "mlflow_parent_run_id"
+RUN_ID_ATTR = "mlflow_run_id"
+CONFIG_ATTR = "ftsearch_config"
+REASON_ATTR = "reason"
+EVAL_BATCH_SIZE = 64
+HEARTBEAT_SECONDS = 60
+
+
+def say(message: str) -> None:
+    print(message, flush=True)
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    """What the user asked for on the command line."""
+
+    study: str
+    n_trials: int | None = None
+    timeout: float | None = None
+    overrides: tuple[str, ...] = ()
+    device: str = "auto"
+    fresh: bool = False
+    storage: str | None = None
+
+
+@dataclass
+class SearchSummary:
+    """What a search did, for the CLI to print and tests to check."""
+
+    study_name: str
+    parent_run_id: str
+    counts: dict[str, int] = field(default_factory=dict)
+    best_trial: int | None = None
+    best_value: float | None = None
+    model_version: str | None = None
+    test_metrics: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A checked study: config, device, data and backbones, ready to search."""
+
+    config: StudyConfig
+    device: torch.device
+    splits: TextSplits
+    backbones: dict[str, ResolvedBackbone]
+
+
+def prepare(options: SearchOptions) -> Prepared:
+    """Validate everything the user supplied; raises FtsearchError, creates nothing."""
+    device = resolve_device(options.device)
+    overrides = list(options.overrides)
+    if options.n_trials is not None:
+        overrides.append(f"n_trials={options.n_trials}")
+    if options.timeout is not None:
+        overrides.append(f"timeout={options.timeout}")
+    config = load_study(options.study, overrides, cpu=device.type == "cpu")
+    say(f"study {config.name} on {device.type.upper()}: {config.plan_summary()}")
+    backbones = {name: resolve_backbone(name, config.trust_remote_code) for name in config.backbones}
+    splits = load_text_splits(config.data, Path(config.source).parent)
+    say(f"data: {splits.sizes()}; backbones: {', '.join(f'{b.name} ({b.num_blocks} blocks)' for b in backbones.values())}")
+    return Prepared(config, device, splits, backbones)
+
+
+def run_search(options: SearchOptions) -> SearchSummary:
+    """Run (or resume) the study named in ``options`` and register its best model."""
+    prepared = prepare(options)
+    config = prepared.config
+    study = open_study(config, options.storage, options.fresh)
+    parent = tracking.StudyRun.open(
+        config.name, study.user_attrs.get(PARENT_RUN_ATTR), tags={"optuna.study": study.study_name}
+    )
+    study.set_user_attr(PARENT_RUN_ATTR, parent.run_id)
+    if "config.json" not in _artifact_names(parent):
+        parent.log_dict(config.model_dump(), "config.json")
+    done = _count(study, TrialState.COMPLETE, TrialState.PRUNED)
+    remaining = config.n_trials - done
+    say(f"optuna study {study.study_name}: {done} trial(s) done, {max(0, remaining)} to run; MLflow parent run {parent.run_id}")
+    runner = TrialRunner(prepared, parent, _checkpoint_root(study))
+    start = time.monotonic()
+    try:
+        if remaining > 0:
+            study.optimize(
+                runner,
+                n_trials=remaining,
+                timeout=config.timeout,
+                catch=(Exception,),
+                callbacks=[runner.after_trial],
+                gc_after_trial=True,
+            )
+        summary = finish_study(study, prepared, parent, runner)
+    except BaseException:
+        # Ctrl-C or a crash: the parent run is ended, the study stays resumable as it is.
+        parent.finish("KILLED")
+        raise
+    parent.finish("FINISHED")
+    summary.seconds = time.monotonic() - start
+    return summary
+
+
+def make_storage(url: str) -> optuna.storages.BaseStorage:
+    """Optuna storage with heartbeats, so trials of a crashed process are failed, not left RUNNING."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats
+            return optuna.storages.RDBStorage(
+                url,
+                heartbeat_interval=HEARTBEAT_SECONDS,
+                grace_period=2 * HEARTBEAT_SECONDS,
+                heartbeat_stale_trial_callback=_end_stale_trial_run,
+            )
+    except Exception as err:  # noqa: BLE001 - bad URL, unreachable server, missing driver
+        raise FtsearchError(f"cannot open Optuna storage {url!r}: {str(err).splitlines()[0]}") from None
+
+
+def _end_stale_trial_run(study: optuna.Study, trial: FrozenTrial) -> None:
+    run_id = trial.user_attrs.get(RUN_ID_ATTR)
+    if run_id:
+        tracking.TrialRun(tracking.client(), run_id).finish("FAIL", "its process stopped sending heartbeats")
+
+
+def open_study(config: StudyConfig, storage_url: str | None, fresh: bool) -> optuna.Study:
+    """Resume the study's latest Optuna study, or start a new generation when ``fresh``.
+
+    Generations are named ``<name>``, ``<name>.2``, ... so that ``--fresh`` loses no history.
+    """
+    storage = make_storage(settings.optuna_storage_url(storage_url))
+    names = {s.study_name for s in optuna.study.get_all_study_summaries(storage, include_best_trial=False)}
+    generations = [n for n in names if n == config.name or n.removeprefix(f"{config.name}.").isdigit()]
+    latest = max(generations, key=lambda n: 1 if n == config.name else int(n.rsplit(".", 1)[1]), default=None)
+    identity = json.dumps(config.search_identity(), sort_keys=True, default=str)
+    if latest is not None and not fresh:
+        existing = optuna.load_study(study_name=latest, storage=storage)
+        if existing.user_attrs.get(CONFIG_ATTR, identity) != identity:
+            changed = _changed_keys(json.loads(existing.user_attrs[CONFIG_ATTR]), json.loads(identity))
+            raise FtsearchError(
+                f"study {latest!r} was started with a different configuration ({', '.join(changed)} "
+                "changed); add --fresh to start a new study, or restore those values to resume it"
+            )
+        name = latest
+    elif latest is None:
+        name = config.name
+    else:
+        name = f"{config.name}.{2 if latest == config.name else int(latest.rsplit('.', 1)[1]) + 1}"
+    trials_so_far = len(existing.trials) if latest is not None and not fresh else 0
+    study = optuna.create_study(
+        study_name=name,
+        storage=storage,
+        direction=config.direction,
+        # Offset by the trials already run, so a resumed study does not replay its first samples.
+        sampler=make_sampler(config, trials_so_far),
+        pruner=make_pruner(config),
+        load_if_exists=True,
+    )
+    study.set_user_attr(CONFIG_ATTR, identity)
+    return study
+
+
+def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += _changed_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
+def make_sampler(config: StudyConfig, offset: int = 0) -> optuna.samplers.BaseSampler:
+    seed = config.sampler.seed + offset
+    if config.sampler.name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=config.sampler.startup_trials)
+
+
+def make_pruner(config: StudyConfig) -> optuna.pruners.BasePruner:
+    p = config.pruner
+    min_resource = max(1, p.warmup_epochs)
+    if p.name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=p.startup_trials, n_warmup_steps=p.warmup_epochs)
+    if p.name == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=min_resource)
+    if p.name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=min_resource, max_resource=config.search.epochs.high)
+    return optuna.pruners.NopPruner()
+
+
+def _count(study: optuna.Study, *states: TrialState) -> int:
+    return len(study.get_trials(deepcopy=False, states=states))
+
+
+def _checkpoint_root(study: optuna.Study) -> Path:
+    return settings.checkpoint_dir() / study.study_name
+
+
+def _artifact_names(run: tracking.StudyRun) -> set[str]:
+    return {f.path for f in run.mlflow_client.list_artifacts(run.run_id)}
+
+
+class TrialRunner:
+    """The Optuna objective: one trial = sample, build, fine-tune, track, keep the best weights."""
+
+    def __init__(self, prepared: Prepared, parent: tracking.StudyRun, checkpoints: Path):
+        self.prepared = prepared
+        self.config = prepared.config
+        self.parent = parent
+        self.checkpoints = checkpoints
+        self._tokenizers: dict[str, object] = {}
+        self._tokens: dict[tuple[str, int, str], TokenizedSplit] = {}
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        blocks = {name: b.num_blocks for name, b in self.prepared.backbones.items()}
+        trial_cfg = sample_trial(trial, self.config, blocks)
+        run = self.parent.start_trial(trial.number, tags={"optuna.study": trial.study.study_name})
+        trial.set_user_attr(RUN_ID_ATTR, run.run_id)
+        run.log_params(trial_cfg.model_dump())
+        run.log_dict(trial_cfg.model_dump(), "trial_config.json")
+        say(f"trial {trial.number}: {_describe(trial_cfg)}")
+        state, reason = "FAIL", ""
+        try:
+            result = self._train(trial, trial_cfg, run)
+            if result.status == "diverged":
+                state, reason = "PRUNED", result.reason
+                raise optuna.TrialPruned(reason)
+            if result.status == "stopped":
+                state = "PRUNED"
+                reason = f"pruned by the {self.config.pruner.name} pruner after epoch {len(result.history)}"
+                raise optuna.TrialPruned(reason)
+            state = "COMPLETE"
+            return float(result.best_value(self.config.metric))
+        except optuna.TrialPruned:
+            raise
+        except KeyboardInterrupt:
+            state, reason = "KILLED", "interrupted by the user (Ctrl-C)"
+            raise
+        except Exception as err:
+            reason = f"{type(err).__name__}: {err}"
+            raise
+        finally:
+            if reason:
+                trial.set_user_attr(REASON_ATTR, reason)
+            run.finish(state, reason)
+            say(f"trial {trial.number}: {state}{' - ' + reason if reason else ''}")
+
+    def _train(self, trial: optuna.Trial, trial_cfg: TrialConfig, run: tracking.TrialRun) -> FitResult:
+        backbone = self.prepared.backbones[trial_cfg.backbone]
+        tokenizer = self._tokenizer(backbone)
+        train_tokens = self._tokenized(backbone, tokenizer, "train", trial_cfg.max_length)
+        val_tokens = self._tokenized(backbone, tokenizer, "val", trial_cfg.max_length)
+        labels = self.prepared.splits.labels
+        model = load_classifier(backbone.source, labels, self.config.trust_remote_code)
+        try:
+            trainable = freeze_lowest_blocks(model, trial_cfg.freeze_depth)
+            total = sum(p.numel() for p in model.parameters())
+            run.log_params({"trainable_params": trainable, "total_params": total})
+            augment = TokenAugment(trial_cfg.token_mask, trial_cfg.token_delete, tokenizer.mask_token_id)
+            cuda = self.prepared.device.type == "cuda"
+            train_loader = make_loader(
+                train_tokens, trial_cfg.batch_size, tokenizer.pad_token_id,
+                shuffle=True, seed=trial_cfg.seed, augment=augment, pin_memory=cuda,
+            )
+            val_loader = make_loader(val_tokens, EVAL_BATCH_SIZE, tokenizer.pad_token_id, shuffle=False, pin_memory=cuda)
+            settings_ = TrainSettings(
+                lr=trial_cfg.lr,
+                epochs=trial_cfg.epochs,
+                weight_decay=trial_cfg.weight_decay,
+                warmup_ratio=trial_cfg.warmup_ratio,
+                seed=trial_cfg.seed,
+                metric=self.config.metric,
+                maximize=self.config.direction == "maximize",
+                device=str(self.prepared.device),
+            )
+
+            def on_epoch_end(m: EpochMetrics) -> bool:
+                run.log_metrics({"train_loss": m.train_loss, "val_accuracy": m.val_accuracy, "val_f1": m.val_f1}, step=m.epoch)
+                say(f"  epoch {m.epoch}: train loss {m.train_loss:.4f}, val accuracy {m.val_accuracy:.4f}, val f1 {m.val_f1:.4f}")
+                trial.report(m.value(self.config.metric), m.epoch)
+                return trial.should_prune()
+
+            result = fit(model, train_loader, val_loader, settings_, on_epoch_end)
+            if result.best_epoch is not None:
+                run.log_metrics({"best_epoch": result.best_epoch}, step=result.best_epoch)
+                run.log_confusion_matrix(result.best_eval.y_true, result.best_eval.y_pred, labels, "confusion_matrix.png")
+            if result.status == "completed":
+                model.load_state_dict(result.best_state)
+                save_classifier(model, tokenizer, self.checkpoints / f"trial-{trial.number}", trial_cfg.max_length, labels)
+            return result
+        finally:
+            # Free the model and optimizer state before the next trial (no memory creeping up).
+            del model
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    def _tokenizer(self, backbone: ResolvedBackbone):
+        if backbone.name not in self._tokenizers:
+            self._tokenizers[backbone.name] = load_tokenizer(backbone, self.config.trust_remote_code)
+        return self._tokenizers[backbone.name]
+
+    def _tokenized(self, backbone: ResolvedBackbone, tokenizer, split: str, max_length: int) -> TokenizedSplit:
+        key = (backbone.name, max_length, split)
+        if key not in self._tokens:
+            self._tokens[key] = tokenize_cached(tokenizer, getattr(self.prepared.splits, split), max_length)
+        return self._tokens[key]
+
+    def after_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        """Keep only the best trial's weights on disk, and keep the parent run's best up to date."""
+        best = _best_trial(study)
+        if self.checkpoints.is_dir():
+            for folder in self.checkpoints.iterdir():
+                if best is None or folder.name != f"trial-{best.number}":
+                    shutil.rmtree(folder, ignore_errors=True)
+        if best is not None and best.number == trial.number:
+            self.parent.log_best(self.config.metric, best.value, best.number, best.params)
+
+
+def _best_trial(study: optuna.Study) -> FrozenTrial | None:
+    try:
+        return study.best_trial
+    except ValueError:  # no completed trial yet
+        return None
+
+
+def finish_study(study: optuna.Study, prepared: Prepared, parent: tracking.StudyRun, runner: TrialRunner) -> SearchSummary:
+    """Log the study's plots, score the best trial on the test split and register it."""
+    config = prepared.config
+    counts = {s.name: _count(study, s) for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
+    summary = SearchSummary(study.study_name, parent.run_id, counts)
+    _log_study_plots(study, parent)
+    best = _best_trial(study)
+    if best is None:
+        say(f"no trial completed ({counts}); nothing to register. See the trials' reasons in MLflow.")
+        return summary
+    summary.best_trial, summary.best_value = best.number, best.value
+    run_id = best.user_attrs[RUN_ID_ATTR]
+    registered = [v for v in publish.registered_versions(config.registered_model) if v.tags.get("run_id") == run_id]
+    if registered:
+        version = registered[0]
+        summary.model_version = version.version
+        summary.test_metrics = {k: float(v) for k, v in version.tags.items() if k.startswith("test_")}
+        say(f"best trial {best.number} is already registered as {config.registered_model} v{version.version}")
+        return summary
+    folder = runner.checkpoints / f"trial-{best.number}"
+    if not folder.is_dir():
+        raise FtsearchError(f"the best trial's weights are missing from {folder}; rerun with --fresh")
+    summary.test_metrics = score_on_test(folder, prepared, run_id)
+    tags = {
+        "study": config.name,
+        "optuna_study": study.study_name,
+        "trial_number": str(best.number),
+        "run_id": run_id,
+        f"val_{config.metric}": f"{best.value:.6f}",
+        **{k: f"{v:.6f}" for k, v in summary.test_metrics.items()},
+    }
+    examples = prepared.splits.test["text"].head(2).str.slice(0, 500).tolist()
+    version = publish.register_best(config.registered_model, folder, run_id, tags, examples)
+    summary.model_version = version.version
+    shutil.rmtree(runner.checkpoints, ignore_errors=True)  # the weights now live in the registry
+    return summary
+
+
+def score_on_test(folder: Path, prepared: Prepared, run_id: str) -> dict[str, float]:
+    """Score the saved model once on the held-out test split and log the metrics to its run."""
+    from transformers import AutoTokenizer
+
+    meta = json.loads((folder / "ftsearch.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = load_classifier(folder, prepared.splits.labels)
+    tokens = tokenize_cached(tokenizer, prepared.splits.test, int(meta["max_length"]))
+    loader = make_loader(tokens, EVAL_BATCH_SIZE, tokenizer.pad_token_id, shuffle=False)
+    model.to(prepared.device)
+    evaluation = evaluate(model, loader, prepared.device)
+    metrics = {"test_accuracy": evaluation.accuracy, "test_f1": evaluation.f1}
+    run = tracking.TrialRun(tracking.client(), run_id)
+    run.log_metrics(metrics, step=0)
+    run.log_confusion_matrix(evaluation.y_true, evaluation.y_pred, prepared.splits.labels, "test_confusion_matrix.png")
+    return metrics
+
+
+def _log_study_plots(study: optuna.Study, parent: tracking.StudyRun) -> None:
+    from optuna.visualization import matplotlib as optuna_plots
+
+    plots = {"optimization_history.png": optuna_plots.plot_optimization_history}
+    if _count(study, TrialState.COMPLETE) >= 2:
+        plots["param_importances.png"] = optuna_plots.plot_param_importances
+    with warnings.catch_warnings():
+        # Optuna flags its matplotlib plots experimental and warns on ties in importances.
+        warnings.simplefilter("ignore")
+        for path, plot in plots.items():
+            try:
+                axes = plot(study)
+            except (ValueError, RuntimeError) as err:  # e.g. no parameter varied: nothing to rank
+                say(f"skipped {path}: {err}")
+                continue
+            parent.log_figure(axes.figure, path)
+
+
+def _describe(trial_cfg: TrialConfig) -> str:
+    return (
+        f"{trial_cfg.backbone}, freeze {trial_cfg.freeze_depth}, lr {trial_cfg.lr:.2e}, "
+        f"batch {trial_cfg.batch_size}, epochs {trial_cfg.epochs}, max length {trial_cfg.max_length}, "
+        f"mask {trial_cfg.token_mask:.3f}, delete {trial_cfg.token_delete:.3f}"
+    )

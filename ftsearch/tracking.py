@@ -1,0 +1,166 @@
+"""MLflow tracking owned by ftsearch: one experiment and parent run per study, a child run per trial.
+
+Runs are driven through ``MlflowClient`` with explicit run ids rather than MLflow's global
+"active run", so that a trial's run can never be confused with another's and every run is
+ended with an explicit status: no run is left RUNNING.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: figures are only ever written to files
+
+import matplotlib.pyplot as plt  # noqa: E402
+import mlflow  # noqa: E402
+from mlflow import MlflowClient  # noqa: E402
+from mlflow.entities import Metric, Param, RunStatus  # noqa: E402
+
+from ftsearch import settings  # noqa: E402
+
+STATE_TAG = "ftsearch.state"
+REASON_TAG = "ftsearch.reason"
+TRIAL_TAG = "ftsearch.trial_number"
+STUDY_TAG = "ftsearch.study"
+PARENT_TAG = "mlflow.parentRunId"
+
+# Optuna's final trial state -> MLflow run status: a pruned trial ran correctly and ended early.
+RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "FINISHED", "FAIL": "FAILED", "KILLED": "KILLED"}
+
+
+def client() -> MlflowClient:
+    """A client on the configured tracking store (``$MLFLOW_TRACKING_URI`` or ``mlruns/``)."""
+    uri = settings.tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return MlflowClient(uri, registry_uri=uri)
+
+
+def experiment_id(mlflow_client: MlflowClient, name: str) -> str:
+    """The study's experiment, created on first use (artifacts under the state dir when local)."""
+    experiment = mlflow_client.get_experiment_by_name(name)
+    if experiment is not None:
+        if experiment.lifecycle_stage == "deleted":
+            mlflow_client.restore_experiment(experiment.experiment_id)
+        return experiment.experiment_id
+    location = None
+    if mlflow_client.tracking_uri.startswith("sqlite:"):
+        location = (settings.artifact_root() / name).as_uri()
+    return mlflow_client.create_experiment(name, artifact_location=location)
+
+
+def _figure_artifact(mlflow_client: MlflowClient, run_id: str, figure, path: str) -> None:
+    try:
+        mlflow_client.log_figure(run_id, figure, path)
+    finally:
+        plt.close(figure)
+
+
+@dataclass
+class TrialRun:
+    """The child run of one trial."""
+
+    mlflow_client: MlflowClient
+    run_id: str
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        self.mlflow_client.log_batch(self.run_id, params=[Param(k, str(v)) for k, v in params.items()])
+
+    def log_dict(self, data: dict[str, Any], path: str) -> None:
+        self.mlflow_client.log_dict(self.run_id, data, path)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.mlflow_client.log_batch(
+            self.run_id, metrics=[Metric(k, float(v), _now_ms(), step) for k, v in metrics.items()]
+        )
+
+    def log_confusion_matrix(self, y_true, y_pred, labels: tuple[str, ...], path: str) -> None:
+        from sklearn.metrics import ConfusionMatrixDisplay
+
+        display = ConfusionMatrixDisplay.from_predictions(
+            y_true, y_pred, labels=list(range(len(labels))), display_labels=list(labels), colorbar=False
+        )
+        _figure_artifact(self.mlflow_client, self.run_id, display.figure_, path)
+
+    def finish(self, state: str, reason: str = "") -> None:
+        """Tag the Optuna state (and reason) and end the run with the matching status."""
+        self.mlflow_client.set_tag(self.run_id, STATE_TAG, state)
+        if reason:
+            self.mlflow_client.set_tag(self.run_id, REASON_TAG, reason[:5000])
+        self.mlflow_client.set_terminated(self.run_id, RUN_STATUS[state])
+
+
+@dataclass
+class StudyRun:
+    """The parent run of a study, with one child run per trial."""
+
+    mlflow_client: MlflowClient
+    experiment_id: str
+    run_id: str
+    study_name: str
+
+    @classmethod
+    def open(cls, study_name: str, run_id: str | None, tags: dict[str, str]) -> StudyRun:
+        """Reopen the study's parent run (``run_id``) or start a new one."""
+        mlflow_client = client()
+        exp_id = experiment_id(mlflow_client, study_name)
+        if run_id is not None:
+            mlflow_client.update_run(run_id, status="RUNNING")
+        else:
+            run = mlflow_client.create_run(exp_id, run_name=f"study-{study_name}", tags={STUDY_TAG: study_name, **tags})
+            run_id = run.info.run_id
+        return cls(mlflow_client, exp_id, run_id, study_name)
+
+    def start_trial(self, number: int, tags: dict[str, str]) -> TrialRun:
+        run = self.mlflow_client.create_run(
+            self.experiment_id,
+            run_name=f"trial-{number}",
+            tags={PARENT_TAG: self.run_id, TRIAL_TAG: str(number), STUDY_TAG: self.study_name, **tags},
+        )
+        return TrialRun(self.mlflow_client, run.info.run_id)
+
+    def log_dict(self, data: dict[str, Any], path: str) -> None:
+        self.mlflow_client.log_dict(self.run_id, data, path)
+
+    def log_best(self, metric: str, value: float, trial_number: int, params: dict[str, Any]) -> None:
+        # Params are immutable in MLflow and the best trial changes as the study goes on, so
+        # the best params are tags and an artifact, the best value a metric stepped by trial.
+        self.mlflow_client.log_metric(self.run_id, f"best_val_{metric}", value, step=trial_number)
+        self.mlflow_client.set_tag(self.run_id, "best_trial", str(trial_number))
+        for key, val in params.items():
+            self.mlflow_client.set_tag(self.run_id, f"best.{key}", str(val))
+        self.log_dict({"trial": trial_number, f"val_{metric}": value, "params": params}, "best_params.json")
+
+    def log_figure(self, figure, path: str) -> None:
+        _figure_artifact(self.mlflow_client, self.run_id, figure, path)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.mlflow_client.set_terminated(self.run_id, status)
+
+
+def end_stale_runs(mlflow_client: MlflowClient, parent_run_id: str, live: set[str] = frozenset()) -> int:
+    """End children of ``parent_run_id`` still RUNNING (left by a crashed process) as FAILED."""
+    runs = mlflow_client.search_runs(
+        [mlflow_client.get_run(parent_run_id).info.experiment_id],
+        filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}' and attributes.status = 'RUNNING'",
+    )
+    stale = [r for r in runs if r.info.run_id not in live]
+    for run in stale:
+        mlflow_client.set_tag(run.info.run_id, STATE_TAG, "FAIL")
+        mlflow_client.set_tag(run.info.run_id, REASON_TAG, "the process running this trial ended abruptly")
+        mlflow_client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FAILED))
+    return len(stale)
+
+
+def _now_ms() -> int:
+    import time
+
+    return int(time.time() * 1000)
+
+
+def as_json(data: Any) -> str:
+    return json.dumps(data, indent=2, sort_keys=True, default=str)

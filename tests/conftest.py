@@ -1,0 +1,126 @@
+"""Shared fixtures: a tiny randomly initialised BERT, a tiny sentiment data set, study files.
+
+Everything is built at test time in temporary folders, and every test gets its own state
+directory (MLflow store, Optuna storage), so tests never touch the project's mlruns/.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Set before transformers / datasets are imported, which read them once: no test may reach for
+# the network, so hub lookups fail at once instead of timing out.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+import random
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+POSITIVE = ["great", "wonderful", "superb", "loved", "brilliant", "moving", "delightful", "excellent"]
+NEGATIVE = ["awful", "boring", "terrible", "hated", "dull", "clumsy", "tedious", "dreadful"]
+NEUTRAL = ["the", "movie", "film", "plot", "actor", "scene", "was", "and", "a", "story", "ending", "music"]
+
+
+def make_reviews(n: int, seed: int) -> pd.DataFrame:
+    """Short synthetic reviews whose label is carried by a few sentiment words."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = i % 2
+        cue = POSITIVE if label else NEGATIVE
+        words = [rng.choice(NEUTRAL) for _ in range(rng.randint(6, 14))]
+        for _ in range(2):
+            words.insert(rng.randrange(len(words) + 1), rng.choice(cue))
+        rows.append({"review": " ".join(words), "sentiment": ["neg", "pos"][label]})
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    """A 2-layer BERT (hidden 32) with a word-level vocabulary, saved with save_pretrained."""
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *POSITIVE, *NEGATIVE, *NEUTRAL]
+    # transformers 5 tokenizers take the vocabulary itself (a vocab_file argument is ignored).
+    BertTokenizer(vocab={word: i for i, word in enumerate(vocab)}).save_pretrained(folder)
+    config = BertConfig(
+        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=64,
+    )
+    import torch
+
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_reviews(tmp_path_factory) -> dict[str, Path]:
+    """train.csv (320 rows) and test.csv (60 rows) with columns review / sentiment (pos, neg)."""
+    folder = tmp_path_factory.mktemp("reviews")
+    paths = {"train": folder / "train.csv", "test": folder / "test.csv"}
+    make_reviews(320, seed=1).to_csv(paths["train"], index=False)
+    make_reviews(60, seed=2).to_csv(paths["test"], index=False)
+    return paths
+
+
+@pytest.fixture(autouse=True)
+def state_dir(tmp_path, monkeypatch) -> Path:
+    """Each test gets its own MLflow store, Optuna storage and caches."""
+    state = tmp_path / "mlruns"
+    monkeypatch.setenv("FTSEARCH_STATE_DIR", str(state))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return state
+
+
+def tiny_study(tiny_bert: Path, reviews: dict[str, Path], **changes) -> dict:
+    """A study mapping over the tiny data and BERT: 2 trials of 4 short epochs."""
+    study = {
+        "data": {
+            "dataset": str(reviews["train"]),
+            "test_file": str(reviews["test"]),
+            "text_column": "review",
+            "label_column": "sentiment",
+            "labels": ["neg", "pos"],
+            "val_fraction": 0.25,
+        },
+        "metric": "accuracy",
+        "backbones": [str(tiny_bert)],
+        "search": {
+            "lr": {"low": 4.0e-3, "high": 1.0e-2, "log": True},
+            "batch_size": [16],
+            "freeze_depth": {"low": 0, "high": 0},
+            "epochs": {"low": 4, "high": 4},
+            "warmup_ratio": {"low": 0.1, "high": 0.1},
+            "max_length": [32],
+            "augment": {"token_mask": {"low": 0.0, "high": 0.1}},
+        },
+        "sampler": {"name": "tpe", "seed": 0, "startup_trials": 2},
+        "pruner": {"name": "none"},
+        "n_trials": 2,
+        "registered_model": "tiny-sentiment",
+    }
+    for key, value in changes.items():
+        node = study
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[last] = value
+    return study
+
+
+@pytest.fixture
+def write_study(tmp_path, tiny_bert, tiny_reviews):
+    """Write a tiny study file (with dotted-key changes) and return its path."""
+
+    def write(name: str = "tiny", **changes) -> Path:
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(tiny_study(tiny_bert, tiny_reviews, **changes)))
+        return path
+
+    return write

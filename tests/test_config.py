@@ -1,0 +1,92 @@
+"""Study files: every shipped file loads; bad files and overrides give clear errors."""
+
+from pathlib import Path
+
+import pytest
+
+from ftsearch.config import STUDIES_DIR, load_study, parse_overrides, resolve_study_path
+from ftsearch.errors import FtsearchError
+
+SHIPPED = sorted(p for p in STUDIES_DIR.rglob("*") if p.suffix in (".yaml", ".yml"))
+
+
+def test_studies_are_shipped():
+    assert any(p.stem == "imdb" for p in SHIPPED)
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
+@pytest.mark.parametrize("cpu", [False, True], ids=["gpu-plan", "cpu-plan"])
+def test_every_shipped_study_loads(path, cpu):
+    config = load_study(str(path), cpu=cpu)
+    assert config.n_trials >= 1 and config.backbones
+    assert config.search.lr.low <= config.search.lr.high
+
+
+def test_cpu_plan_shrinks_imdb():
+    full, cpu = load_study("imdb"), load_study("imdb", cpu=True)
+    assert full.data.train_size is None
+    assert cpu.data.train_size == 1600 and cpu.search.max_length == [256]
+    assert "train 1600" in cpu.plan_summary()
+
+
+def test_overrides_are_typed_and_win_over_the_plan():
+    config = load_study("imdb", ["n_trials=2", "search.lr.high=1e-3", "search.batch_size=[8]"], cpu=True)
+    assert config.n_trials == 2
+    assert config.search.lr.high == pytest.approx(1e-3)
+    assert config.search.batch_size == [8]
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["bogus=1"], "bogus: unknown key; allowed here: name, task, data"),
+        (["search.lr.low=1", "search.lr.high=0.1"], "search.lr: low (1.0) is above high (0.1)"),
+        (["search.epochs.high=1000"], "search.epochs: range must lie within [1, 100]"),
+        (["metric=auc"], "metric: Input should be 'accuracy' or 'f1'"),
+        (["search.batch_size=[0]"], "search.batch_size: choices must lie within [1, 4096]"),
+        (["search.augment.token_mask.high=0.9"], "search.augment.token_mask: range must lie within"),
+        (["data.labels=[one]"], "data.labels"),
+        (["cpu_plan.search.lrr=1"], "cpu_plan.search.lrr: unknown key; allowed here: lr, batch_size"),
+    ],
+)
+def test_bad_values_name_file_key_and_what_is_allowed(overrides, expected):
+    with pytest.raises(FtsearchError) as err:
+        load_study("imdb", overrides)
+    assert "imdb.yaml" in str(err.value)
+    assert expected in str(err.value)
+
+
+def test_malformed_yaml(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("search: {lr: [1, 2\n")
+    with pytest.raises(FtsearchError, match=r"broken.yaml: not valid YAML"):
+        load_study(str(path))
+
+
+def test_non_mapping_file(tmp_path):
+    path = tmp_path / "list.yaml"
+    path.write_text("- a\n- b\n")
+    with pytest.raises(FtsearchError, match="must be a YAML mapping"):
+        load_study(str(path))
+
+
+@pytest.mark.parametrize("name", ["../etc/passwd", "a/../b", "nope", "with space"])
+def test_unknown_or_unsafe_study_names(name):
+    with pytest.raises(FtsearchError, match="study"):
+        resolve_study_path(name)
+
+
+def test_study_by_name_and_by_path():
+    assert resolve_study_path("imdb") == STUDIES_DIR / "imdb.yaml"
+    assert resolve_study_path(str(STUDIES_DIR / "imdb.yaml")) == STUDIES_DIR / "imdb.yaml"
+
+
+def test_parse_overrides_nests_and_parses_yaml():
+    assert parse_overrides(["a.b=1", "a.c=[1, 2]", "d=x"]) == {"a": {"b": 1, "c": [1, 2]}, "d": "x"}
+    with pytest.raises(FtsearchError, match="expected KEY=VALUE"):
+        parse_overrides(["novalue"])
+
+
+def test_missing_file_by_path(tmp_path):
+    with pytest.raises(FtsearchError, match="does not exist"):
+        resolve_study_path(str(Path(tmp_path) / "absent.yaml"))

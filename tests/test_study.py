@@ -1,0 +1,245 @@
+"""The real pipeline end to end on a tiny BERT and tiny data: search, tracking, registry, resume."""
+
+from __future__ import annotations
+
+import json
+
+import optuna
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from conftest import tiny_study
+from ftsearch import settings
+from ftsearch.cli import main
+from ftsearch.config import load_study
+from ftsearch.study import open_study
+
+PARENT = "mlflow.parentRunId"
+
+
+def store() -> MlflowClient:
+    uri = settings.tracking_uri()
+    return MlflowClient(uri, registry_uri=uri)
+
+
+def runs(experiment: str) -> tuple[list, list]:
+    """(parent runs, child runs) of an experiment."""
+    client = store()
+    exp = client.get_experiment_by_name(experiment)
+    everything = client.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in everything if PARENT not in r.data.tags]
+    children = [r for r in everything if PARENT in r.data.tags]
+    return parents, children
+
+
+def optuna_study(name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=settings.optuna_storage_url())
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory, tiny_bert, tiny_reviews):
+    """One 2-trial search, shared by the assertions below (state kept in its own folder)."""
+    root = tmp_path_factory.mktemp("searched")
+    study_file = root / "tiny.yaml"
+    study_file.write_text(yaml.safe_dump(tiny_study(tiny_bert, tiny_reviews)))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FTSEARCH_STATE_DIR", str(root / "mlruns"))
+        assert main(["search", str(study_file)]) == 0
+    return root
+
+
+@pytest.fixture
+def in_searched(searched, monkeypatch):
+    monkeypatch.setenv("FTSEARCH_STATE_DIR", str(searched / "mlruns"))
+    return searched
+
+
+def test_one_parent_and_a_child_run_per_trial_with_epoch_curves(in_searched):
+    parents, children = runs("tiny")
+    assert len(parents) == 1 and len(children) == 2
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    client = store()
+    for child in children:
+        assert child.data.tags[PARENT] == parent.info.run_id
+        assert child.info.status == "FINISHED"
+        assert child.data.tags["ftsearch.state"] == "COMPLETE"
+        assert {"lr", "batch_size", "freeze_depth", "backbone", "token_mask", "trainable_params"} <= set(child.data.params)
+        curve = client.get_metric_history(child.info.run_id, "val_accuracy")
+        assert [m.step for m in curve] == [1, 2, 3, 4]
+        assert len(client.get_metric_history(child.info.run_id, "train_loss")) == 4
+        artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
+        assert {"trial_config.json", "confusion_matrix.png"} <= artifacts
+    parent_artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"optimization_history.png", "param_importances.png", "best_params.json", "config.json"} <= parent_artifacts
+
+
+def test_training_learns_the_task(in_searched):
+    _, children = runs("tiny")
+    client = store()
+    best_curve = max(
+        ([m.value for m in client.get_metric_history(c.info.run_id, "val_accuracy")] for c in children),
+        key=max,
+    )
+    assert max(best_curve) >= 0.9 > best_curve[0] or best_curve[0] >= 0.9
+    losses = [m.value for m in client.get_metric_history(children[0].info.run_id, "train_loss")]
+    assert losses[-1] < losses[0]
+
+
+def test_trial_numbers_and_run_ids_point_both_ways(in_searched):
+    study = optuna_study("tiny")
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    client = store()
+    for trial in study.trials:
+        run = client.get_run(trial.user_attrs["mlflow_run_id"])
+        assert run.data.tags["ftsearch.trial_number"] == str(trial.number)
+        assert float(run.data.params["lr"]) == pytest.approx(trial.params["lr"])
+    assert study.user_attrs["mlflow_parent_run_id"] == runs("tiny")[0][0].info.run_id
+
+
+def test_best_trial_is_registered_as_candidate_with_test_metrics(in_searched):
+    study = optuna_study("tiny")
+    version = store().get_model_version_by_alias("tiny-sentiment", "candidate")
+    assert version.tags["trial_number"] == str(study.best_trial.number)
+    assert version.tags["run_id"] == study.best_trial.user_attrs["mlflow_run_id"]
+    assert float(version.tags["test_accuracy"]) >= 0.9
+    best_run = store().get_run(version.tags["run_id"])
+    assert best_run.data.metrics["test_accuracy"] == pytest.approx(float(version.tags["test_accuracy"]), abs=1e-5)
+    assert best_run.info.status == "FINISHED"
+    # The weights moved into the registry; no checkpoint is left behind.
+    assert not any((in_searched / "mlruns" / "checkpoints").glob("*/trial-*"))
+
+
+def test_promote_then_predict_with_champion(in_searched, capsys):
+    study_file = str(in_searched / "tiny.yaml")
+    assert main(["promote", study_file]) == 0
+    assert "promoted tiny-sentiment v1" in capsys.readouterr().out
+    assert str(store().get_model_version_by_alias("tiny-sentiment", "champion").version) == "1"
+    assert main(["promote", study_file]) == 0
+    assert "already the champion" in capsys.readouterr().out
+
+    assert main(["predict", "models:/tiny-sentiment@champion", "great superb loved film", "awful dull hated plot"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split("\t")[0] for line in lines] == ["pos", "neg"]
+    assert "prob_" not in lines[0] and "pos 0." in lines[0]
+
+
+def test_rerunning_a_finished_study_runs_nothing_new(in_searched, capsys):
+    assert main(["search", str(in_searched / "tiny.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "2 trial(s) done, 0 to run" in out and "already registered" in out
+    parents, children = runs("tiny")
+    assert len(parents) == 1 and len(children) == 2
+    assert len(store().search_model_versions("name = 'tiny-sentiment'")) == 1
+
+
+def test_interrupted_study_resumes_under_the_same_parent(write_study, monkeypatch, capsys):
+    import ftsearch.study as study_module
+
+    real_fit, calls = study_module.fit, []
+
+    def interrupt_second_trial(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(study_module, "fit", interrupt_second_trial)
+    path = str(write_study())
+    assert main(["search", path]) == 130
+    assert "run the same command again to resume" in capsys.readouterr().err
+    parents, children = runs("tiny")
+    assert parents[0].info.status == "KILLED"
+    assert sorted(c.data.tags["ftsearch.state"] for c in children) == ["COMPLETE", "KILLED"]
+    assert all(c.info.status != "RUNNING" for c in children)
+
+    assert main(["search", path]) == 0
+    parents, children = runs("tiny")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(children) == 3 and all(c.data.tags[PARENT] == parents[0].info.run_id for c in children)
+    states = [t.state.name for t in optuna_study("tiny").trials]
+    assert states.count("COMPLETE") == 2 and states.count("FAIL") == 1
+
+
+def test_fresh_starts_a_new_study_and_keeps_the_old(write_study):
+    path = str(write_study(n_trials=1))
+    assert main(["search", path]) == 0
+    assert main(["search", path, "--fresh"]) == 0
+    assert optuna_study("tiny").trials and optuna_study("tiny.2").trials
+    parents, _ = runs("tiny")
+    assert len(parents) == 2
+
+
+def test_resuming_with_a_changed_search_space_is_refused(write_study, capsys):
+    path = str(write_study(n_trials=1))
+    assert main(["search", path]) == 0
+    assert main(["search", path, "--set", "search.batch_size=[8]"]) == 2
+    assert "search.batch_size changed" in capsys.readouterr().err
+    # n_trials is not part of the search space: raising it resumes the study.
+    assert main(["search", path, "--n-trials", "2"]) == 0
+    assert len(optuna_study("tiny").trials) == 2
+
+
+def test_a_bad_trial_is_pruned_and_its_run_finished_with_the_pruned_tag(write_study):
+    path = write_study(**{"pruner": {"name": "median", "warmup_epochs": 0, "startup_trials": 1}})
+    config = load_study(str(path), cpu=True)
+    study = open_study(config, None, fresh=False)
+    study.enqueue_trial({"lr": 8e-3})
+    study.enqueue_trial({"lr": 0.9})  # absurd: it cannot learn anything in its first epoch
+    assert main(["search", str(path)]) == 0
+    trials = optuna_study("tiny").trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "PRUNED"]
+    pruned = store().get_run(trials[1].user_attrs["mlflow_run_id"])
+    assert pruned.info.status == "FINISHED"
+    assert pruned.data.tags["ftsearch.state"] == "PRUNED"
+    assert "pruned by the median pruner after epoch 1" in pruned.data.tags["ftsearch.reason"]
+    assert len(store().get_metric_history(pruned.info.run_id, "val_accuracy")) == 1
+
+
+def test_non_finite_loss_prunes_with_that_reason(write_study, tiny_bert, tmp_path):
+    import torch
+    from transformers import BertModel
+
+    broken = tmp_path / "nan-bert"
+    model = BertModel.from_pretrained(tiny_bert)
+    with torch.no_grad():
+        model.pooler.dense.weight.fill_(float("nan"))
+    model.save_pretrained(broken)
+    (broken / "tokenizer_config.json").write_text((tiny_bert / "tokenizer_config.json").read_text())
+    for name in ("vocab.txt", "tokenizer.json", "special_tokens_map.json"):
+        if (tiny_bert / name).exists():
+            (broken / name).write_text((tiny_bert / name).read_text())
+    path = write_study(backbones=[str(broken)], n_trials=1)
+    assert main(["search", str(path)]) == 0
+    trial = optuna_study("tiny").trials[0]
+    assert trial.state.name == "PRUNED"
+    run = store().get_run(trial.user_attrs["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert "non-finite loss" in run.data.tags["ftsearch.reason"]
+
+
+def test_promote_keeps_a_better_champion_unless_forced(write_study, capsys, monkeypatch):
+    path = str(write_study(n_trials=1))
+    assert main(["search", path]) == 0
+    assert main(["promote", path]) == 0
+    client = store()
+    # A second study generation whose candidate scores worse on the test split.
+    assert main(["search", path, "--fresh"]) == 0
+    client.set_model_version_tag("tiny-sentiment", "2", "test_accuracy", "0.1")
+    capsys.readouterr()
+    assert main(["promote", path]) == 0
+    assert "kept champion tiny-sentiment v1" in capsys.readouterr().out
+    assert str(client.get_model_version_by_alias("tiny-sentiment", "champion").version) == "1"
+    assert main(["promote", path, "--force"]) == 0
+    assert "forced over v1" in capsys.readouterr().out
+    assert str(client.get_model_version_by_alias("tiny-sentiment", "champion").version) == "2"
+
+
+def test_trial_config_artifact_is_the_sampled_config(in_searched):
+    client = store()
+    _, children = runs("tiny")
+    path = client.download_artifacts(children[0].info.run_id, "trial_config.json")
+    sampled = json.loads(open(path).read())
+    assert sampled["lr"] == pytest.approx(float(children[0].data.params["lr"]))
+    assert sampled["epochs"] == 4
