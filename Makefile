@@ -20,7 +20,6 @@ env: $(STAMP)
 # Re-installs when pyproject.toml changes. torch 2.14.1 is pinned: pip takes it from local files here.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $@
 
@@ -32,7 +31,7 @@ promote: $(STAMP)
 
 ui: $(STAMP)
 	@echo "MLflow UI: http://$(HOST):$(PORT)"
-	$(BIN)/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlruns/mlflow.db}" \
+	$(BIN)/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$${FTSEARCH_STATE_DIR:-$(CURDIR)/mlruns}/mlflow.db}" \
 		--host $(HOST) --port $(PORT)
 
 test: $(STAMP)

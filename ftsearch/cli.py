@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: the current trial was ended; run the same command again to resume", file=sys.stderr)
+        hint = ": the current trial was ended; run the same command again to resume" if args.command == "search" else ""
+        print(f"interrupted{hint}", file=sys.stderr)
         return 130
 
 
@@ -59,17 +60,27 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", module="mlflow")
     warnings.filterwarnings("ignore", category=FutureWarning)
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    import mlflow  # noqa: F401 - configures its loggers on import; quieten them after that
     import optuna
     from transformers.utils import logging as hf_logging
 
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
 
 
+def _stop_on_sigterm(signum, frame) -> None:
+    # A scheduler's or `kill`'s SIGTERM ends the search like Ctrl-C: runs ended, study resumable.
+    raise KeyboardInterrupt
+
+
 def _search(args: argparse.Namespace) -> int:
+    import signal
+
     from ftsearch.study import SearchOptions, run_search
+
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
 
     summary = run_search(
         SearchOptions(
@@ -83,7 +94,7 @@ def _search(args: argparse.Namespace) -> int:
         )
     )
     counts = ", ".join(f"{n} {state.lower()}" for state, n in summary.counts.items())
-    print(f"study {summary.study_name} done in {summary.seconds:.0f} s: {counts}")
+    print(f"study {summary.study_name} done in {summary.seconds:.0f} s: {counts} (MLflow parent run {summary.parent_run_id})")
     if summary.best_trial is not None:
         tests = ", ".join(f"{k} {v:.4f}" for k, v in summary.test_metrics.items())
         print(f"best trial {summary.best_trial}: validation {summary.best_value:.4f}; {tests}")

@@ -140,10 +140,11 @@ class SamplerConfig(_Strict):
 
 
 class PrunerConfig(_Strict):
-    """``warmup_epochs``: epochs every trial runs before it may be pruned."""
+    """``min_epochs``: epochs every trial runs before it may be pruned (the minimum resource of
+    successive halving and hyperband); ``startup_trials``: trials the median pruner never prunes."""
 
     name: Literal["median", "successive_halving", "hyperband", "none"] = "median"
-    warmup_epochs: int = Field(1, ge=0)
+    min_epochs: int = Field(1, ge=1)
     startup_trials: int = Field(1, ge=0)
 
 
@@ -167,6 +168,13 @@ class StudyConfig(_Strict):
         default_factory=dict, description="overrides applied when training on the CPU"
     )
     source: str = Field("", description="the file the study was loaded from")
+
+    @field_validator("direction")
+    @classmethod
+    def _direction_fits_metric(cls, value: str, info: ValidationInfo) -> str:
+        if value != "maximize":
+            raise ValueError(f"metric {info.data.get('metric')!r} is higher-is-better: use 'maximize'")
+        return value
 
     def plan_summary(self) -> str:
         """One line telling the user what this (possibly CPU-planned) study will do."""
@@ -257,12 +265,12 @@ def load_study(study: str, overrides: list[str] = (), cpu: bool = False) -> Stud
         raise FtsearchError(f"{path}: a study file must be a YAML mapping of keys to values")
     raw = {"name": path.stem, **raw, "source": str(path)}
     set_values = parse_overrides(list(overrides))
-    # The plan is validated as part of the file even when it is not applied, so a typo in it is
-    # caught on a GPU machine too.
-    validate(raw, path)
-    if cpu and raw.get("cpu_plan"):
-        raw = deep_merge(raw, raw["cpu_plan"])
-    return validate(deep_merge(raw, set_values), path)
+    # Validating checks the CPU plan too, even where it is not applied, so a typo in it is caught
+    # on a GPU machine as well.
+    config = validate(deep_merge(raw, set_values), path)
+    if cpu and config.cpu_plan:
+        config = validate(deep_merge(deep_merge(raw, config.cpu_plan), set_values), path)
+    return config
 
 
 def validate(raw: dict[str, Any], path: Path) -> StudyConfig:
@@ -292,7 +300,8 @@ def _describe(err: ValidationError, prefix: str = "") -> str:
             lines.append(f"  {key}: required key is missing")
         else:
             msg = item["msg"].removeprefix("Value error, ")
-            lines.append(f"  {key or '(top level)'}: {msg} (got {item.get('input')!r})")
+            got = repr(item.get("input"))
+            lines.append(f"  {key or '(top level)'}: {msg}" + (f" (got {got})" if len(got) <= 80 else ""))
     return "\n".join(lines)
 
 

@@ -19,12 +19,14 @@ from ftsearch.errors import FtsearchError
 
 CANDIDATE = "candidate"
 CHAMPION = "champion"
+COMPLETE_TAG = "ftsearch.registration"
 ENTRY_FILE = Path(__file__).with_name("pyfunc_entry.py")
+PACKAGE_DIR = Path(__file__).parent
 
 
 def _requirements() -> list[str]:
     # Stated explicitly: MLflow's own inference would load the model in a subprocess to find them.
-    names = ["ftsearch", "torch", "transformers", "mlflow", "pandas"]
+    names = ["torch", "transformers", "mlflow", "pandas"]
     pins = []
     for name in names:
         try:
@@ -44,8 +46,10 @@ def register_best(
     """Log ``model_folder`` as an MLflow model in ``run_id`` and register it with alias ``candidate``.
 
     ``tags`` (study, trial number, test metrics...) go on the model version; they must already
-    be final, because the alias is set last and only once everything else has succeeded.
+    be final, because the alias is set only once everything else has succeeded, and the version
+    is marked complete last. A version left incomplete by a crash is removed by the next call.
     """
+    discard_incomplete(registered_name, run_id)
     tracking.client()
     mlflow.start_run(run_id=run_id)
     try:
@@ -54,6 +58,8 @@ def register_best(
             python_model=str(ENTRY_FILE),
             artifacts={"model": str(model_folder)},
             input_example=pd.DataFrame({"text": input_example}),
+            # The package travels with the model, so it loads where ftsearch is not installed.
+            code_paths=[str(PACKAGE_DIR)],
             pip_requirements=_requirements(),
         )
     finally:
@@ -65,6 +71,7 @@ def register_best(
     try:
         version = mlflow.register_model(info.model_uri, registered_name, tags=tags)
         mlflow_client.set_registered_model_alias(registered_name, CANDIDATE, version.version)
+        mlflow_client.set_model_version_tag(registered_name, version.version, COMPLETE_TAG, "complete")
     except BaseException:
         if version is not None:
             mlflow_client.delete_model_version(registered_name, version.version)
@@ -72,9 +79,23 @@ def register_best(
     return version
 
 
-def registered_versions(registered_name: str) -> list[ModelVersion]:
-    """All versions of a registered model (empty when it does not exist yet)."""
-    return tracking.client().search_model_versions(f"name = '{registered_name}'")
+def _versions_of_run(registered_name: str, run_id: str) -> list[ModelVersion]:
+    versions = tracking.client().search_model_versions(f"name = '{registered_name}'")
+    return [v for v in versions if v.tags.get("run_id") == run_id]
+
+
+def registered_version(registered_name: str, run_id: str) -> ModelVersion | None:
+    """The completely registered version of the model trained in ``run_id``, if there is one."""
+    complete = [v for v in _versions_of_run(registered_name, run_id) if v.tags.get(COMPLETE_TAG) == "complete"]
+    return complete[0] if complete else None
+
+
+def discard_incomplete(registered_name: str, run_id: str) -> None:
+    """Delete versions of ``run_id``'s model that a crash left without their alias or final tag."""
+    mlflow_client = tracking.client()
+    for version in _versions_of_run(registered_name, run_id):
+        if version.tags.get(COMPLETE_TAG) != "complete":
+            mlflow_client.delete_model_version(registered_name, version.version)
 
 
 def _by_alias(registered_name: str, alias: str) -> ModelVersion | None:

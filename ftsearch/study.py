@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import json
+import re
 import shutil
 import time
 import warnings
@@ -27,7 +28,7 @@ from ftsearch.errors import FtsearchError
 from ftsearch.models.text import ResolvedBackbone, freeze_lowest_blocks, load_classifier, load_tokenizer, resolve_backbone
 from ftsearch.predictor import save_classifier
 from ftsearch.space import TrialConfig, sample_trial
-from ftsearch.train import EpochMetrics, FitResult, TrainSettings, evaluate, fit, resolve_device
+from ftsearch.train import EpochMetrics, FitResult, TrainSettings, evaluate, fit, resolve_device, seed_everything
 
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
 RUN_ID_ATTR = "mlflow_run_id"
@@ -35,6 +36,7 @@ CONFIG_ATTR = "ftsearch_config"
 REASON_ATTR = "reason"
 EVAL_BATCH_SIZE = 64
 HEARTBEAT_SECONDS = 60
+MAX_FAILURES_IN_A_ROW = 3
 
 
 def say(message: str) -> None:
@@ -76,6 +78,7 @@ class Prepared:
     device: torch.device
     splits: TextSplits
     backbones: dict[str, ResolvedBackbone]
+    tokenizers: dict[str, object]
 
 
 def prepare(options: SearchOptions) -> Prepared:
@@ -89,9 +92,17 @@ def prepare(options: SearchOptions) -> Prepared:
     config = load_study(options.study, overrides, cpu=device.type == "cpu")
     say(f"study {config.name} on {device.type.upper()}: {config.plan_summary()}")
     backbones = {name: resolve_backbone(name, config.trust_remote_code) for name in config.backbones}
+    longest = max(config.search.max_length)
+    for backbone in backbones.values():
+        if backbone.max_positions is not None and longest > backbone.max_positions:
+            raise FtsearchError(
+                f"{config.source}: search.max_length {longest} exceeds backbone {backbone.name!r}'s "
+                f"{backbone.max_positions} positions; lower search.max_length"
+            )
+    tokenizers = {name: load_tokenizer(b, config.trust_remote_code) for name, b in backbones.items()}
     splits = load_text_splits(config.data, Path(config.source).parent)
     say(f"data: {splits.sizes()}; backbones: {', '.join(f'{b.name} ({b.num_blocks} blocks)' for b in backbones.values())}")
-    return Prepared(config, device, splits, backbones)
+    return Prepared(config, device, splits, backbones, tokenizers)
 
 
 def run_search(options: SearchOptions) -> SearchSummary:
@@ -99,31 +110,38 @@ def run_search(options: SearchOptions) -> SearchSummary:
     prepared = prepare(options)
     config = prepared.config
     study = open_study(config, options.storage, options.fresh)
+    # Trials of a process that died (no heartbeat for the grace period) are failed now.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
     parent = tracking.StudyRun.open(
         config.name, study.user_attrs.get(PARENT_RUN_ATTR), tags={"optuna.study": study.study_name}
     )
-    study.set_user_attr(PARENT_RUN_ATTR, parent.run_id)
-    if "config.json" not in _artifact_names(parent):
-        parent.log_dict(config.model_dump(), "config.json")
-    done = _count(study, TrialState.COMPLETE, TrialState.PRUNED)
-    remaining = config.n_trials - done
-    say(f"optuna study {study.study_name}: {done} trial(s) done, {max(0, remaining)} to run; MLflow parent run {parent.run_id}")
-    runner = TrialRunner(prepared, parent, _checkpoint_root(study))
     start = time.monotonic()
     try:
+        study.set_user_attr(PARENT_RUN_ATTR, parent.run_id)
+        if "config.json" not in _artifact_names(parent):
+            parent.log_dict(config.model_dump(), "config.json")
+        done = _count(study, TrialState.COMPLETE, TrialState.PRUNED)
+        remaining = config.n_trials - done
+        say(f"optuna study {study.study_name}: {done} trial(s) done, {max(0, remaining)} to run; "
+            f"MLflow parent run {parent.run_id}")
+        runner = TrialRunner(prepared, parent, _checkpoint_root(study))
         if remaining > 0:
+            # Failed trials do not count towards n_trials: the study runs until n_trials trials
+            # completed or were pruned, or the timeout, or too many failures in a row.
+            reached = optuna.study.MaxTrialsCallback(config.n_trials, states=(TrialState.COMPLETE, TrialState.PRUNED))
             study.optimize(
                 runner,
-                n_trials=remaining,
                 timeout=config.timeout,
                 catch=(Exception,),
-                callbacks=[runner.after_trial],
+                callbacks=[reached, runner.after_trial],
                 gc_after_trial=True,
             )
         summary = finish_study(study, prepared, parent, runner)
-    except BaseException:
+    except BaseException as err:
         # Ctrl-C or a crash: the parent run is ended, the study stays resumable as it is.
-        parent.finish("KILLED")
+        parent.finish("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise
     parent.finish("FINISHED")
     summary.seconds = time.monotonic() - start
@@ -157,9 +175,13 @@ def open_study(config: StudyConfig, storage_url: str | None, fresh: bool) -> opt
     Generations are named ``<name>``, ``<name>.2``, ... so that ``--fresh`` loses no history.
     """
     storage = make_storage(settings.optuna_storage_url(storage_url))
-    names = {s.study_name for s in optuna.study.get_all_study_summaries(storage, include_best_trial=False)}
-    generations = [n for n in names if n == config.name or n.removeprefix(f"{config.name}.").isdigit()]
-    latest = max(generations, key=lambda n: 1 if n == config.name else int(n.rsplit(".", 1)[1]), default=None)
+    pattern = re.compile(rf"^{re.escape(config.name)}(?:\.(\d+))?$")
+    generations = {}
+    for summary in optuna.study.get_all_study_summaries(storage, include_best_trial=False):
+        match = pattern.match(summary.study_name)
+        if match:
+            generations[int(match.group(1) or 1)] = summary.study_name
+    latest = generations[max(generations)] if generations else None
     identity = json.dumps(config.search_identity(), sort_keys=True, default=str)
     if latest is not None and not fresh:
         existing = optuna.load_study(study_name=latest, storage=storage)
@@ -173,7 +195,7 @@ def open_study(config: StudyConfig, storage_url: str | None, fresh: bool) -> opt
     elif latest is None:
         name = config.name
     else:
-        name = f"{config.name}.{2 if latest == config.name else int(latest.rsplit('.', 1)[1]) + 1}"
+        name = f"{config.name}.{max(generations) + 1}"
     trials_so_far = len(existing.trials) if latest is not None and not fresh else 0
     study = optuna.create_study(
         study_name=name,
@@ -208,13 +230,13 @@ def make_sampler(config: StudyConfig, offset: int = 0) -> optuna.samplers.BaseSa
 
 def make_pruner(config: StudyConfig) -> optuna.pruners.BasePruner:
     p = config.pruner
-    min_resource = max(1, p.warmup_epochs)
+    # Epochs are reported as steps 1, 2, ...: a warm-up of n steps lets epoch n be the first pruned.
     if p.name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=p.startup_trials, n_warmup_steps=p.warmup_epochs)
+        return optuna.pruners.MedianPruner(n_startup_trials=p.startup_trials, n_warmup_steps=p.min_epochs)
     if p.name == "successive_halving":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=min_resource)
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=p.min_epochs)
     if p.name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=min_resource, max_resource=config.search.epochs.high)
+        return optuna.pruners.HyperbandPruner(min_resource=p.min_epochs, max_resource=config.search.epochs.high)
     return optuna.pruners.NopPruner()
 
 
@@ -238,19 +260,19 @@ class TrialRunner:
         self.config = prepared.config
         self.parent = parent
         self.checkpoints = checkpoints
-        self._tokenizers: dict[str, object] = {}
+        self.failures_in_a_row = 0
         self._tokens: dict[tuple[str, int, str], TokenizedSplit] = {}
 
     def __call__(self, trial: optuna.Trial) -> float:
         blocks = {name: b.num_blocks for name, b in self.prepared.backbones.items()}
         trial_cfg = sample_trial(trial, self.config, blocks)
         run = self.parent.start_trial(trial.number, tags={"optuna.study": trial.study.study_name})
-        trial.set_user_attr(RUN_ID_ATTR, run.run_id)
-        run.log_params(trial_cfg.model_dump())
-        run.log_dict(trial_cfg.model_dump(), "trial_config.json")
-        say(f"trial {trial.number}: {_describe(trial_cfg)}")
         state, reason = "FAIL", ""
         try:
+            trial.set_user_attr(RUN_ID_ATTR, run.run_id)
+            run.log_params(trial_cfg.model_dump())
+            run.log_dict(trial_cfg.model_dump(), "trial_config.json")
+            say(f"trial {trial.number}: {_trial_line(trial_cfg)}")
             result = self._train(trial, trial_cfg, run)
             if result.status == "diverged":
                 state, reason = "PRUNED", result.reason
@@ -277,10 +299,11 @@ class TrialRunner:
 
     def _train(self, trial: optuna.Trial, trial_cfg: TrialConfig, run: tracking.TrialRun) -> FitResult:
         backbone = self.prepared.backbones[trial_cfg.backbone]
-        tokenizer = self._tokenizer(backbone)
+        tokenizer = self.prepared.tokenizers[backbone.name]
         train_tokens = self._tokenized(backbone, tokenizer, "train", trial_cfg.max_length)
         val_tokens = self._tokenized(backbone, tokenizer, "val", trial_cfg.max_length)
         labels = self.prepared.splits.labels
+        seed_everything(trial_cfg.seed)  # the new classifier head is drawn from the trial's seed
         model = load_classifier(backbone.source, labels, self.config.trust_remote_code)
         try:
             trainable = freeze_lowest_blocks(model, trial_cfg.freeze_depth)
@@ -325,11 +348,6 @@ class TrialRunner:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
 
-    def _tokenizer(self, backbone: ResolvedBackbone):
-        if backbone.name not in self._tokenizers:
-            self._tokenizers[backbone.name] = load_tokenizer(backbone, self.config.trust_remote_code)
-        return self._tokenizers[backbone.name]
-
     def _tokenized(self, backbone: ResolvedBackbone, tokenizer, split: str, max_length: int) -> TokenizedSplit:
         key = (backbone.name, max_length, split)
         if key not in self._tokens:
@@ -337,7 +355,12 @@ class TrialRunner:
         return self._tokens[key]
 
     def after_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        """Keep only the best trial's weights on disk, and keep the parent run's best up to date."""
+        """Keep only the best trial's weights on disk, keep the parent run's best up to date, and
+        stop the study when trials keep failing (a bug or a broken setup, not bad luck)."""
+        self.failures_in_a_row = self.failures_in_a_row + 1 if trial.state == TrialState.FAIL else 0
+        if self.failures_in_a_row >= MAX_FAILURES_IN_A_ROW:
+            say(f"stopping: {self.failures_in_a_row} trials failed in a row")
+            study.stop()
         best = _best_trial(study)
         if self.checkpoints.is_dir():
             for folder in self.checkpoints.iterdir():
@@ -359,16 +382,19 @@ def finish_study(study: optuna.Study, prepared: Prepared, parent: tracking.Study
     config = prepared.config
     counts = {s.name: _count(study, s) for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
     summary = SearchSummary(study.study_name, parent.run_id, counts)
+    _end_orphaned_runs(study, parent)
     _log_study_plots(study, parent)
     best = _best_trial(study)
     if best is None:
-        say(f"no trial completed ({counts}); nothing to register. See the trials' reasons in MLflow.")
-        return summary
+        reasons = [t.user_attrs.get(REASON_ATTR, "") for t in study.trials if t.user_attrs.get(REASON_ATTR)]
+        raise FtsearchError(
+            f"no trial completed ({', '.join(f'{n} {s.lower()}' for s, n in counts.items())}), so there is "
+            f"no model to register; first reason: {reasons[0] if reasons else 'none recorded'}"
+        )
     summary.best_trial, summary.best_value = best.number, best.value
     run_id = best.user_attrs[RUN_ID_ATTR]
-    registered = [v for v in publish.registered_versions(config.registered_model) if v.tags.get("run_id") == run_id]
-    if registered:
-        version = registered[0]
+    version = publish.registered_version(config.registered_model, run_id)
+    if version is not None:
         summary.model_version = version.version
         summary.test_metrics = {k: float(v) for k, v in version.tags.items() if k.startswith("test_")}
         say(f"best trial {best.number} is already registered as {config.registered_model} v{version.version}")
@@ -390,6 +416,16 @@ def finish_study(study: optuna.Study, prepared: Prepared, parent: tracking.Study
     summary.model_version = version.version
     shutil.rmtree(runner.checkpoints, ignore_errors=True)  # the weights now live in the registry
     return summary
+
+
+def _end_orphaned_runs(study: optuna.Study, parent: tracking.StudyRun) -> None:
+    """End the MLflow run of any finished trial whose process died before it could end the run."""
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)):
+        run_id = trial.user_attrs.get(RUN_ID_ATTR)
+        if run_id and parent.mlflow_client.get_run(run_id).info.status == "RUNNING":
+            tracking.TrialRun(parent.mlflow_client, run_id).finish(
+                trial.state.name, trial.user_attrs.get(REASON_ATTR, "its process stopped before ending the run")
+            )
 
 
 def score_on_test(folder: Path, prepared: Prepared, run_id: str) -> dict[str, float]:
@@ -421,14 +457,12 @@ def _log_study_plots(study: optuna.Study, parent: tracking.StudyRun) -> None:
         warnings.simplefilter("ignore")
         for path, plot in plots.items():
             try:
-                axes = plot(study)
-            except (ValueError, RuntimeError) as err:  # e.g. no parameter varied: nothing to rank
-                say(f"skipped {path}: {err}")
-                continue
-            parent.log_figure(axes.figure, path)
+                parent.log_figure(plot(study).figure, path)
+            except Exception as err:  # noqa: BLE001 - a plot is not worth losing the study's model
+                say(f"skipped {path}: {type(err).__name__}: {err}")
 
 
-def _describe(trial_cfg: TrialConfig) -> str:
+def _trial_line(trial_cfg: TrialConfig) -> str:
     return (
         f"{trial_cfg.backbone}, freeze {trial_cfg.freeze_depth}, lr {trial_cfg.lr:.2e}, "
         f"batch {trial_cfg.batch_size}, epochs {trial_cfg.epochs}, max length {trial_cfg.max_length}, "

@@ -7,7 +7,7 @@ ended with an explicit status: no run is left RUNNING.
 
 from __future__ import annotations
 
-import json
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +18,7 @@ matplotlib.use("Agg")  # headless: figures are only ever written to files
 import matplotlib.pyplot as plt  # noqa: E402
 import mlflow  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
-from mlflow.entities import Metric, Param, RunStatus  # noqa: E402
+from mlflow.entities import Metric, Param  # noqa: E402
 
 from ftsearch import settings  # noqa: E402
 
@@ -53,6 +53,15 @@ def experiment_id(mlflow_client: MlflowClient, name: str) -> str:
     return mlflow_client.create_experiment(name, artifact_location=location)
 
 
+def _usable(mlflow_client: MlflowClient, run_id: str) -> bool:
+    """Whether a stored parent run still exists (the MLflow store may have been reset or cleaned)."""
+    try:
+        return mlflow_client.get_run(run_id).info.lifecycle_stage == "active"
+    except mlflow.exceptions.MlflowException:
+        print(f"MLflow run {run_id} of this study no longer exists; starting a new parent run", flush=True)
+        return False
+
+
 def _figure_artifact(mlflow_client: MlflowClient, run_id: str, figure, path: str) -> None:
     try:
         mlflow_client.log_figure(run_id, figure, path)
@@ -74,9 +83,8 @@ class TrialRun:
         self.mlflow_client.log_dict(self.run_id, data, path)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        self.mlflow_client.log_batch(
-            self.run_id, metrics=[Metric(k, float(v), _now_ms(), step) for k, v in metrics.items()]
-        )
+        now = int(time.time() * 1000)
+        self.mlflow_client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
     def log_confusion_matrix(self, y_true, y_pred, labels: tuple[str, ...], path: str) -> None:
         from sklearn.metrics import ConfusionMatrixDisplay
@@ -88,10 +96,12 @@ class TrialRun:
 
     def finish(self, state: str, reason: str = "") -> None:
         """Tag the Optuna state (and reason) and end the run with the matching status."""
-        self.mlflow_client.set_tag(self.run_id, STATE_TAG, state)
-        if reason:
-            self.mlflow_client.set_tag(self.run_id, REASON_TAG, reason[:5000])
-        self.mlflow_client.set_terminated(self.run_id, RUN_STATUS[state])
+        try:
+            self.mlflow_client.set_tag(self.run_id, STATE_TAG, state)
+            if reason:
+                self.mlflow_client.set_tag(self.run_id, REASON_TAG, reason[:5000])
+        finally:
+            self.mlflow_client.set_terminated(self.run_id, RUN_STATUS[state])
 
 
 @dataclass
@@ -108,7 +118,7 @@ class StudyRun:
         """Reopen the study's parent run (``run_id``) or start a new one."""
         mlflow_client = client()
         exp_id = experiment_id(mlflow_client, study_name)
-        if run_id is not None:
+        if run_id is not None and _usable(mlflow_client, run_id):
             mlflow_client.update_run(run_id, status="RUNNING")
         else:
             run = mlflow_client.create_run(exp_id, run_name=f"study-{study_name}", tags={STUDY_TAG: study_name, **tags})
@@ -140,27 +150,3 @@ class StudyRun:
 
     def finish(self, status: str = "FINISHED") -> None:
         self.mlflow_client.set_terminated(self.run_id, status)
-
-
-def end_stale_runs(mlflow_client: MlflowClient, parent_run_id: str, live: set[str] = frozenset()) -> int:
-    """End children of ``parent_run_id`` still RUNNING (left by a crashed process) as FAILED."""
-    runs = mlflow_client.search_runs(
-        [mlflow_client.get_run(parent_run_id).info.experiment_id],
-        filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}' and attributes.status = 'RUNNING'",
-    )
-    stale = [r for r in runs if r.info.run_id not in live]
-    for run in stale:
-        mlflow_client.set_tag(run.info.run_id, STATE_TAG, "FAIL")
-        mlflow_client.set_tag(run.info.run_id, REASON_TAG, "the process running this trial ended abruptly")
-        mlflow_client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FAILED))
-    return len(stale)
-
-
-def _now_ms() -> int:
-    import time
-
-    return int(time.time() * 1000)
-
-
-def as_json(data: Any) -> str:
-    return json.dumps(data, indent=2, sort_keys=True, default=str)

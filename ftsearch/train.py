@@ -61,7 +61,9 @@ class Evaluation:
 
 @dataclass
 class FitResult:
-    """How training ended, its per-epoch history and the best epoch's weights (on the CPU)."""
+    """How training ended, its per-epoch history and the best epoch's weights (on the CPU).
+
+    ``reason`` says why for ``diverged``."""
 
     status: Literal["completed", "stopped", "diverged"]
     history: list[EpochMetrics] = field(default_factory=list)
@@ -195,7 +197,6 @@ def fit(
             result.best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         if on_epoch_end is not None and on_epoch_end(metrics):
             result.status = "stopped"
-            result.reason = f"stopped after epoch {epoch}"
             return result
     return result
 

@@ -70,12 +70,14 @@ def tiny_reviews(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(autouse=True)
-def state_dir(tmp_path, monkeypatch) -> Path:
+def state_dir(tmp_path, monkeypatch):
     """Each test gets its own MLflow store, Optuna storage and caches."""
     state = tmp_path / "mlruns"
     monkeypatch.setenv("FTSEARCH_STATE_DIR", str(state))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    return state
+    yield state
+    # mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI itself; it must not leak into the next test.
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
 def tiny_study(tiny_bert: Path, reviews: dict[str, Path], **changes) -> dict:

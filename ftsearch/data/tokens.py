@@ -7,6 +7,7 @@ fingerprint, so trials (and later studies) that share them never tokenise again.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,14 @@ class TokenizedSplit:
 def tokenizer_key(tokenizer) -> str:
     """A hash of everything that decides how the tokenizer splits text."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    definition = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    if backend is not None:
+        definition = json.loads(backend.to_str())
+        # Truncation and padding are call-time state that tokenising itself changes, not identity.
+        definition.pop("truncation", None)
+        definition.pop("padding", None)
+        definition = json.dumps(definition, sort_keys=True)
+    else:
+        definition = repr(sorted(tokenizer.get_vocab().items()))
     return hashlib.sha256(f"{type(tokenizer).__name__}\n{definition}".encode()).hexdigest()[:16]
 
 

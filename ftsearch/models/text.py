@@ -18,6 +18,7 @@ class ResolvedBackbone:
     name: str
     source: str
     num_blocks: int
+    max_positions: int | None = None
 
 
 def resolve_backbone(name: str, trust_remote_code: bool = False) -> ResolvedBackbone:
@@ -45,14 +46,23 @@ def resolve_backbone(name: str, trust_remote_code: bool = False) -> ResolvedBack
     blocks = getattr(config, "num_hidden_layers", None)
     if not isinstance(blocks, int):
         raise FtsearchError(f"backbone {name!r} ({source}) has no num_hidden_layers in its config")
-    return ResolvedBackbone(name=name, source=source, num_blocks=blocks)
+    return ResolvedBackbone(name, source, blocks, getattr(config, "max_position_embeddings", None))
 
 
 def load_tokenizer(backbone: ResolvedBackbone, trust_remote_code: bool = False):
-    """The backbone's own tokenizer."""
+    """The backbone's own tokenizer, checked to pad (dynamic padding needs a pad token)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(backbone.source, trust_remote_code=trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(backbone.source, trust_remote_code=trust_remote_code)
+    except Exception as err:  # noqa: BLE001 - missing files, offline, unknown tokenizer class
+        raise FtsearchError(
+            f"backbone {backbone.name!r} ({backbone.source}): its tokenizer cannot be loaded "
+            f"({type(err).__name__}: {str(err).splitlines()[0][:160]})"
+        ) from None
+    if tokenizer.pad_token_id is None:
+        raise FtsearchError(f"backbone {backbone.name!r}: its tokenizer has no padding token")
+    return tokenizer
 
 
 def load_classifier(source: str | Path, labels: tuple[str, ...], trust_remote_code: bool = False) -> nn.Module:

@@ -1,0 +1,67 @@
+"""Tokenisation cache and dynamic padding."""
+
+import numpy as np
+import pandas as pd
+import pytest
+from transformers import AutoTokenizer
+
+from ftsearch.augment import TokenAugment
+from ftsearch.data.tokens import PadCollator, make_loader, tokenize_cached, tokenizer_key
+
+
+@pytest.fixture
+def frame():
+    return pd.DataFrame({"text": ["great film", "awful boring plot and story", "the movie"], "label": [1, 0, 1]})
+
+
+def test_cache_is_reused_and_keyed_by_length_and_data(tiny_bert, frame, tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    first = tokenize_cached(tokenizer, frame, 8, cache=tmp_path)
+    assert len(list(tmp_path.glob("*.npz"))) == 1
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("tokenised again despite the cache")
+
+    # Same class name and definition as the real tokenizer, so the same cache key.
+    refusing = type(type(tokenizer).__name__, (), {"backend_tokenizer": tokenizer.backend_tokenizer, "__call__": refuse})
+    again = tokenize_cached(refusing(), frame, 8, cache=tmp_path)
+    assert all(np.array_equal(a, b) for a, b in zip(first.ids, again.ids))
+    assert np.array_equal(first.labels, again.labels)
+
+    tokenize_cached(tokenizer, frame, 4, cache=tmp_path)
+    tokenize_cached(tokenizer, frame.assign(label=[0, 0, 1]), 8, cache=tmp_path)
+    assert len(list(tmp_path.glob("*.npz"))) == 3
+
+
+def test_truncation_and_special_tokens(tiny_bert, frame, tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    split = tokenize_cached(tokenizer, frame, 4, cache=tmp_path)
+    assert [len(ids) for ids in split.ids] == [4, 4, 4]
+    assert all(ids[0] == tokenizer.cls_token_id and ids[-1] == tokenizer.sep_token_id for ids in split.ids)
+
+
+def test_tokenizer_key_differs_between_tokenizers(tiny_bert):
+    from ftsearch.catalog import TEXT_BACKBONES
+
+    minilm = AutoTokenizer.from_pretrained(TEXT_BACKBONES["minilm-l6"].local_folder())
+    assert tokenizer_key(AutoTokenizer.from_pretrained(tiny_bert)) != tokenizer_key(minilm)
+
+
+def test_dynamic_padding_pads_to_the_longest_in_the_batch():
+    batch = [(np.array([2, 5, 3]), 1), (np.array([2, 5, 6, 7, 3]), 0)]
+    out = PadCollator(pad_id=0)(batch)
+    assert out["input_ids"].shape == (2, 5)
+    assert out["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
+    assert out["labels"].tolist() == [1, 0]
+
+
+def test_augmentation_only_where_asked_and_seeded(tiny_bert, frame, tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    split = tokenize_cached(tokenizer, frame, 16, cache=tmp_path)
+    aug = TokenAugment(mask_prob=0.9, mask_id=tokenizer.mask_token_id)
+    masked = next(iter(make_loader(split, 3, 0, shuffle=False, augment=aug, seed=1)))
+    plain = next(iter(make_loader(split, 3, 0, shuffle=False)))
+    assert (masked["input_ids"] == tokenizer.mask_token_id).sum() > 0
+    assert (plain["input_ids"] == tokenizer.mask_token_id).sum() == 0
+    again = next(iter(make_loader(split, 3, 0, shuffle=False, augment=aug, seed=1)))
+    assert masked["input_ids"].equal(again["input_ids"])

@@ -1,0 +1,32 @@
+import optuna
+import pytest
+
+from ftsearch.config import load_study
+from ftsearch.space import sample_trial
+
+
+@pytest.mark.parametrize("blocks, expected_high", [(6, 4), (2, 2)])
+def test_samples_stay_in_range_and_freeze_depth_follows_the_backbone(blocks, expected_high):
+    config = load_study("imdb")
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = []
+    for _ in range(30):
+        trial = study.ask()
+        cfg = sample_trial(trial, config, {"minilm-l6": blocks})
+        study.tell(trial, 0.5)
+        s = config.search
+        assert s.lr.low <= cfg.lr <= s.lr.high
+        assert cfg.batch_size in s.batch_size and cfg.max_length in s.max_length
+        assert s.epochs.low <= cfg.epochs <= s.epochs.high
+        assert 0 <= cfg.token_mask <= s.augment.token_mask.high
+        assert cfg.seed == config.sampler.seed + trial.number
+        seen.append(cfg.freeze_depth)
+    assert max(seen) == expected_high and min(seen) == 0
+
+
+def test_fixed_trial_gives_exactly_those_values():
+    config = load_study("imdb", cpu=True)
+    params = {"backbone": "minilm-l6", "freeze_depth": 5, "lr": 1e-4, "batch_size": 32, "weight_decay": 0.01,
+              "epochs": 2, "warmup_ratio": 0.05, "max_length": 256, "token_mask": 0.1, "token_delete": 0.0}
+    cfg = sample_trial(optuna.trial.FixedTrial(params), config, {"minilm-l6": 6})
+    assert cfg.model_dump() == {**params, "seed": 0}
