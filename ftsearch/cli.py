@@ -29,7 +29,7 @@ def _parser() -> argparse.ArgumentParser:
 
     predict = commands.add_parser("predict", help="predict with a registered model")
     predict.add_argument("model_uri", help="e.g. models:/ftsearch-imdb@champion")
-    predict.add_argument("inputs", nargs="+", help="texts to classify")
+    predict.add_argument("inputs", nargs="+", help="texts to classify, or image files for an image model")
     return parser
 
 

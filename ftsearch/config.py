@@ -72,28 +72,68 @@ def _check_within(value: FloatRange | IntRange | None, info: ValidationInfo, bou
 class DataConfig(_Strict):
     """Which data set, its columns and labels, and how it is split and subsampled."""
 
-    dataset: str = Field(description="catalog name (imdb) or path to a .csv/.jsonl/.parquet file")
-    test_file: str | None = Field(None, description="held-out test file for a local data set")
+    dataset: str = Field(
+        description="catalog name (imdb, hymenoptera), a .csv/.jsonl/.parquet file (text), or an image folder"
+    )
+    test_file: str | None = Field(None, description="held-out test file for a local text data set")
     text_column: str = "text"
     label_column: str = "label"
-    labels: list[str] = Field(min_length=2, description="class names; label i is labels[i]")
+    labels: list[str] | None = Field(
+        None, min_length=2, description="class names, label i is labels[i] (images: the class folders)"
+    )
     val_fraction: float = Field(0.1, gt=0, lt=0.5)
     split_seed: int = 0
     train_size: int | None = Field(None, ge=10, description="subsample of train (null: all)")
     val_size: int | None = Field(None, ge=10, description="subsample of validation (null: all)")
     test_size: int | None = Field(None, ge=10, description="subsample of test (null: all)")
+    min_image_colors: int = Field(
+        64, ge=0, description="images with fewer distinct colours are skipped as placeholders (0: keep all)"
+    )
+
+
+TEXT_AUGMENT_BOUNDS = {"token_mask": (0.0, 0.5), "token_delete": (0.0, 0.5)}
+IMAGE_AUGMENT_BOUNDS = {
+    "crop_scale": (0.05, 1.0),
+    "hflip": (0.0, 1.0),
+    "color_jitter": (0.0, 0.5),
+    "randaugment_ops": (1, 4),
+    "randaugment_magnitude": (0, 30),
+    "random_erasing": (0.0, 1.0),
+    "mixup_alpha": (0.0, 2.0),
+    "cutmix_alpha": (0.0, 2.0),
+}
+AUTO_AUGMENTS = ("none", "trivial", "randaugment")
 
 
 class AugmentSpace(_Strict):
-    """Text augmentations; each strength is the probability applied per token, searched."""
+    """Augmentations and their searched strengths; a missing entry is not applied.
+
+    Text: ``token_mask`` / ``token_delete``, the probability per token. Images:
+    ``crop_scale`` (smallest area kept by a random resized crop), ``hflip`` (probability),
+    ``color_jitter`` (strength), ``auto_augment`` (choices among none, trivial, randaugment, with
+    ``randaugment_ops`` and ``randaugment_magnitude``), ``random_erasing`` (probability),
+    ``mixup_alpha`` / ``cutmix_alpha`` (applied on the batch; 0 turns one off).
+    """
 
     token_mask: FloatRange | None = None
     token_delete: FloatRange | None = None
+    crop_scale: FloatRange | None = None
+    hflip: FloatRange | None = None
+    color_jitter: FloatRange | None = None
+    auto_augment: list[Literal["none", "trivial", "randaugment"]] | None = Field(None, min_length=1)
+    randaugment_ops: IntRange | None = None
+    randaugment_magnitude: IntRange | None = None
+    random_erasing: FloatRange | None = None
+    mixup_alpha: FloatRange | None = None
+    cutmix_alpha: FloatRange | None = None
 
-    @field_validator("token_mask", "token_delete")
+    @field_validator(*TEXT_AUGMENT_BOUNDS, *IMAGE_AUGMENT_BOUNDS)
     @classmethod
-    def _within(cls, value: FloatRange | None, info: ValidationInfo) -> FloatRange | None:
-        return _check_within(value, info, {"token_mask": (0.0, 0.5), "token_delete": (0.0, 0.5)})
+    def _within(cls, value: FloatRange | IntRange | None, info: ValidationInfo) -> FloatRange | IntRange | None:
+        return _check_within(value, info, {**TEXT_AUGMENT_BOUNDS, **IMAGE_AUGMENT_BOUNDS})
+
+    def used(self) -> set[str]:
+        return {name for name in type(self).model_fields if getattr(self, name) is not None}
 
 
 _SEARCH_BOUNDS = {
@@ -152,7 +192,7 @@ class StudyConfig(_Strict):
     """A validated study: what to search, on which data, how, and where to register the winner."""
 
     name: str
-    task: Literal["text-classification"] = "text-classification"
+    task: Literal["text-classification", "image-classification"] = "text-classification"
     data: DataConfig
     metric: Literal["accuracy", "f1"] = "accuracy"
     direction: Literal["maximize", "minimize"] = "maximize"
@@ -169,6 +209,20 @@ class StudyConfig(_Strict):
     )
     source: str = Field("", description="the file the study was loaded from")
 
+    @model_validator(mode="after")
+    def _fits_task(self) -> StudyConfig:
+        image = self.task == "image-classification"
+        wrong = self.search.augment.used() & set(TEXT_AUGMENT_BOUNDS if image else IMAGE_AUGMENT_BOUNDS)
+        if wrong:
+            raise ValueError(
+                f"search.augment.{sorted(wrong)[0]} is not an augmentation for {self.task}; "
+                f"allowed: {', '.join(IMAGE_AUGMENT_BOUNDS if image else TEXT_AUGMENT_BOUNDS)}"
+                + (", auto_augment" if image else "")
+            )
+        if not image and self.data.labels is None:
+            raise ValueError("data.labels: required for text-classification (the class names, in label order)")
+        return self
+
     @field_validator("direction")
     @classmethod
     def _direction_fits_metric(cls, value: str, info: ValidationInfo) -> str:
@@ -180,9 +234,10 @@ class StudyConfig(_Strict):
         """One line telling the user what this (possibly CPU-planned) study will do."""
         d, s = self.data, self.search
         size = lambda n: "all" if n is None else str(n)  # noqa: E731
+        length = f"max length {s.max_length}, " if self.task == "text-classification" else ""
         return (
-            f"data: train {size(d.train_size)} / val {size(d.val_size)} / test {size(d.test_size)}, "
-            f"max length {s.max_length}, epochs {s.epochs.low}-{s.epochs.high}, "
+            f"{', '.join(self.backbones)}; data: train {size(d.train_size)} / val {size(d.val_size)} / "
+            f"test {size(d.test_size)}, {length}epochs {s.epochs.low}-{s.epochs.high}, "
             f"freeze depth {s.freeze_depth.low}-{s.freeze_depth.high}, "
             f"{self.n_trials} trials, timeout {self.timeout or 'none'} s"
         )
@@ -301,7 +356,7 @@ def _describe(err: ValidationError, prefix: str = "") -> str:
         else:
             msg = item["msg"].removeprefix("Value error, ")
             got = repr(item.get("input"))
-            lines.append(f"  {key or '(top level)'}: {msg}" + (f" (got {got})" if len(got) <= 80 else ""))
+            lines.append(f"  {key + ': ' if key else ''}{msg}" + (f" (got {got})" if len(got) <= 80 else ""))
     return "\n".join(lines)
 
 

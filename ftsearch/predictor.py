@@ -1,7 +1,8 @@
-"""A fine-tuned text classifier saved as a folder, and its MLflow pyfunc wrapper.
+"""Fine-tuned classifiers saved as folders, their predictors and MLflow pyfunc wrappers.
 
-The folder holds safetensors weights, the config, the tokenizer and ``ftsearch.json`` (maximum
-length and class names); loading it never unpickles anything.
+A text folder holds safetensors weights, the config, the tokenizer and ``ftsearch.json`` (maximum
+length and class names); an image folder safetensors weights and ``ftsearch.json`` (timm
+architecture, class names, preprocessing). Loading either never unpickles anything.
 """
 
 from __future__ import annotations
@@ -52,10 +53,13 @@ class TextClassifier:
                 return_tensors="pt",
             ).to(self.device)
             probs.append(torch.softmax(self.model(**batch).logits.float(), dim=-1).cpu())
-        table = torch.cat(probs).numpy() if probs else torch.empty(0, len(self.labels)).numpy()
-        frame = pd.DataFrame(table, columns=[f"prob_{name}" for name in self.labels])
-        frame.insert(0, "label", [self.labels[i] for i in table.argmax(axis=1)] if len(table) else [])
-        return frame
+        return _label_table(torch.cat(probs).numpy(), self.labels)
+
+
+def _label_table(probs, labels: list[str]) -> pd.DataFrame:
+    frame = pd.DataFrame(probs, columns=[f"prob_{name}" for name in labels])
+    frame.insert(0, "label", [labels[i] for i in probs.argmax(axis=1)])
+    return frame
 
 
 class TextClassifierModel(mlflow.pyfunc.PythonModel):
@@ -70,3 +74,42 @@ class TextClassifierModel(mlflow.pyfunc.PythonModel):
         else:
             texts = [str(t) for t in model_input]
         return self.classifier.predict(texts)
+
+
+class ImagePredictor:
+    """Predicts a label and class probabilities for image files, from a saved image classifier."""
+
+    def __init__(self, folder: str | Path, device: str = "cpu"):
+        from ftsearch.augment import image_eval_transform
+        from ftsearch.models.vision import load_image_classifier
+
+        self.model, meta = load_image_classifier(Path(folder))
+        self.labels = list(meta["labels"])
+        self.transform = image_eval_transform(meta["preprocessing"])
+        self.device = torch.device(device)
+        self.model.to(self.device)
+
+    @torch.inference_mode()
+    def predict(self, paths: list[str], batch_size: int = 32) -> pd.DataFrame:
+        """One row per image: ``label`` and ``prob_<class>`` for each class."""
+        from PIL import Image
+
+        probs = []
+        for start in range(0, len(paths), batch_size):
+            images = []
+            for path in paths[start : start + batch_size]:
+                with Image.open(path) as image:
+                    images.append(self.transform(image.convert("RGB")))
+            logits = self.model(torch.stack(images).to(self.device)).logits
+            probs.append(torch.softmax(logits.float(), dim=-1).cpu())
+        return _label_table(torch.cat(probs).numpy(), self.labels)
+
+
+class ImageClassifierModel(mlflow.pyfunc.PythonModel):
+    """MLflow pyfunc: a DataFrame with a ``path`` column of image files in, labels and probabilities out."""
+
+    def load_context(self, context) -> None:
+        self.predictor = ImagePredictor(context.artifacts["model"])
+
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        return self.predictor.predict(model_input["path"].astype(str).tolist())

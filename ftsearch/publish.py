@@ -20,7 +20,6 @@ from ftsearch.errors import FtsearchError
 CANDIDATE = "candidate"
 CHAMPION = "champion"
 COMPLETE_TAG = "ftsearch.registration"
-ENTRY_FILE = Path(__file__).with_name("pyfunc_entry.py")
 PACKAGE_DIR = Path(__file__).parent
 
 
@@ -41,7 +40,8 @@ def register_best(
     model_folder: Path,
     run_id: str,
     tags: dict[str, str],
-    input_example: list[str],
+    entry_file: Path,
+    input_example: pd.DataFrame,
 ) -> ModelVersion:
     """Log ``model_folder`` as an MLflow model in ``run_id`` and register it with alias ``candidate``.
 
@@ -55,9 +55,9 @@ def register_best(
     try:
         info = mlflow.pyfunc.log_model(
             name="model",
-            python_model=str(ENTRY_FILE),
+            python_model=str(entry_file),
             artifacts={"model": str(model_folder)},
-            input_example=pd.DataFrame({"text": input_example}),
+            input_example=input_example,
             # The package travels with the model, so it loads where ftsearch is not installed.
             code_paths=[str(PACKAGE_DIR)],
             pip_requirements=_requirements(),
@@ -139,8 +139,9 @@ def promote(registered_name: str, metric: str, maximize: bool, force: bool = Fal
     return f"promoted {registered_name} v{candidate.version} ({key} {cand_score:.4f}) to {CHAMPION}: {why}"
 
 
-def predict(model_uri: str, texts: list[str]) -> pd.DataFrame:
-    """Load a registered (or any MLflow pyfunc) model by URI and predict labels for ``texts``."""
+def predict(model_uri: str, inputs: list[str]) -> pd.DataFrame:
+    """Load a registered model by URI and predict labels for ``inputs``: texts for a text model,
+    image paths for an image model (the model's signature says which)."""
     tracking.client()
     try:
         model = mlflow.pyfunc.load_model(model_uri)
@@ -149,4 +150,10 @@ def predict(model_uri: str, texts: list[str]) -> pd.DataFrame:
             f"cannot load model {model_uri!r}: {str(err).splitlines()[0]}. Use models:/<name>@champion "
             "after `ftsearch promote STUDY`, or models:/<name>@candidate"
         ) from None
-    return model.predict(pd.DataFrame({"text": texts}))
+    schema = model.metadata.get_input_schema()
+    column = schema.input_names()[0] if schema is not None else "text"
+    if column == "path":
+        missing = [p for p in inputs if not Path(p).is_file()]
+        if missing:
+            raise FtsearchError(f"{model_uri} classifies image files; not found: {', '.join(missing)}")
+    return model.predict(pd.DataFrame({column: inputs}))

@@ -8,11 +8,12 @@ from __future__ import annotations
 import optuna
 from pydantic import BaseModel, ConfigDict
 
-from ftsearch.config import FloatRange, StudyConfig
+from ftsearch.config import FloatRange, IntRange, StudyConfig
 
 
 class TrialConfig(BaseModel):
-    """Everything one trial trains with, as sampled."""
+    """Everything one trial trains with, as sampled. Augmentations not searched keep their
+    neutral default (off)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -23,33 +24,52 @@ class TrialConfig(BaseModel):
     weight_decay: float
     epochs: int
     warmup_ratio: float
-    max_length: int
+    seed: int = 0
+    # text
+    max_length: int = 0
     token_mask: float = 0.0
     token_delete: float = 0.0
-    seed: int = 0
+    # images
+    crop_scale: float = 1.0
+    hflip: float = 0.0
+    color_jitter: float = 0.0
+    auto_augment: str = "none"
+    randaugment_ops: int = 2
+    randaugment_magnitude: int = 9
+    random_erasing: float = 0.0
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
 
 
-def _suggest_range(trial: optuna.Trial, name: str, rng: FloatRange | None) -> float:
-    if rng is None:
-        return 0.0
+def _suggest(trial: optuna.Trial, name: str, rng: FloatRange | IntRange) -> float | int:
+    if isinstance(rng, IntRange):
+        return trial.suggest_int(name, rng.low, rng.high)
     return trial.suggest_float(name, rng.low, rng.high, log=rng.log)
 
 
 def sample_trial(trial: optuna.Trial, study: StudyConfig, blocks: dict[str, int]) -> TrialConfig:
-    """Sample a TrialConfig; freeze depth is conditional on the chosen backbone's block count."""
+    """Sample a TrialConfig; freeze depth is conditional on the chosen backbone's block count,
+    RandAugment's settings on RandAugment being chosen."""
     space = study.search
     backbone = trial.suggest_categorical("backbone", study.backbones)
     depth_high = min(space.freeze_depth.high, blocks[backbone])
-    return TrialConfig(
-        backbone=backbone,
-        freeze_depth=trial.suggest_int("freeze_depth", min(space.freeze_depth.low, depth_high), depth_high),
-        lr=_suggest_range(trial, "lr", space.lr),
-        batch_size=trial.suggest_categorical("batch_size", space.batch_size),
-        weight_decay=_suggest_range(trial, "weight_decay", space.weight_decay),
-        epochs=trial.suggest_int("epochs", space.epochs.low, space.epochs.high),
-        warmup_ratio=_suggest_range(trial, "warmup_ratio", space.warmup_ratio),
-        max_length=trial.suggest_categorical("max_length", space.max_length),
-        token_mask=_suggest_range(trial, "token_mask", space.augment.token_mask),
-        token_delete=_suggest_range(trial, "token_delete", space.augment.token_delete),
-        seed=study.sampler.seed + trial.number,
-    )
+    values = {
+        "backbone": backbone,
+        "freeze_depth": trial.suggest_int("freeze_depth", min(space.freeze_depth.low, depth_high), depth_high),
+        "lr": _suggest(trial, "lr", space.lr),
+        "batch_size": trial.suggest_categorical("batch_size", space.batch_size),
+        "weight_decay": _suggest(trial, "weight_decay", space.weight_decay),
+        "epochs": _suggest(trial, "epochs", space.epochs),
+        "warmup_ratio": _suggest(trial, "warmup_ratio", space.warmup_ratio),
+        "seed": study.sampler.seed + trial.number,
+    }
+    if study.task == "text-classification":
+        values["max_length"] = trial.suggest_categorical("max_length", space.max_length)
+    augment = space.augment
+    if augment.auto_augment is not None:
+        values["auto_augment"] = trial.suggest_categorical("auto_augment", augment.auto_augment)
+    for name in sorted(augment.used() - {"auto_augment"}):  # a fixed order keeps seeded samples stable
+        if name.startswith("randaugment_") and values.get("auto_augment") != "randaugment":
+            continue
+        values[name] = _suggest(trial, name, getattr(augment, name))
+    return TrialConfig(**values)

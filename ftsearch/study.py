@@ -20,21 +20,17 @@ import torch
 from optuna.trial import FrozenTrial, TrialState
 
 from ftsearch import publish, settings, tracking
-from ftsearch.augment import TokenAugment
 from ftsearch.config import StudyConfig, load_study
-from ftsearch.data.text import TextSplits, load_text_splits
-from ftsearch.data.tokens import TokenizedSplit, make_loader, tokenize_cached
 from ftsearch.errors import FtsearchError
-from ftsearch.models.text import ResolvedBackbone, freeze_lowest_blocks, load_classifier, load_tokenizer, resolve_backbone
-from ftsearch.predictor import save_classifier
 from ftsearch.space import TrialConfig, sample_trial
+from ftsearch.tasks import make_task
+from ftsearch.tasks.base import Task
 from ftsearch.train import EpochMetrics, FitResult, TrainSettings, evaluate, fit, resolve_device, seed_everything
 
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
 RUN_ID_ATTR = "mlflow_run_id"
 CONFIG_ATTR = "ftsearch_config"
 REASON_ATTR = "reason"
-EVAL_BATCH_SIZE = 64
 HEARTBEAT_SECONDS = 60
 MAX_FAILURES_IN_A_ROW = 3
 
@@ -72,13 +68,11 @@ class SearchSummary:
 
 @dataclass(frozen=True)
 class Prepared:
-    """A checked study: config, device, data and backbones, ready to search."""
+    """A checked study: config, device and its task (data and backbones), ready to search."""
 
     config: StudyConfig
     device: torch.device
-    splits: TextSplits
-    backbones: dict[str, ResolvedBackbone]
-    tokenizers: dict[str, object]
+    task: Task
 
 
 def prepare(options: SearchOptions) -> Prepared:
@@ -91,18 +85,9 @@ def prepare(options: SearchOptions) -> Prepared:
         overrides.append(f"timeout={options.timeout}")
     config = load_study(options.study, overrides, cpu=device.type == "cpu")
     say(f"study {config.name} on {device.type.upper()}: {config.plan_summary()}")
-    backbones = {name: resolve_backbone(name, config.trust_remote_code) for name in config.backbones}
-    longest = max(config.search.max_length)
-    for backbone in backbones.values():
-        if backbone.max_positions is not None and longest > backbone.max_positions:
-            raise FtsearchError(
-                f"{config.source}: search.max_length {longest} exceeds backbone {backbone.name!r}'s "
-                f"{backbone.max_positions} positions; lower search.max_length"
-            )
-    tokenizers = {name: load_tokenizer(b, config.trust_remote_code) for name, b in backbones.items()}
-    splits = load_text_splits(config.data, Path(config.source).parent)
-    say(f"data: {splits.sizes()}; backbones: {', '.join(f'{b.name} ({b.num_blocks} blocks)' for b in backbones.values())}")
-    return Prepared(config, device, splits, backbones, tokenizers)
+    task = make_task(config, device)
+    say(task.describe())
+    return Prepared(config, device, task)
 
 
 def run_search(options: SearchOptions) -> SearchSummary:
@@ -122,6 +107,8 @@ def run_search(options: SearchOptions) -> SearchSummary:
         study.set_user_attr(PARENT_RUN_ATTR, parent.run_id)
         if "config.json" not in _artifact_names(parent):
             parent.log_dict(config.model_dump(), "config.json")
+            for path, data in prepared.task.parent_artifacts().items():
+                parent.log_dict(data, path)
         done = _count(study, TrialState.COMPLETE, TrialState.PRUNED)
         remaining = config.n_trials - done
         say(f"optuna study {study.study_name}: {done} trial(s) done, {max(0, remaining)} to run; "
@@ -261,11 +248,9 @@ class TrialRunner:
         self.parent = parent
         self.checkpoints = checkpoints
         self.failures_in_a_row = 0
-        self._tokens: dict[tuple[str, int, str], TokenizedSplit] = {}
 
     def __call__(self, trial: optuna.Trial) -> float:
-        blocks = {name: b.num_blocks for name, b in self.prepared.backbones.items()}
-        trial_cfg = sample_trial(trial, self.config, blocks)
+        trial_cfg = sample_trial(trial, self.config, self.prepared.task.blocks)
         run = self.parent.start_trial(trial.number, tags={"optuna.study": trial.study.study_name})
         state, reason = "FAIL", ""
         try:
@@ -298,24 +283,11 @@ class TrialRunner:
             say(f"trial {trial.number}: {state}{' - ' + reason if reason else ''}")
 
     def _train(self, trial: optuna.Trial, trial_cfg: TrialConfig, run: tracking.TrialRun) -> FitResult:
-        backbone = self.prepared.backbones[trial_cfg.backbone]
-        tokenizer = self.prepared.tokenizers[backbone.name]
-        train_tokens = self._tokenized(backbone, tokenizer, "train", trial_cfg.max_length)
-        val_tokens = self._tokenized(backbone, tokenizer, "val", trial_cfg.max_length)
-        labels = self.prepared.splits.labels
+        task = self.prepared.task
         seed_everything(trial_cfg.seed)  # the new classifier head is drawn from the trial's seed
-        model = load_classifier(backbone.source, labels, self.config.trust_remote_code)
+        setup = task.build(trial_cfg)
         try:
-            trainable = freeze_lowest_blocks(model, trial_cfg.freeze_depth)
-            total = sum(p.numel() for p in model.parameters())
-            run.log_params({"trainable_params": trainable, "total_params": total})
-            augment = TokenAugment(trial_cfg.token_mask, trial_cfg.token_delete, tokenizer.mask_token_id)
-            cuda = self.prepared.device.type == "cuda"
-            train_loader = make_loader(
-                train_tokens, trial_cfg.batch_size, tokenizer.pad_token_id,
-                shuffle=True, seed=trial_cfg.seed, augment=augment, pin_memory=cuda,
-            )
-            val_loader = make_loader(val_tokens, EVAL_BATCH_SIZE, tokenizer.pad_token_id, shuffle=False, pin_memory=cuda)
+            run.log_params({"trainable_params": setup.trainable_params, "total_params": setup.total_params})
             settings_ = TrainSettings(
                 lr=trial_cfg.lr,
                 epochs=trial_cfg.epochs,
@@ -333,26 +305,21 @@ class TrialRunner:
                 trial.report(m.value(self.config.metric), m.epoch)
                 return trial.should_prune()
 
-            result = fit(model, train_loader, val_loader, settings_, on_epoch_end)
+            result = fit(setup.model, setup.train_loader, setup.val_loader, settings_, on_epoch_end)
             if result.best_epoch is not None:
                 run.log_metrics({"best_epoch": result.best_epoch}, step=result.best_epoch)
-                run.log_confusion_matrix(result.best_eval.y_true, result.best_eval.y_pred, labels, "confusion_matrix.png")
+                run.log_confusion_matrix(result.best_eval.y_true, result.best_eval.y_pred, task.labels, "confusion_matrix.png")
+                task.log_misclassified(run, result.best_eval.y_true, result.best_eval.y_pred, "misclassified.png")
             if result.status == "completed":
-                model.load_state_dict(result.best_state)
-                save_classifier(model, tokenizer, self.checkpoints / f"trial-{trial.number}", trial_cfg.max_length, labels)
+                setup.model.load_state_dict(result.best_state)
+                task.save(setup.model, trial_cfg, self.checkpoints / f"trial-{trial.number}")
             return result
         finally:
             # Free the model and optimizer state before the next trial (no memory creeping up).
-            del model
+            del setup
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-
-    def _tokenized(self, backbone: ResolvedBackbone, tokenizer, split: str, max_length: int) -> TokenizedSplit:
-        key = (backbone.name, max_length, split)
-        if key not in self._tokens:
-            self._tokens[key] = tokenize_cached(tokenizer, getattr(self.prepared.splits, split), max_length)
-        return self._tokens[key]
 
     def after_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
         """Keep only the best trial's weights on disk, keep the parent run's best up to date, and
@@ -411,8 +378,8 @@ def finish_study(study: optuna.Study, prepared: Prepared, parent: tracking.Study
         f"val_{config.metric}": f"{best.value:.6f}",
         **{k: f"{v:.6f}" for k, v in summary.test_metrics.items()},
     }
-    examples = prepared.splits.test["text"].head(2).str.slice(0, 500).tolist()
-    version = publish.register_best(config.registered_model, folder, run_id, tags, examples)
+    task = prepared.task
+    version = publish.register_best(config.registered_model, folder, run_id, tags, task.entry_file, task.input_example())
     summary.model_version = version.version
     shutil.rmtree(runner.checkpoints, ignore_errors=True)  # the weights now live in the registry
     return summary
@@ -430,19 +397,13 @@ def _end_orphaned_runs(study: optuna.Study, parent: tracking.StudyRun) -> None:
 
 def score_on_test(folder: Path, prepared: Prepared, run_id: str) -> dict[str, float]:
     """Score the saved model once on the held-out test split and log the metrics to its run."""
-    from transformers import AutoTokenizer
-
-    meta = json.loads((folder / "ftsearch.json").read_text())
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = load_classifier(folder, prepared.splits.labels)
-    tokens = tokenize_cached(tokenizer, prepared.splits.test, int(meta["max_length"]))
-    loader = make_loader(tokens, EVAL_BATCH_SIZE, tokenizer.pad_token_id, shuffle=False)
+    model, loader = prepared.task.test_setup(folder)
     model.to(prepared.device)
     evaluation = evaluate(model, loader, prepared.device)
     metrics = {"test_accuracy": evaluation.accuracy, "test_f1": evaluation.f1}
     run = tracking.TrialRun(tracking.client(), run_id)
     run.log_metrics(metrics, step=0)
-    run.log_confusion_matrix(evaluation.y_true, evaluation.y_pred, prepared.splits.labels, "test_confusion_matrix.png")
+    run.log_confusion_matrix(evaluation.y_true, evaluation.y_pred, prepared.task.labels, "test_confusion_matrix.png")
     return metrics
 
 
@@ -463,8 +424,7 @@ def _log_study_plots(study: optuna.Study, parent: tracking.StudyRun) -> None:
 
 
 def _trial_line(trial_cfg: TrialConfig) -> str:
-    return (
-        f"{trial_cfg.backbone}, freeze {trial_cfg.freeze_depth}, lr {trial_cfg.lr:.2e}, "
-        f"batch {trial_cfg.batch_size}, epochs {trial_cfg.epochs}, max length {trial_cfg.max_length}, "
-        f"mask {trial_cfg.token_mask:.3f}, delete {trial_cfg.token_delete:.3f}"
-    )
+    """The sampled values, leaving out augmentations that stay off."""
+    shown = {**trial_cfg.model_dump(exclude_defaults=True), "freeze_depth": trial_cfg.freeze_depth}
+    shown.pop("seed", None)
+    return ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items())

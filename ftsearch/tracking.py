@@ -94,6 +94,25 @@ class TrialRun:
         )
         _figure_artifact(self.mlflow_client, self.run_id, display.figure_, path)
 
+    def log_image_grid(self, items: list[tuple[str, int, int]], labels: tuple[str, ...], path: str) -> None:
+        """A grid of (image path, true label, predicted label), titled "true -> predicted"."""
+        from PIL import Image
+
+        if not items:
+            return
+        columns = min(6, len(items))
+        rows = -(-len(items) // columns)
+        figure, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.4 * rows), squeeze=False)
+        for ax in axes.flat:
+            ax.axis("off")
+        for ax, (image_path, truth, predicted) in zip(axes.flat, items):
+            with Image.open(image_path) as image:
+                image.thumbnail((256, 256))
+                ax.imshow(image.convert("RGB"))
+            ax.set_title(f"{labels[truth]} -> {labels[predicted]}", fontsize=8)
+        figure.tight_layout()
+        _figure_artifact(self.mlflow_client, self.run_id, figure, path)
+
     def finish(self, state: str, reason: str = "") -> None:
         """Tag the Optuna state (and reason) and end the run with the matching status."""
         try:

@@ -126,3 +126,57 @@ def write_study(tmp_path, tiny_bert, tiny_reviews):
         return path
 
     return write
+
+
+def draw_shapes(folder: Path, per_class: int, seed: int) -> None:
+    """folder/circle/*.png and folder/square/*.png: a filled shape on a noisy dark background."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    for shape in ("circle", "square"):
+        (folder / shape).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            background = rng.integers(0, 80, size=(48, 48, 3), dtype=np.uint8)
+            image = Image.fromarray(background)
+            draw = ImageDraw.Draw(image)
+            x, y = (int(v) for v in rng.integers(12, 36, size=2))
+            r = int(rng.integers(7, 11))
+            # Circles are reddish and squares bluish, so a tiny CNN learns them in a few epochs.
+            bright, dim = int(rng.integers(180, 256)), int(rng.integers(0, 90))
+            colour = (bright, dim, dim) if shape == "circle" else (dim, dim, bright)
+            box = (x - r, y - r, x + r, y + r)
+            draw.ellipse(box, fill=colour) if shape == "circle" else draw.rectangle(box, fill=colour)
+            image.save(folder / shape / f"{i}.png")
+
+
+@pytest.fixture(scope="session")
+def tiny_images(tmp_path_factory) -> Path:
+    """train/ and val/ ImageFolders of circles and squares, with one truncated JPEG and one
+    placeholder graphic in train/circle."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("shapes")
+    draw_shapes(root / "train", 40, seed=1)
+    draw_shapes(root / "val", 16, seed=2)
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(root / "train" / "circle" / "full.jpg")
+    data = (root / "train" / "circle" / "full.jpg").read_bytes()
+    (root / "train" / "circle" / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    (root / "train" / "circle" / "full.jpg").unlink()
+    Image.new("P", (64, 64), 3).save(root / "train" / "circle" / "placeholder.gif")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_cnn(tmp_path_factory) -> Path:
+    """timm's test_efficientnet (0.36M parameters) saved in timm's folder layout, 48 px inputs."""
+    import timm
+    import torch
+    from timm.models._hub import save_for_hf
+
+    folder = tmp_path_factory.mktemp("tiny-cnn")
+    torch.manual_seed(0)
+    model = timm.create_model("test_efficientnet", pretrained=False, num_classes=10)
+    model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (3, 48, 48), "crop_pct": 1.0}
+    save_for_hf(model, str(folder), safe_serialization=True)
+    return folder

@@ -29,4 +29,22 @@ def test_fixed_trial_gives_exactly_those_values():
     params = {"backbone": "minilm-l6", "freeze_depth": 5, "lr": 1e-4, "batch_size": 32, "weight_decay": 0.01,
               "epochs": 2, "warmup_ratio": 0.05, "max_length": 256, "token_mask": 0.1, "token_delete": 0.0}
     cfg = sample_trial(optuna.trial.FixedTrial(params), config, {"minilm-l6": 6})
-    assert cfg.model_dump() == {**params, "seed": 0}
+    dump = cfg.model_dump()
+    assert {k: dump[k] for k in params} == params and dump["seed"] == 0
+    assert dump["hflip"] == 0.0 and dump["auto_augment"] == "none"  # image augmentations stay off
+
+
+def test_image_space_samples_randaugment_settings_only_when_chosen(tmp_path):
+    config = load_study("imdb", ["task=image-classification", "search.augment={auto_augment: [none, randaugment], "
+                                 "randaugment_ops: {low: 1, high: 3}, randaugment_magnitude: {low: 5, high: 15}, "
+                                 "hflip: {low: 0.0, high: 0.5}, token_mask: null, token_delete: null}"])
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    chosen = set()
+    for _ in range(20):
+        trial = study.ask()
+        cfg = sample_trial(trial, config, {"minilm-l6": 6})
+        study.tell(trial, 0.5)
+        chosen.add(cfg.auto_augment)
+        assert ("randaugment_ops" in trial.params) == (cfg.auto_augment == "randaugment")
+        assert "max_length" not in trial.params and 0 <= cfg.hflip <= 0.5
+    assert chosen == {"none", "randaugment"}

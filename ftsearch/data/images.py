@@ -1,0 +1,204 @@
+"""Image data sets in the ImageFolder layout: scanning, checking every file decodes, splits.
+
+``train/<class>/*`` and ``val/<class>/*`` are required, ``test/<class>/*`` optional: without it the
+validation folder is split in two, stratified and seeded (half for the search, half for the final
+test). Files that do not decode as images are skipped and reported, never a crash mid-trial.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+from sklearn.model_selection import train_test_split
+from torch.utils.data import Dataset
+
+from ftsearch import settings
+from ftsearch.config import DataConfig
+from ftsearch.errors import FtsearchError
+
+IMAGE_FOLDERS = {"hymenoptera": "hymenoptera"}  # catalog name -> folder under the data directory
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+Sample = tuple[str, int]
+
+
+@dataclass(frozen=True)
+class ImageSplits:
+    """(path, label) samples per split, the class names, and the files that were skipped."""
+
+    train: list[Sample]
+    val: list[Sample]
+    test: list[Sample]
+    labels: tuple[str, ...]
+    skipped: list[dict[str, str]] = field(default_factory=list)
+
+    def sizes(self) -> str:
+        return f"train {len(self.train)} / val {len(self.val)} / test {len(self.test)}"
+
+
+def find_image_folder(cfg: DataConfig, study_dir: Path | None) -> Path:
+    """The data set's root folder: a catalog name under the data directory, or a path."""
+    name = IMAGE_FOLDERS.get(cfg.dataset, cfg.dataset)
+    candidates = [settings.data_dir() / name, Path(name)]
+    if study_dir is not None:
+        candidates.append(study_dir / name)
+    for candidate in candidates:
+        if candidate.is_dir():
+            return candidate
+    hint = (
+        f"looked for {', '.join(map(str, candidates))}. Put it there in the layout train/<class>/*.jpg, "
+        f"val/<class>/*.jpg, or set {settings.DATA_DIR_ENV}"
+    )
+    if "/" in cfg.dataset and not Path(cfg.dataset).is_absolute():
+        return _from_hub(cfg.dataset, hint)
+    raise FtsearchError(f"image data set {cfg.dataset!r} not found; {hint}")
+
+
+def _from_hub(hub_id: str, hint: str) -> Path:
+    """A Hugging Face hub image data set, written once into the ImageFolder layout in the cache."""
+    target = settings.cache_dir() / "hub-images" / hub_id.replace("/", "--")
+    if (target / "train").is_dir():
+        return target
+    try:
+        import datasets
+
+        loaded = datasets.load_dataset(hub_id)
+    except Exception as err:  # noqa: BLE001 - offline, unknown id, missing `datasets`
+        raise FtsearchError(
+            f"image data set {hub_id!r} is not a local folder and could not be loaded from the hub "
+            f"({type(err).__name__}: {str(err).splitlines()[0][:160]}); {hint}"
+        ) from None
+    partial = target.with_name(f".{target.name}.partial")
+    for split, rows in loaded.items():
+        image_column = next(k for k, f in rows.features.items() if isinstance(f, datasets.Image))
+        label_column, names = next((k, f.names) for k, f in rows.features.items() if isinstance(f, datasets.ClassLabel))
+        folder = partial / {"validation": "val"}.get(split, split)
+        for i, row in enumerate(rows):
+            (folder / names[row[label_column]]).mkdir(parents=True, exist_ok=True)
+            row[image_column].convert("RGB").save(folder / names[row[label_column]] / f"{i}.png")
+    partial.rename(target)
+    return target
+
+
+def load_image_splits(cfg: DataConfig, study_dir: Path | None = None) -> ImageSplits:
+    """Scan, check and split the image folder named in ``cfg``."""
+    root = find_image_folder(cfg, study_dir)
+    skipped: list[dict[str, str]] = []
+    classes = _classes(root / "train")
+    scan = lambda folder: _scan(folder, classes, skipped, cfg.min_image_colors)  # noqa: E731
+    train = scan(root / "train")
+    val_classes = _classes(root / "val")
+    if val_classes != classes:
+        raise FtsearchError(
+            f"{root}: the classes differ between train ({', '.join(classes)}) and val ({', '.join(val_classes)}); "
+            "every split needs the same class folders"
+        )
+    val = scan(root / "val")
+    if (root / "test").is_dir():
+        if _classes(root / "test") != classes:
+            raise FtsearchError(f"{root}: the classes of test/ differ from train's ({', '.join(classes)})")
+        test = scan(root / "test")
+    else:
+        val, test = _split(val, 0.5, cfg.split_seed, root / "val")
+    if cfg.labels is not None and tuple(cfg.labels) != classes:
+        raise FtsearchError(
+            f"{root}: data.labels {list(cfg.labels)} do not match the class folders {list(classes)} "
+            "(sorted by name); fix data.labels or leave it out"
+        )
+    return ImageSplits(
+        train=_subsample(train, cfg.train_size, cfg.split_seed),
+        val=_subsample(val, cfg.val_size, cfg.split_seed),
+        test=_subsample(test, cfg.test_size, cfg.split_seed),
+        labels=classes,
+        skipped=skipped,
+    )
+
+
+def _classes(folder: Path) -> tuple[str, ...]:
+    if not folder.is_dir():
+        raise FtsearchError(f"{folder} is missing: an image data set needs train/<class>/ and val/<class>/ folders")
+    classes = tuple(sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")))
+    if len(classes) < 2:
+        raise FtsearchError(
+            f"{folder} has {len(classes)} class folder(s); it needs one folder per class (at least 2), "
+            "each holding that class's images"
+        )
+    return classes
+
+
+def _scan(folder: Path, classes: tuple[str, ...], skipped: list[dict[str, str]], min_colors: int) -> list[Sample]:
+    samples = []
+    for label, name in enumerate(classes):
+        kept = 0
+        for path in sorted((folder / name).rglob("*")):
+            if not path.is_file() or path.name.startswith("."):
+                continue
+            problem = _unusable(path, min_colors)
+            if problem:
+                skipped.append({"path": str(path), "reason": problem})
+                continue
+            samples.append((str(path), label))
+            kept += 1
+        if kept == 0:
+            raise FtsearchError(f"{folder / name} holds no decodable images; add images or remove the folder")
+    return samples
+
+
+def _unusable(path: Path, min_colors: int) -> str | None:
+    """Why ``path`` is not a usable training image, or None.
+
+    It is decoded in full, so truncated and corrupt files are caught. A picture of very few
+    colours is a placeholder ("image not found" graphics from scraped data sets), not a photo.
+    """
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        return f"not an image file type ({path.suffix or 'no suffix'})"
+    try:
+        with Image.open(path) as image:
+            rgb = image.convert("RGB")
+            rgb.load()
+            if min(rgb.size) < 8:
+                return f"too small ({rgb.size[0]}x{rgb.size[1]})"
+            colors = rgb.getcolors(min_colors) if min_colors else None
+            if colors is not None:
+                return f"only {len(colors)} distinct colours: a placeholder graphic, not a photo"
+    except Exception as err:  # noqa: BLE001 - PIL raises many types for broken files
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def _split(samples: list[Sample], fraction: float, seed: int, origin: Path) -> tuple[list[Sample], list[Sample]]:
+    labels = [label for _, label in samples]
+    try:
+        kept, held = train_test_split(samples, test_size=fraction, random_state=seed, stratify=labels)
+    except ValueError as err:
+        raise FtsearchError(f"{origin}: too few images to split in two per class ({err})") from None
+    return kept, held
+
+
+def _subsample(samples: list[Sample], size: int | None, seed: int) -> list[Sample]:
+    if size is None or size >= len(samples):
+        return samples
+    return _split(samples, len(samples) - size, seed, Path("subsample"))[0]
+
+
+class ImageDataset(Dataset):
+    """Decodes an image, applies ``transform`` and returns (tensor, label)."""
+
+    def __init__(self, samples: list[Sample], transform):
+        self.samples, self.transform = samples, transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, label = self.samples[index]
+        with Image.open(path) as image:
+            return self.transform(image.convert("RGB")), label
+
+
+def loader_workers() -> int:
+    """Decoding JPEGs is worth a worker process or two where there are cores to spare."""
+    return min(4, max(0, (os.cpu_count() or 1) - 1))

