@@ -255,7 +255,9 @@ class TrialRunner:
         state, reason = "FAIL", ""
         try:
             trial.set_user_attr(RUN_ID_ATTR, run.run_id)
-            run.log_params(trial_cfg.model_dump())
+            # Params: exactly what Optuna sampled (so runs of one study share their columns);
+            # the full resolved config, defaults included, is the artifact.
+            run.log_params({**trial.params, "seed": trial_cfg.seed})
             run.log_dict(trial_cfg.model_dump(), "trial_config.json")
             say(f"trial {trial.number}: {_trial_line(trial_cfg)}")
             result = self._train(trial, trial_cfg, run)
