@@ -102,7 +102,9 @@ IMAGE_AUGMENT_BOUNDS = {
     "mixup_alpha": (0.0, 2.0),
     "cutmix_alpha": (0.0, 2.0),
 }
-AUTO_AUGMENTS = ("none", "trivial", "randaugment")
+TEXT_ONLY_DATA = {"test_file", "text_column", "label_column", "val_fraction"}
+IMAGE_ONLY_DATA = {"min_image_colors"}
+_AUGMENTS = {False: set(TEXT_AUGMENT_BOUNDS), True: {*IMAGE_AUGMENT_BOUNDS, "auto_augment"}}  # keyed by "is image"
 
 
 class AugmentSpace(_Strict):
@@ -211,14 +213,20 @@ class StudyConfig(_Strict):
 
     @model_validator(mode="after")
     def _fits_task(self) -> StudyConfig:
+        # A key that the task would ignore is an error, like an unknown key.
         image = self.task == "image-classification"
-        wrong = self.search.augment.used() & set(TEXT_AUGMENT_BOUNDS if image else IMAGE_AUGMENT_BOUNDS)
-        if wrong:
-            raise ValueError(
-                f"search.augment.{sorted(wrong)[0]} is not an augmentation for {self.task}; "
-                f"allowed: {', '.join(IMAGE_AUGMENT_BOUNDS if image else TEXT_AUGMENT_BOUNDS)}"
-                + (", auto_augment" if image else "")
-            )
+        other_task = [f"search.augment.{k}" for k in sorted(self.search.augment.used() & _AUGMENTS[not image])]
+        if image:
+            other_task += [f"data.{k}" for k in sorted(self.data.model_fields_set & TEXT_ONLY_DATA)]
+            other_task += ["search.max_length"] if "max_length" in self.search.model_fields_set else []
+        else:
+            other_task += [f"data.{k}" for k in sorted(self.data.model_fields_set & IMAGE_ONLY_DATA)]
+        if other_task:
+            allowed = ", ".join(sorted(_AUGMENTS[image]))
+            raise ValueError(f"{other_task[0]} does not apply to {self.task} (augmentations for it: {allowed})")
+        augment = self.search.augment
+        if (augment.randaugment_ops or augment.randaugment_magnitude) and "randaugment" not in (augment.auto_augment or []):
+            raise ValueError("search.augment.randaugment_ops / _magnitude need 'randaugment' in search.augment.auto_augment")
         if not image and self.data.labels is None:
             raise ValueError("data.labels: required for text-classification (the class names, in label order)")
         return self
@@ -243,8 +251,10 @@ class StudyConfig(_Strict):
         )
 
     def search_identity(self) -> dict[str, Any]:
-        """The fields that define the search; resuming a study with other values is refused."""
-        return self.model_dump(exclude={"n_trials", "timeout", "cpu_plan", "source"})
+        """The fields that define the search; resuming a study with other values is refused.
+
+        Defaults are left out, so that a field added to ftsearch later does not block resuming."""
+        return self.model_dump(exclude={"n_trials", "timeout", "cpu_plan", "source"}, exclude_defaults=True)
 
 
 def resolve_study_path(study: str) -> Path:

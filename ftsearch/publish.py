@@ -25,7 +25,7 @@ PACKAGE_DIR = Path(__file__).parent
 
 def _requirements() -> list[str]:
     # Stated explicitly: MLflow's own inference would load the model in a subprocess to find them.
-    names = ["torch", "transformers", "mlflow", "pandas"]
+    names = ["torch", "torchvision", "transformers", "timm", "safetensors", "pillow", "mlflow", "pandas"]
     pins = []
     for name in names:
         try:

@@ -107,8 +107,8 @@ def run_search(options: SearchOptions) -> SearchSummary:
         study.set_user_attr(PARENT_RUN_ATTR, parent.run_id)
         if "config.json" not in _artifact_names(parent):
             parent.log_dict(config.model_dump(), "config.json")
-            for path, data in prepared.task.parent_artifacts().items():
-                parent.log_dict(data, path)
+        for path, data in prepared.task.parent_artifacts().items():
+            parent.log_dict(data, path)  # rewritten on resume: the data may have changed since
         done = _count(study, TrialState.COMPLETE, TrialState.PRUNED)
         remaining = config.n_trials - done
         say(f"optuna study {study.study_name}: {done} trial(s) done, {max(0, remaining)} to run; "
@@ -308,13 +308,12 @@ class TrialRunner:
                 return trial.should_prune()
 
             result = fit(setup.model, setup.train_loader, setup.val_loader, settings_, on_epoch_end)
-            if result.best_epoch is not None:
-                run.log_metrics({"best_epoch": result.best_epoch}, step=result.best_epoch)
-                run.log_confusion_matrix(result.best_eval.y_true, result.best_eval.y_pred, task.labels, "confusion_matrix.png")
-                task.log_misclassified(run, result.best_eval.y_true, result.best_eval.y_pred, "misclassified.png")
             if result.status == "completed":
                 setup.model.load_state_dict(result.best_state)
                 task.save(setup.model, trial_cfg, self.checkpoints / f"trial-{trial.number}")
+            if result.best_epoch is not None:
+                run.log_metrics({"best_epoch": result.best_epoch}, step=result.best_epoch)
+                self._log_figures(run, result)
             return result
         finally:
             # Free the model and optimizer state before the next trial (no memory creeping up).
@@ -322,6 +321,16 @@ class TrialRunner:
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+
+    def _log_figures(self, run: tracking.TrialRun, result: FitResult) -> None:
+        """The best epoch's confusion matrix (and misclassified images); a figure that fails to draw
+        is reported, not allowed to fail a trained trial."""
+        task, evaluation = self.prepared.task, result.best_eval
+        try:
+            run.log_confusion_matrix(evaluation.y_true, evaluation.y_pred, task.labels, "confusion_matrix.png")
+            task.log_misclassified(run, evaluation.y_true, evaluation.y_pred, "misclassified.png")
+        except Exception as err:  # noqa: BLE001 - drawing is not worth the trial
+            say(f"  could not draw the trial's figures: {type(err).__name__}: {err}")
 
     def after_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
         """Keep only the best trial's weights on disk, keep the parent run's best up to date, and

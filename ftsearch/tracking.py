@@ -103,14 +103,18 @@ class TrialRun:
         columns = min(6, len(items))
         rows = -(-len(items) // columns)
         figure, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.4 * rows), squeeze=False)
-        for ax in axes.flat:
-            ax.axis("off")
-        for ax, (image_path, truth, predicted) in zip(axes.flat, items):
-            with Image.open(image_path) as image:
-                image.thumbnail((256, 256))
-                ax.imshow(image.convert("RGB"))
-            ax.set_title(f"{labels[truth]} -> {labels[predicted]}", fontsize=8)
-        figure.tight_layout()
+        try:
+            for ax in axes.flat:
+                ax.axis("off")
+            for ax, (image_path, truth, predicted) in zip(axes.flat, items):
+                with Image.open(image_path) as image:
+                    image.thumbnail((256, 256))
+                    ax.imshow(image.convert("RGB"))
+                ax.set_title(f"{labels[truth]} -> {labels[predicted]}", fontsize=8)
+            figure.tight_layout()
+        except BaseException:
+            plt.close(figure)
+            raise
         _figure_artifact(self.mlflow_client, self.run_id, figure, path)
 
     def finish(self, state: str, reason: str = "") -> None:

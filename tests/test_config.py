@@ -47,6 +47,9 @@ def test_overrides_are_typed_and_win_over_the_plan():
         (["search.augment.token_mask.high=0.9"], "search.augment.token_mask: range must lie within"),
         (["data.labels=[one]"], "data.labels"),
         (["cpu_plan.search.lrr=1"], "cpu_plan.search.lrr: unknown key; allowed here: lr, batch_size"),
+        (["search.augment.hflip={low: 0, high: 0.5}"], "search.augment.hflip does not apply to text-classification"),
+        (["data.min_image_colors=10"], "data.min_image_colors does not apply to text-classification"),
+        (["data.labels=null"], "data.labels: required for text-classification"),
     ],
 )
 def test_bad_values_name_file_key_and_what_is_allowed(overrides, expected):
@@ -54,6 +57,19 @@ def test_bad_values_name_file_key_and_what_is_allowed(overrides, expected):
         load_study("imdb", overrides)
     assert "imdb.yaml" in str(err.value)
     assert expected in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["search.max_length=[64]"], "search.max_length does not apply to image-classification"),
+        (["data.text_column=x"], "data.text_column does not apply"),
+        (["search.augment.auto_augment=[none, trivial]"], "need 'randaugment' in search.augment.auto_augment"),
+    ],
+)
+def test_image_study_rejects_keys_it_would_ignore(overrides, expected):
+    with pytest.raises(FtsearchError, match=expected.replace("'", ".")):
+        load_study("hymenoptera", overrides)
 
 
 def test_malformed_yaml(tmp_path):

