@@ -109,6 +109,7 @@ def run_search(options: SearchOptions) -> SearchSummary:
             parent.log_dict(config.model_dump(), "config.json")
         for path, data in prepared.task.parent_artifacts().items():
             parent.log_dict(data, path)  # rewritten on resume: the data may have changed since
+        _log_baseline(prepared.task, parent, config.metric)
         done = _count(study, TrialState.COMPLETE, TrialState.PRUNED)
         remaining = config.n_trials - done
         say(f"optuna study {study.study_name}: {done} trial(s) done, {max(0, remaining)} to run; "
@@ -394,6 +395,18 @@ def finish_study(study: optuna.Study, prepared: Prepared, parent: tracking.Study
     summary.model_version = version.version
     shutil.rmtree(runner.checkpoints, ignore_errors=True)  # the weights now live in the registry
     return summary
+
+
+def _log_baseline(task: Task, parent: tracking.StudyRun, metric: str) -> None:
+    """Train the classical baseline once per study, for context next to the fine-tuned trials."""
+    if f"baseline_val_{metric}" in parent.mlflow_client.get_run(parent.run_id).data.metrics:
+        return
+    scores = task.baseline()
+    parent.mlflow_client.set_tag(parent.run_id, "baseline", task.baseline_name)
+    for key, value in scores.items():
+        parent.mlflow_client.log_metric(parent.run_id, key, value)
+    say(f"baseline ({task.baseline_name}): val {metric} {scores[f'baseline_val_{metric}']:.4f}, "
+        f"test {metric} {scores[f'baseline_test_{metric}']:.4f}")
 
 
 def _end_orphaned_runs(study: optuna.Study, parent: tracking.StudyRun) -> None:

@@ -90,6 +90,8 @@ def test_image_search_end_to_end(write_image_study, tiny_images, capsys):
     parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
+    assert parent.data.tags["baseline"].startswith("linear probe on frozen")
+    assert 0.0 <= parent.data.metrics["baseline_test_accuracy"] <= 1.0
     skipped = json.load(open(client.download_artifacts(parent.info.run_id, "skipped_files.json")))
     assert len(skipped) == 2
     for child in children:

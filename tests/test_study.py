@@ -74,6 +74,10 @@ def test_one_parent_and_a_child_run_per_trial_with_epoch_curves(in_searched):
         assert len(client.get_metric_history(child.info.run_id, "train_loss")) == 4
         artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
         assert {"trial_config.json", "confusion_matrix.png"} <= artifacts
+    # The classical baseline, for context: the cue words make this easy for TF-IDF too.
+    assert parent.data.tags["baseline"].startswith("TF-IDF")
+    assert parent.data.metrics["baseline_val_accuracy"] >= 0.9
+    assert {"baseline_test_accuracy", "baseline_val_f1"} <= set(parent.data.metrics)
     parent_artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"optimization_history.png", "param_importances.png", "best_params.json", "config.json"} <= parent_artifacts
 

@@ -46,6 +46,10 @@ class Task(Protocol):
 
     def parent_artifacts(self) -> dict[str, object]: ...
 
+    baseline_name: str
+
+    def baseline(self) -> dict[str, float]: ...
+
     def log_misclassified(self, run, y_true, y_pred, path: str) -> None: ...
 
 

@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import DataLoader, default_collate
 
 from ftsearch.augment import batch_mixer, image_eval_transform, image_train_transform
+from ftsearch.baseline import linear_probe
 from ftsearch.config import StudyConfig
 from ftsearch.data.images import ImageDataset, ImageSplits, Sample, load_image_splits, loader_workers
 from ftsearch.models.vision import (
@@ -41,6 +42,10 @@ class ImageTask:
 
     entry_file = ENTRY_FILE
 
+    @property
+    def baseline_name(self) -> str:
+        return f"linear probe on frozen {self.config.backbones[0]} features"
+
     def __init__(self, config: StudyConfig, device: torch.device):
         """Scan and check the image folders and resolve the backbones; raises FtsearchError."""
         self.config, self.device = config, device
@@ -55,6 +60,15 @@ class ImageTask:
         lines = [f"data: {self.splits.sizes()}, classes {', '.join(self.labels)}{skipped}; backbones: {names}"]
         lines += [f"  skipped {s['path']}: {s['reason']}" for s in self.splits.skipped]
         return "\n".join(lines)
+
+    def baseline(self) -> dict[str, float]:
+        backbone = self.backbones[self.config.backbones[0]]
+        transform = image_eval_transform(backbone.preprocessing)
+        loaders = {
+            split: self._loader(getattr(self.splits, split), transform, EVAL_BATCH_SIZE)
+            for split in ("train", "val", "test")
+        }
+        return linear_probe(build_classifier(backbone, len(self.labels)).backbone, loaders)
 
     def parent_artifacts(self) -> dict[str, object]:
         return {"skipped_files.json": self.splits.skipped} if self.splits.skipped else {}

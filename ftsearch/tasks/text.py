@@ -8,6 +8,7 @@ import pandas as pd
 import torch
 
 from ftsearch.augment import TokenAugment
+from ftsearch.baseline import tfidf_logistic_regression
 from ftsearch.config import StudyConfig
 from ftsearch.data.text import TextSplits, load_text_splits
 from ftsearch.data.tokens import TokenizedSplit, make_loader, tokenize_cached
@@ -24,6 +25,7 @@ class TextTask:
     """Everything the search needs that depends on the data being text."""
 
     entry_file = ENTRY_FILE
+    baseline_name = "TF-IDF (1-2 grams) + logistic regression"
 
     def __init__(self, config: StudyConfig, device: torch.device):
         """Resolve backbones and tokenizers and load the data; raises FtsearchError, creates nothing."""
@@ -76,6 +78,9 @@ class TextTask:
         tokenizer = AutoTokenizer.from_pretrained(folder)
         tokens = tokenize_cached(tokenizer, self.splits.test, max_length)
         return load_classifier(folder, self.labels), make_loader(tokens, EVAL_BATCH_SIZE, tokenizer.pad_token_id, shuffle=False)
+
+    def baseline(self) -> dict[str, float]:
+        return tfidf_logistic_regression(self.splits.train, self.splits.val, self.splits.test)
 
     def parent_artifacts(self) -> dict[str, object]:
         return {}
