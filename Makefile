@@ -1,6 +1,7 @@
 # ftsearch: every target creates the virtual environment first if it is missing.
 #   make search STUDY=imdb ARGS="--n-trials 8"     run or resume a study
 #   make ui                                         MLflow UI on 127.0.0.1:$(PORT)
+#   make dashboard                                  optuna-dashboard on 127.0.0.1:$(DASHBOARD_PORT)
 #   make promote STUDY=imdb ARGS=--force            move the champion alias
 #   make test                                       the test suite (fast; ARGS="-m slow" for the slow ones)
 
@@ -10,10 +11,12 @@ STUDY ?= imdb
 ARGS ?=
 HOST ?= 127.0.0.1
 PORT ?= 5000
+DASHBOARD_PORT ?= 8080
+STATE := $${FTSEARCH_STATE_DIR:-$(CURDIR)/mlruns}
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: search ui promote test env clean-env
+.PHONY: search ui dashboard promote test env clean-env
 
 env: $(STAMP)
 
@@ -31,8 +34,13 @@ promote: $(STAMP)
 
 ui: $(STAMP)
 	@echo "MLflow UI: http://$(HOST):$(PORT)"
-	$(BIN)/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$${FTSEARCH_STATE_DIR:-$(CURDIR)/mlruns}/mlflow.db}" \
+	$(BIN)/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(STATE)/mlflow.db}" \
 		--host $(HOST) --port $(PORT)
+
+# STORAGE= points it at another Optuna storage (the URL given to --storage).
+dashboard: $(STAMP)
+	@echo "Optuna dashboard: http://$(HOST):$(DASHBOARD_PORT)/dashboard/"
+	$(BIN)/optuna-dashboard "$${STORAGE:-sqlite:///$(STATE)/optuna.db}" --host $(HOST) --port $(DASHBOARD_PORT)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(ARGS)

@@ -36,14 +36,17 @@ def _pooled_features(backbone: torch.nn.Module, loader: DataLoader) -> tuple[np.
     backbone.eval()
     features, labels = [], []
     for batch in loader:
-        pooled = backbone.forward_head(backbone.forward_features(batch["pixel_values"]), pre_logits=True)
-        features.append(pooled.float().numpy())
+        features.append(backbone(batch["pixel_values"]).float().numpy())
         labels.append(batch["labels"].numpy())
     return np.concatenate(features), np.concatenate(labels)
 
 
 def linear_probe(backbone: torch.nn.Module, loaders: dict[str, DataLoader]) -> dict[str, float]:
-    """Logistic regression on the frozen backbone's pooled features of ``loaders['train']``."""
+    """Logistic regression on the frozen backbone's pooled features (its head removed) of
+    ``loaders['train']``, scored on the other loaders."""
+    from ftsearch.models.vision import replace_head
+
+    replace_head(backbone, torch.nn.Identity())
     features = {split: _pooled_features(backbone, loader) for split, loader in loaders.items()}
     model = LogisticRegression(C=1.0, max_iter=5000).fit(*features.pop("train"))
     return _scores(model, features)

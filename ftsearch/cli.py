@@ -117,7 +117,7 @@ def _predict(args: argparse.Namespace) -> int:
 
     table = predict(args.model_uri, args.inputs)
     prob_columns = [c for c in table.columns if c.startswith("prob_")]
-    for text, (_, row) in zip(args.inputs, table.iterrows()):
+    for text, (_, row) in zip(args.inputs, table.iterrows(), strict=True):
         probs = ", ".join(f"{c.removeprefix('prob_')} {row[c]:.3f}" for c in prob_columns)
         shown = text if len(text) <= 60 else text[:57] + "..."
         print(f"{row['label']}\t({probs})\t{shown}")

@@ -106,7 +106,7 @@ class TrialRun:
         try:
             for ax in axes.flat:
                 ax.axis("off")
-            for ax, (image_path, truth, predicted) in zip(axes.flat, items):
+            for ax, (image_path, truth, predicted) in zip(axes.flat, items, strict=False):
                 with Image.open(image_path) as image:
                     image.thumbnail((256, 256))
                     ax.imshow(image.convert("RGB"))

@@ -92,7 +92,7 @@ def test_image_search_end_to_end(write_image_study, tiny_images, capsys):
     assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
     assert parent.data.tags["baseline"].startswith("linear probe on frozen")
     assert 0.0 <= parent.data.metrics["baseline_test_accuracy"] <= 1.0
-    skipped = json.load(open(client.download_artifacts(parent.info.run_id, "skipped_files.json")))
+    skipped = json.loads(Path(client.download_artifacts(parent.info.run_id, "skipped_files.json")).read_text())
     assert len(skipped) == 2
     for child in children:
         assert {"crop_scale", "hflip", "auto_augment", "mixup_alpha", "cutmix_alpha"} <= set(child.data.params)
@@ -274,3 +274,36 @@ def test_missing_image_folder(tmp_path, write_image_study, capsys, state_dir):
     assert main(["search", str(path)]) == 2
     err = capsys.readouterr().err
     assert "image data set" in err and "nowhere" in err and "not found" in err
+
+
+def test_torchvision_backbone_builds_freezes_saves_and_reloads(monkeypatch, tmp_path):
+    """torchvision/<name>: default weights' preprocessing, head replaced, stages frozen, round trip.
+    The weights download is replaced by a random init (no network here)."""
+    import torchvision
+
+    from ftsearch.models.vision import build_classifier, load_image_classifier, resolve_vision_backbone, save_image_classifier
+
+    real_get_model = torchvision.models.get_model
+    monkeypatch.setattr(torchvision.models, "get_model", lambda arch, weights=None, **kw: real_get_model(arch, weights=None, **kw))
+    backbone = resolve_vision_backbone("torchvision/resnet18")
+    assert backbone.library == "torchvision" and backbone.num_blocks == 4
+    assert backbone.preprocessing["input_size"] == [3, 224, 224] and backbone.preprocessing["crop_pct"] == 0.875
+    model = build_classifier(backbone, 3)
+    assert model.backbone.fc.out_features == 3
+    total = sum(p.numel() for p in model.parameters())
+    assert model.freeze(2) < total and not model.backbone.conv1.weight.requires_grad
+    assert model.backbone.layer3[0].conv1.weight.requires_grad and not model.backbone.layer2[0].conv1.weight.requires_grad
+    save_image_classifier(model, backbone, tmp_path / "saved", ("a", "b", "c"))
+    reloaded, meta = load_image_classifier(tmp_path / "saved")
+    x = torch.rand(2, 3, 64, 64)
+    model.eval()
+    with torch.inference_mode():
+        assert torch.allclose(model(x).logits, reloaded(x).logits)
+    assert meta["library"] == "torchvision"
+
+
+def test_torchvision_backbone_without_network_is_a_clear_error():
+    from ftsearch.models.vision import resolve_vision_backbone
+
+    with pytest.raises(FtsearchError, match="torchvision model 'resnet18' or its weights are not available"):
+        resolve_vision_backbone("torchvision/resnet18")

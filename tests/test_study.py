@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import optuna
 import pytest
@@ -249,7 +250,7 @@ def test_trial_config_artifact_is_the_sampled_config(in_searched):
     client = store()
     _, children = runs("tiny")
     path = client.download_artifacts(children[0].info.run_id, "trial_config.json")
-    sampled = json.loads(open(path).read())
+    sampled = json.loads(Path(path).read_text())
     assert sampled["lr"] == pytest.approx(float(children[0].data.params["lr"]))
     assert sampled["epochs"] == 4
 

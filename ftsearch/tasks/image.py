@@ -97,7 +97,7 @@ class ImageTask:
 
     def log_misclassified(self, run, y_true, y_pred, path: str) -> None:
         """A grid of the validation images the best epoch got wrong, with true and predicted labels."""
-        wrong = [(self.splits.val[i][0], int(t), int(p)) for i, (t, p) in enumerate(zip(y_true, y_pred)) if t != p]
+        wrong = [(self.splits.val[i][0], int(t), int(p)) for i, (t, p) in enumerate(zip(y_true, y_pred, strict=True)) if t != p]
         run.log_image_grid(wrong[:36], self.labels, path)
 
     def _loader(self, samples: list[Sample], transform, batch_size: int, *, shuffle: bool = False, seed: int = 0,

@@ -25,7 +25,7 @@ def test_cache_is_reused_and_keyed_by_length_and_data(tiny_bert, frame, tmp_path
     # Same class name and definition as the real tokenizer, so the same cache key.
     refusing = type(type(tokenizer).__name__, (), {"backend_tokenizer": tokenizer.backend_tokenizer, "__call__": refuse})
     again = tokenize_cached(refusing(), frame, 8, cache=tmp_path)
-    assert all(np.array_equal(a, b) for a, b in zip(first.ids, again.ids))
+    assert all(np.array_equal(a, b) for a, b in zip(first.ids, again.ids, strict=True))
     assert np.array_equal(first.labels, again.labels)
 
     tokenize_cached(tokenizer, frame, 4, cache=tmp_path)
