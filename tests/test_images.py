@@ -70,6 +70,13 @@ def test_undecodable_and_placeholder_files_are_skipped_and_listed(tiny_images):
     assert "placeholder" in reasons["placeholder.gif"]
 
 
+def test_subsampling_images_is_stratified_and_checked(tiny_images):
+    splits = load_image_splits(DataConfig(dataset=str(tiny_images), train_size=20))
+    assert len(splits.train) == 20 and sum(label for _, label in splits.train) == 10
+    with pytest.raises(FtsearchError, match="data.test_size 15: cannot draw a stratified subsample of 16 images"):
+        load_image_splits(DataConfig(dataset=str(tiny_images), test_size=15))
+
+
 def test_without_test_folder_val_is_split_in_two_stratified_and_seeded(tiny_images):
     a = load_image_splits(DataConfig(dataset=str(tiny_images)))
     b = load_image_splits(DataConfig(dataset=str(tiny_images)))

@@ -116,9 +116,9 @@ def load_image_splits(cfg: DataConfig, study_dir: Path | None = None) -> ImageSp
             "(sorted by name); fix data.labels or leave it out"
         )
     return ImageSplits(
-        train=_subsample(train, cfg.train_size, cfg.split_seed),
-        val=_subsample(val, cfg.val_size, cfg.split_seed),
-        test=_subsample(test, cfg.test_size, cfg.split_seed),
+        train=_subsample(train, cfg.train_size, cfg.split_seed, "train"),
+        val=_subsample(val, cfg.val_size, cfg.split_seed, "val"),
+        test=_subsample(test, cfg.test_size, cfg.split_seed, "test"),
         labels=classes,
         skipped=skipped,
     )
@@ -185,10 +185,17 @@ def _split(samples: list[Sample], fraction: float, seed: int, origin: Path) -> t
     return kept, held
 
 
-def _subsample(samples: list[Sample], size: int | None, seed: int) -> list[Sample]:
+def _subsample(samples: list[Sample], size: int | None, seed: int, name: str) -> list[Sample]:
     if size is None or size >= len(samples):
         return samples
-    return _split(samples, len(samples) - size, seed, Path("subsample"))[0]
+    try:
+        kept, _ = train_test_split(samples, train_size=size, random_state=seed, stratify=[y for _, y in samples])
+    except ValueError as err:
+        raise FtsearchError(
+            f"data.{name}_size {size}: cannot draw a stratified subsample of {len(samples)} images ({err}); "
+            f"choose another data.{name}_size or null for all"
+        ) from None
+    return kept
 
 
 class ImageDataset(Dataset):
