@@ -22,6 +22,7 @@ def _parser() -> argparse.ArgumentParser:
     search.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     search.add_argument("--fresh", action="store_true", help="start a new study instead of resuming")
     search.add_argument("--storage", help="Optuna storage URL (default: sqlite in mlruns/)")
+    search.add_argument("--quiet", action="store_true", help="print only the final summary and errors")
 
     promote = commands.add_parser("promote", help="move the champion alias to the study's candidate model")
     promote.add_argument("study", help="a study name under studies/ or a path to a study file")
@@ -91,6 +92,7 @@ def _search(args: argparse.Namespace) -> int:
             device=args.device,
             fresh=args.fresh,
             storage=args.storage,
+            quiet=args.quiet,
         )
     )
     counts = ", ".join(f"{n} {state.lower()}" for state, n in summary.counts.items())

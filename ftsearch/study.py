@@ -50,6 +50,7 @@ class SearchOptions:
     device: str = "auto"
     fresh: bool = False
     storage: str | None = None
+    quiet: bool = False
 
 
 @dataclass
