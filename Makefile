@@ -3,6 +3,7 @@
 #   make ui                                         MLflow UI on 127.0.0.1:$(PORT)
 #   make dashboard                                  optuna-dashboard on 127.0.0.1:$(DASHBOARD_PORT)
 #   make promote STUDY=imdb ARGS=--force            move the champion alias
+#   make report STUDY=imdb ARGS="--top 20"          leaderboard + HTML report (mlruns/reports/)
 #   make test                                       the test suite (fast; ARGS="-m slow" for the slow ones)
 
 PYTHON ?= python3
@@ -16,7 +17,7 @@ STATE := $${FTSEARCH_STATE_DIR:-$(CURDIR)/mlruns}
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: search ui dashboard promote test env clean-env
+.PHONY: search ui dashboard promote report test env clean-env
 
 env: $(STAMP)
 
@@ -31,6 +32,10 @@ search: $(STAMP)
 
 promote: $(STAMP)
 	$(BIN)/ftsearch promote $(STUDY) $(ARGS)
+
+# The HTML report also lands on the study's MLflow parent run as report.html.
+report: $(STAMP)
+	$(BIN)/ftsearch report $(STUDY) $(ARGS)
 
 ui: $(STAMP)
 	@echo "MLflow UI: http://$(HOST):$(PORT)"

@@ -1,4 +1,4 @@
-"""The ``ftsearch`` command: search, promote, predict. Thin: parses arguments and calls the package."""
+"""The ``ftsearch`` command: search, promote, predict, report. Thin: parses arguments and calls the package."""
 
 from __future__ import annotations
 
@@ -28,10 +28,28 @@ def _parser() -> argparse.ArgumentParser:
     promote.add_argument("study", help="a study name under studies/ or a path to a study file")
     promote.add_argument("--force", action="store_true", help="promote even if it does not beat the champion")
 
+    report = commands.add_parser(
+        "report", help="leaderboard of a study's trials, and a self-contained HTML report of it"
+    )
+    report.add_argument("study", help="a study name under studies/ or a path to a study file")
+    report.add_argument("--top", type=_positive_int, default=10, metavar="N", help="trials in the leaderboard (default 10)")
+    report.add_argument(
+        "--output", metavar="PATH",
+        help="where to write the HTML report (default: <state dir>/reports/<optuna study>.html)",
+    )
+    report.add_argument("--storage", help="Optuna storage URL (default: sqlite in mlruns/)")
+
     predict = commands.add_parser("predict", help="predict with a registered model")
     predict.add_argument("model_uri", help="e.g. models:/ftsearch-imdb@champion")
     predict.add_argument("inputs", nargs="+", help="texts to classify, or image files for an image model")
     return parser
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,6 +132,20 @@ def _promote(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ftsearch.config import load_study
+    from ftsearch.report import REPORT_ARTIFACT, make_report, print_report
+
+    result = make_report(load_study(args.study), Path(args.output) if args.output else None, args.storage)
+    print_report(result.report, top=args.top)
+    print(f"HTML report: {result.path}")
+    if result.logged_to:
+        print(f"logged as {REPORT_ARTIFACT} to MLflow parent run {result.logged_to}")
+    return 0
+
+
 def _predict(args: argparse.Namespace) -> int:
     from ftsearch.publish import predict
 
@@ -126,7 +158,7 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"search": _search, "promote": _promote, "predict": _predict}
+_COMMANDS = {"search": _search, "promote": _promote, "predict": _predict, "report": _report}
 
 
 if __name__ == "__main__":

@@ -206,6 +206,9 @@ class StudyConfig(_Strict):
     timeout: float | None = Field(None, gt=0, description="seconds after which no new trial starts")
     registered_model: str = Field(min_length=1)
     trust_remote_code: bool = False
+    cache_frozen_prefix: bool = Field(
+        True, description="train trials that freeze blocks (and do not augment text) from cached hidden states"
+    )
     cpu_plan: dict[str, Any] = Field(
         default_factory=dict, description="overrides applied when training on the CPU"
     )
@@ -231,6 +234,15 @@ class StudyConfig(_Strict):
             raise ValueError("data.labels: required for text-classification (the class names, in label order)")
         return self
 
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        # The name becomes an MLflow experiment, an Optuna study, a registry tag and folder names.
+        if not _STUDY_NAME.match(value) or ".." in value:
+            raise ValueError(f"{value!r} is not a valid study name: use letters, digits, '-', '_' and '.', "
+                             "no path separators or '..'")
+        return value
+
     @field_validator("direction")
     @classmethod
     def _direction_fits_metric(cls, value: str, info: ValidationInfo) -> str:
@@ -241,7 +253,7 @@ class StudyConfig(_Strict):
     def plan_summary(self) -> str:
         """One line telling the user what this (possibly CPU-planned) study will do."""
         d, s = self.data, self.search
-        size = lambda n: "all" if n is None else str(n)  # noqa: E731
+        size = lambda n: "all" if n is None else str(n)
         length = f"max length {s.max_length}, " if self.task == "text-classification" else ""
         return (
             f"{', '.join(self.backbones)}; data: train {size(d.train_size)} / val {size(d.val_size)} / "

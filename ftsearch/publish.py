@@ -6,7 +6,9 @@ is deleted again. Aliases only (``candidate``, ``champion``); registry stages ar
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
+import io
 from pathlib import Path
 
 import mlflow
@@ -69,7 +71,9 @@ def register_best(
     mlflow_client = tracking.client()
     version = None
     try:
-        version = mlflow.register_model(info.model_uri, registered_name, tags=tags)
+        # register_model prints its own progress to stderr; ftsearch reports the version itself.
+        with contextlib.redirect_stderr(io.StringIO()):
+            version = mlflow.register_model(info.model_uri, registered_name, tags=tags)
         mlflow_client.set_registered_model_alias(registered_name, CANDIDATE, version.version)
         mlflow_client.set_model_version_tag(registered_name, version.version, COMPLETE_TAG, "complete")
     except BaseException:

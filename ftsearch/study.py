@@ -19,9 +19,10 @@ import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
-from ftsearch import publish, settings, tracking
+from ftsearch import progress, publish, settings, tracking
 from ftsearch.config import StudyConfig, load_study
 from ftsearch.errors import FtsearchError
+from ftsearch.progress import BestTrial, Reporter, TrialCounts
 from ftsearch.space import TrialConfig, sample_trial
 from ftsearch.tasks import make_task
 from ftsearch.tasks.base import Task
@@ -33,10 +34,6 @@ CONFIG_ATTR = "ftsearch_config"
 REASON_ATTR = "reason"
 HEARTBEAT_SECONDS = 60
 MAX_FAILURES_IN_A_ROW = 3
-
-
-def say(message: str) -> None:
-    print(message, flush=True)
 
 
 @dataclass(frozen=True)
@@ -76,8 +73,9 @@ class Prepared:
     task: Task
 
 
-def prepare(options: SearchOptions) -> Prepared:
+def prepare(options: SearchOptions, reporter: Reporter | None = None) -> Prepared:
     """Validate everything the user supplied; raises FtsearchError, creates nothing."""
+    reporter = reporter if reporter is not None else progress.make_reporter(options.quiet)
     device = resolve_device(options.device)
     overrides = list(options.overrides)
     if options.n_trials is not None:
@@ -85,15 +83,26 @@ def prepare(options: SearchOptions) -> Prepared:
     if options.timeout is not None:
         overrides.append(f"timeout={options.timeout}")
     config = load_study(options.study, overrides, cpu=device.type == "cpu")
-    say(f"study {config.name} on {device.type.upper()}: {config.plan_summary()}")
+    reporter.info(f"study {config.name} on {device.type.upper()}: {config.plan_summary()}")
     task = make_task(config, device)
-    say(task.describe())
+    reporter.info(task.describe())
     return Prepared(config, device, task)
 
 
-def run_search(options: SearchOptions) -> SearchSummary:
-    """Run (or resume) the study named in ``options`` and register its best model."""
-    prepared = prepare(options)
+def run_search(options: SearchOptions, reporter: Reporter | None = None) -> SearchSummary:
+    """Run (or resume) the study named in ``options`` and register its best model.
+
+    Progress goes to ``reporter`` (by default: live on a terminal, plain lines otherwise, nothing
+    with ``options.quiet``), which is closed however the search ends."""
+    reporter = reporter if reporter is not None else progress.make_reporter(options.quiet)
+    try:
+        return _run_search(options, reporter)
+    finally:
+        reporter.close()  # never leave a live display drawing over the terminal (Ctrl-C, errors)
+
+
+def _run_search(options: SearchOptions, reporter: Reporter) -> SearchSummary:
+    prepared = prepare(options, reporter)
     config = prepared.config
     study = open_study(config, options.storage, options.fresh)
     # Trials of a process that died (no heartbeat for the grace period) are failed now.
@@ -110,12 +119,16 @@ def run_search(options: SearchOptions) -> SearchSummary:
             parent.log_dict(config.model_dump(), "config.json")
         for path, data in prepared.task.parent_artifacts().items():
             parent.log_dict(data, path)  # rewritten on resume: the data may have changed since
-        _log_baseline(prepared.task, parent, config.metric)
-        done = _count(study, TrialState.COMPLETE, TrialState.PRUNED)
-        remaining = config.n_trials - done
-        say(f"optuna study {study.study_name}: {done} trial(s) done, {max(0, remaining)} to run; "
-            f"MLflow parent run {parent.run_id}")
-        runner = TrialRunner(prepared, parent, _checkpoint_root(study))
+            if path == "skipped_files.json":
+                reporter.warn(f"skipped {len(data)} unusable data file(s); they are listed in {path} on the MLflow parent run")
+        _log_baseline(prepared.task, parent, config.metric, reporter)
+        counts = _trial_counts(study)
+        remaining = config.n_trials - counts.done
+        reporter.study_started(
+            study.study_name, n_trials=config.n_trials, metric=f"val {config.metric}", counts=counts,
+            best=_best_info(_best_trial(study)), parent_run_id=parent.run_id,
+        )
+        runner = TrialRunner(prepared, parent, _checkpoint_root(study), reporter)
         if remaining > 0:
             # Failed trials do not count towards n_trials: the study runs until n_trials trials
             # completed or were pruned, or the timeout, or too many failures in a row.
@@ -127,6 +140,7 @@ def run_search(options: SearchOptions) -> SearchSummary:
                 callbacks=[reached, runner.after_trial],
                 gc_after_trial=True,
             )
+        reporter.study_ended(_trial_counts(study), _best_info(_best_trial(study)))
         summary = finish_study(study, prepared, parent, runner)
     except BaseException as err:
         # Ctrl-C or a crash: the parent run is ended, the study stays resumable as it is.
@@ -233,6 +247,14 @@ def _count(study: optuna.Study, *states: TrialState) -> int:
     return len(study.get_trials(deepcopy=False, states=states))
 
 
+def _trial_counts(study: optuna.Study) -> TrialCounts:
+    return TrialCounts(_count(study, TrialState.COMPLETE), _count(study, TrialState.PRUNED), _count(study, TrialState.FAIL))
+
+
+def _best_info(best: FrozenTrial | None) -> BestTrial | None:
+    return None if best is None else BestTrial(best.number, best.value, dict(best.params))
+
+
 def _checkpoint_root(study: optuna.Study) -> Path:
     return settings.checkpoint_dir() / study.study_name
 
@@ -244,8 +266,9 @@ def _artifact_names(run: tracking.StudyRun) -> set[str]:
 class TrialRunner:
     """The Optuna objective: one trial = sample, build, fine-tune, track, keep the best weights."""
 
-    def __init__(self, prepared: Prepared, parent: tracking.StudyRun, checkpoints: Path):
+    def __init__(self, prepared: Prepared, parent: tracking.StudyRun, checkpoints: Path, reporter: Reporter | None = None):
         self.prepared = prepared
+        self.reporter = reporter if reporter is not None else progress.PlainReporter()
         self.config = prepared.config
         self.parent = parent
         self.checkpoints = checkpoints
@@ -254,14 +277,14 @@ class TrialRunner:
     def __call__(self, trial: optuna.Trial) -> float:
         trial_cfg = sample_trial(trial, self.config, self.prepared.task.blocks)
         run = self.parent.start_trial(trial.number, tags={"optuna.study": trial.study.study_name})
-        state, reason = "FAIL", ""
+        state, reason, value = "FAIL", "", None
         try:
             trial.set_user_attr(RUN_ID_ATTR, run.run_id)
             # Params: exactly what Optuna sampled (so runs of one study share their columns);
             # the full resolved config, defaults included, is the artifact.
             run.log_params({**trial.params, "seed": trial_cfg.seed})
             run.log_dict(trial_cfg.model_dump(), "trial_config.json")
-            say(f"trial {trial.number}: {_trial_line(trial_cfg)}")
+            self.reporter.trial_started(trial.number, _trial_line(trial_cfg), trial_cfg.epochs)
             result = self._train(trial, trial_cfg, run)
             if result.status == "diverged":
                 state, reason = "PRUNED", result.reason
@@ -270,8 +293,8 @@ class TrialRunner:
                 state = "PRUNED"
                 reason = f"pruned by the {self.config.pruner.name} pruner after epoch {len(result.history)}"
                 raise optuna.TrialPruned(reason)
-            state = "COMPLETE"
-            return float(result.best_value(self.config.metric))
+            state, value = "COMPLETE", float(result.best_value(self.config.metric))
+            return value
         except optuna.TrialPruned:
             raise
         except KeyboardInterrupt:
@@ -284,7 +307,7 @@ class TrialRunner:
             if reason:
                 trial.set_user_attr(REASON_ATTR, reason)
             run.finish(state, reason)
-            say(f"trial {trial.number}: {state}{' - ' + reason if reason else ''}")
+            self.reporter.trial_ended(trial.number, state, reason, value)
 
     def _train(self, trial: optuna.Trial, trial_cfg: TrialConfig, run: tracking.TrialRun) -> FitResult:
         task = self.prepared.task
@@ -292,6 +315,9 @@ class TrialRunner:
         setup = task.build(trial_cfg)
         try:
             run.log_params({"trainable_params": setup.trainable_params, "total_params": setup.total_params})
+            if setup.feature_cache:
+                run.mlflow_client.set_tag(run.run_id, "ftsearch.feature_cache", setup.feature_cache)
+                self.reporter.info(f"  frozen-prefix cache: {setup.feature_cache}")
             settings_ = TrainSettings(
                 lr=trial_cfg.lr,
                 epochs=trial_cfg.epochs,
@@ -305,11 +331,11 @@ class TrialRunner:
 
             def on_epoch_end(m: EpochMetrics) -> bool:
                 run.log_metrics({"train_loss": m.train_loss, "val_accuracy": m.val_accuracy, "val_f1": m.val_f1}, step=m.epoch)
-                say(f"  epoch {m.epoch}: train loss {m.train_loss:.4f}, val accuracy {m.val_accuracy:.4f}, val f1 {m.val_f1:.4f}")
+                self.reporter.epoch_ended(m.epoch, {"train loss": m.train_loss, "val accuracy": m.val_accuracy, "val f1": m.val_f1})
                 trial.report(m.value(self.config.metric), m.epoch)
                 return trial.should_prune()
 
-            result = fit(setup.model, setup.train_loader, setup.val_loader, settings_, on_epoch_end)
+            result = fit(setup.model, setup.train_loader, setup.val_loader, settings_, on_epoch_end, on_step=self.reporter.step)
             if result.status == "completed":
                 setup.model.load_state_dict(result.best_state)
                 task.save(setup.model, trial_cfg, self.checkpoints / f"trial-{trial.number}")
@@ -332,16 +358,17 @@ class TrialRunner:
             run.log_confusion_matrix(evaluation.y_true, evaluation.y_pred, task.labels, "confusion_matrix.png")
             task.log_misclassified(run, evaluation.y_true, evaluation.y_pred, "misclassified.png")
         except Exception as err:  # noqa: BLE001 - drawing is not worth the trial
-            say(f"  could not draw the trial's figures: {type(err).__name__}: {err}")
+            self.reporter.warn(f"could not draw the trial's figures: {type(err).__name__}: {err}")
 
     def after_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
         """Keep only the best trial's weights on disk, keep the parent run's best up to date, and
         stop the study when trials keep failing (a bug or a broken setup, not bad luck)."""
         self.failures_in_a_row = self.failures_in_a_row + 1 if trial.state == TrialState.FAIL else 0
         if self.failures_in_a_row >= MAX_FAILURES_IN_A_ROW:
-            say(f"stopping: {self.failures_in_a_row} trials failed in a row")
+            self.reporter.warn(f"stopping: {self.failures_in_a_row} trials failed in a row")
             study.stop()
         best = _best_trial(study)
+        self.reporter.trials_updated(_trial_counts(study), _best_info(best))
         if self.checkpoints.is_dir():
             for folder in self.checkpoints.iterdir():
                 if best is None or folder.name != f"trial-{best.number}":
@@ -363,7 +390,7 @@ def finish_study(study: optuna.Study, prepared: Prepared, parent: tracking.Study
     counts = {s.name: _count(study, s) for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
     summary = SearchSummary(study.study_name, parent.run_id, counts)
     _end_orphaned_runs(study, parent)
-    _log_study_plots(study, parent)
+    _log_study_plots(study, parent, runner.reporter)
     best = _best_trial(study)
     if best is None:
         reasons = [t.user_attrs.get(REASON_ATTR, "") for t in study.trials if t.user_attrs.get(REASON_ATTR)]
@@ -377,11 +404,12 @@ def finish_study(study: optuna.Study, prepared: Prepared, parent: tracking.Study
     if version is not None:
         summary.model_version = version.version
         summary.test_metrics = {k: float(v) for k, v in version.tags.items() if k.startswith("test_")}
-        say(f"best trial {best.number} is already registered as {config.registered_model} v{version.version}")
+        runner.reporter.info(f"best trial {best.number} is already registered as {config.registered_model} v{version.version}")
         return summary
     folder = runner.checkpoints / f"trial-{best.number}"
     if not folder.is_dir():
         raise FtsearchError(f"the best trial's weights are missing from {folder}; rerun with --fresh")
+    runner.reporter.info(f"scoring best trial {best.number} on the test split and registering it as {config.registered_model}")
     summary.test_metrics = score_on_test(folder, prepared, run_id)
     tags = {
         "study": config.name,
@@ -398,7 +426,7 @@ def finish_study(study: optuna.Study, prepared: Prepared, parent: tracking.Study
     return summary
 
 
-def _log_baseline(task: Task, parent: tracking.StudyRun, metric: str) -> None:
+def _log_baseline(task: Task, parent: tracking.StudyRun, metric: str, reporter: Reporter) -> None:
     """Train the classical baseline once per study, for context next to the fine-tuned trials."""
     if f"baseline_val_{metric}" in parent.mlflow_client.get_run(parent.run_id).data.metrics:
         return
@@ -406,8 +434,8 @@ def _log_baseline(task: Task, parent: tracking.StudyRun, metric: str) -> None:
     parent.mlflow_client.set_tag(parent.run_id, "baseline", task.baseline_name)
     for key, value in scores.items():
         parent.mlflow_client.log_metric(parent.run_id, key, value)
-    say(f"baseline ({task.baseline_name}): val {metric} {scores[f'baseline_val_{metric}']:.4f}, "
-        f"test {metric} {scores[f'baseline_test_{metric}']:.4f}")
+    reporter.info(f"baseline ({task.baseline_name}): val {metric} {scores[f'baseline_val_{metric}']:.4f}, "
+                  f"test {metric} {scores[f'baseline_test_{metric}']:.4f}")
 
 
 def _end_orphaned_runs(study: optuna.Study, parent: tracking.StudyRun) -> None:
@@ -432,7 +460,7 @@ def score_on_test(folder: Path, prepared: Prepared, run_id: str) -> dict[str, fl
     return metrics
 
 
-def _log_study_plots(study: optuna.Study, parent: tracking.StudyRun) -> None:
+def _log_study_plots(study: optuna.Study, parent: tracking.StudyRun, reporter: Reporter) -> None:
     from optuna.visualization import matplotlib as optuna_plots
 
     plots = {"optimization_history.png": optuna_plots.plot_optimization_history}
@@ -445,7 +473,7 @@ def _log_study_plots(study: optuna.Study, parent: tracking.StudyRun) -> None:
             try:
                 parent.log_figure(plot(study).figure, path)
             except Exception as err:  # noqa: BLE001 - a plot is not worth losing the study's model
-                say(f"skipped {path}: {type(err).__name__}: {err}")
+                reporter.warn(f"skipped the study plot {path}: {type(err).__name__}: {err}")
 
 
 def _trial_line(trial_cfg: TrialConfig) -> str:

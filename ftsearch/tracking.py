@@ -7,6 +7,7 @@ ended with an explicit status: no run is left RUNNING.
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -15,12 +16,12 @@ import matplotlib
 
 matplotlib.use("Agg")  # headless: figures are only ever written to files
 
-import matplotlib.pyplot as plt  # noqa: E402
-import mlflow  # noqa: E402
-from mlflow import MlflowClient  # noqa: E402
-from mlflow.entities import Metric, Param  # noqa: E402
+import matplotlib.pyplot as plt
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
 
-from ftsearch import settings  # noqa: E402
+from ftsearch import settings
 
 STATE_TAG = "ftsearch.state"
 REASON_TAG = "ftsearch.reason"
@@ -58,7 +59,8 @@ def _usable(mlflow_client: MlflowClient, run_id: str) -> bool:
     try:
         return mlflow_client.get_run(run_id).info.lifecycle_stage == "active"
     except mlflow.exceptions.MlflowException:
-        print(f"MLflow run {run_id} of this study no longer exists; starting a new parent run", flush=True)
+        print(f"warning: MLflow run {run_id} of this study no longer exists; starting a new parent run",
+              file=sys.stderr, flush=True)
         return False
 
 

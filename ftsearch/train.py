@@ -1,7 +1,8 @@
 """The training loop: fine-tune a classifier, evaluate each epoch, keep the best epoch's weights.
 
-It knows nothing of Optuna or MLflow: it reports each epoch to a callback, which may ask it to
-stop (that is how pruning reaches it).
+It knows nothing of Optuna, MLflow or the terminal: it reports each epoch to a callback, which
+may ask it to stop (that is how pruning reaches it), and each optimiser step to another (that is
+how a progress display follows it).
 """
 
 from __future__ import annotations
@@ -81,6 +82,11 @@ class FitResult:
 EpochCallback = Callable[[EpochMetrics], bool]
 """Called after each epoch; returning True stops training (for example when pruned)."""
 
+StepCallback = Callable[[int, int], None]
+"""Called after each optimiser step with (step, total_steps): steps count from 1 across all epochs,
+so ``step == total_steps`` after the last batch of the last epoch. Called every step, so it must be
+cheap (updating a counter, not drawing)."""
+
 
 def resolve_device(requested: str) -> torch.device:
     """``auto`` picks CUDA when present; asking for CUDA without it is a user error."""
@@ -153,11 +159,13 @@ def fit(
     val_loader: DataLoader,
     settings: TrainSettings,
     on_epoch_end: EpochCallback | None = None,
+    on_step: StepCallback | None = None,
 ) -> FitResult:
     """Fine-tune ``model`` with AdamW, linear warm-up and decay, gradient clipping.
 
     Stops early when ``on_epoch_end`` returns True, and with status ``diverged`` on a non-finite
-    loss. The best epoch (by ``settings.metric``) is kept, not the last.
+    loss. The best epoch (by ``settings.metric``) is kept, not the last. ``on_step`` hears of every
+    optimiser step (see ``StepCallback``).
     """
     seed_everything(settings.seed)
     device = torch.device(settings.device)
@@ -169,6 +177,7 @@ def fit(
     scheduler = linear_warmup_decay(optimizer, int(settings.warmup_ratio * total_steps), total_steps)
     trainable = [p for p in model.parameters() if p.requires_grad]
     result = FitResult(status="completed")
+    done = 0
 
     for epoch in range(1, settings.epochs + 1):
         model.train()
@@ -187,6 +196,9 @@ def fit(
             optimizer.zero_grad(set_to_none=True)
             loss_sum += loss.item()
             batches += 1
+            done += 1
+            if on_step is not None:
+                on_step(done, total_steps)
 
         evaluation = evaluate(model, val_loader, device)
         metrics = EpochMetrics(epoch, loss_sum / max(1, batches), evaluation.accuracy, evaluation.f1)

@@ -92,6 +92,14 @@ def test_unknown_or_unsafe_study_names(name):
         resolve_study_path(name)
 
 
+@pytest.mark.parametrize("name", ["../up", "a/b", "a\\b", "x..y", ".hidden"])
+def test_a_study_file_cannot_name_itself_a_path(write_study, name):
+    path = write_study()
+    path.write_text(path.read_text() + f"name: '{name}'\n")
+    with pytest.raises(FtsearchError, match=r"name.*not a valid study name"):
+        load_study(str(path))
+
+
 def test_study_by_name_and_by_path():
     assert resolve_study_path("imdb") == STUDIES_DIR / "imdb.yaml"
     assert resolve_study_path(str(STUDIES_DIR / "imdb.yaml")) == STUDIES_DIR / "imdb.yaml"

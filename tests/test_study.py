@@ -9,9 +9,9 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
+from conftest import tiny_study
 from mlflow import MlflowClient
 
-from conftest import tiny_study
 from ftsearch import settings
 from ftsearch.cli import main
 from ftsearch.config import load_study
@@ -190,7 +190,7 @@ def test_resuming_with_a_changed_search_space_is_refused(write_study, capsys):
 
 
 def test_a_bad_trial_is_pruned_and_its_run_finished_with_the_pruned_tag(write_study):
-    path = write_study(**{"pruner": {"name": "median", "min_epochs": 1, "startup_trials": 1}})
+    path = write_study(pruner={"name": "median", "min_epochs": 1, "startup_trials": 1})
     config = load_study(str(path), cpu=True)
     study = open_study(config, None, fresh=False)
     study.enqueue_trial({"lr": 8e-3})
@@ -336,3 +336,19 @@ def test_a_version_left_half_written_by_a_crash_is_replaced(write_study, monkeyp
     [version] = client.search_model_versions("name = 'tiny-sentiment'")
     assert version.tags["ftsearch.registration"] == "complete" and version.version != half.version
     assert client.get_model_version_by_alias("tiny-sentiment", "candidate").version == version.version
+
+
+def test_trials_that_freeze_blocks_train_from_the_shared_prefix_cache(write_study, capsys):
+    path = write_study(
+        "cached", n_trials=2,
+        **{"search.freeze_depth": {"low": 1, "high": 1}, "search.augment": {}, "search.epochs": {"low": 2, "high": 2}},
+    )
+    assert main(["search", str(path)]) == 0
+    _, children = runs("cached")
+    notes = sorted((int(r.data.tags["ftsearch.trial_number"]), r.data.tags["ftsearch.feature_cache"]) for r in children)
+    assert notes[0][1].startswith("depth 1: train computed in") and "val computed in" in notes[0][1]
+    assert notes[1][1] == "depth 1: train hit, val hit"
+    assert all(r.info.status == "FINISHED" and "val_accuracy" in r.data.metrics for r in children)
+    # The registered model is the full classifier: it predicts from raw text.
+    assert main(["predict", "models:/tiny-sentiment@candidate", "a wonderful superb film"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].split("\t")[0] in {"neg", "pos"}

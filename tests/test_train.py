@@ -4,9 +4,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import make_reviews
 from transformers import AutoTokenizer
 
-from conftest import make_reviews
 from ftsearch.data.tokens import make_loader, tokenize_cached
 from ftsearch.models.text import load_classifier
 from ftsearch.train import TrainSettings, evaluate, fit, linear_warmup_decay
@@ -32,8 +32,13 @@ def model(tiny_bert):
 
 
 def test_fit_learns_and_keeps_the_best_epoch(tiny_bert, loaders):
-    result = fit(model(tiny_bert), *loaders, TrainSettings(lr=8e-3, epochs=4, warmup_ratio=0.1))
+    steps = []
+    settings = TrainSettings(lr=8e-3, epochs=4, warmup_ratio=0.1)
+    result = fit(model(tiny_bert), *loaders, settings, on_step=lambda step, total: steps.append((step, total)))
     assert result.status == "completed" and len(result.history) == 4
+    # Every optimiser step is reported, counted across epochs, with the run's total.
+    total = 4 * len(loaders[0])
+    assert steps == [(step, total) for step in range(1, total + 1)]
     accuracies = [m.val_accuracy for m in result.history]
     assert max(accuracies) >= 0.9
     assert result.history[-1].train_loss < result.history[0].train_loss
@@ -61,8 +66,11 @@ def test_best_state_is_the_best_epoch_not_the_last(tiny_bert, loaders):
 
 
 def test_callback_can_stop_training(tiny_bert, loaders):
-    result = fit(model(tiny_bert), *loaders, TrainSettings(lr=8e-3, epochs=4), lambda m: m.epoch == 2)
+    steps = []
+    stop_after_2 = lambda m: m.epoch == 2
+    result = fit(model(tiny_bert), *loaders, TrainSettings(lr=8e-3, epochs=4), stop_after_2, lambda s, t: steps.append(s))
     assert result.status == "stopped" and len(result.history) == 2
+    assert steps == list(range(1, 2 * len(loaders[0]) + 1))  # no step after the stop
 
 
 def test_non_finite_loss_is_reported_not_trained_on(tiny_bert, loaders):
@@ -83,4 +91,3 @@ def test_linear_warmup_then_decay():
         opt.step()
         sched.step()
     assert lrs == pytest.approx([0.5, 1.0, 1.0, 0.75, 0.5, 0.25])
-

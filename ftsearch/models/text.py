@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from ftsearch.catalog import TEXT_BACKBONES
@@ -74,6 +77,10 @@ def load_classifier(source: str | Path, labels: tuple[str, ...], trust_remote_co
     hf_logging.set_verbosity_error()
     return AutoModelForSequenceClassification.from_pretrained(
         str(source),
+        # transformers 5 keeps a checkpoint's own dtype by default; many hub checkpoints are fp16 or
+        # bf16, and AdamW on half-precision weights loses small updates. Train in fp32 (bf16
+        # autocast still runs the matrix products in bf16 on a GPU).
+        dtype=torch.float32,
         num_labels=len(labels),
         id2label=dict(enumerate(labels)),
         label2id={name: i for i, name in enumerate(labels)},
@@ -81,27 +88,109 @@ def load_classifier(source: str | Path, labels: tuple[str, ...], trust_remote_co
     )
 
 
-def transformer_blocks(model: nn.Module) -> nn.ModuleList:
-    """The backbone's stack of transformer blocks, lowest first.
+def _blocks_owner(model: nn.Module) -> tuple[nn.Module, str]:
+    """The module holding the backbone's ModuleList of transformer blocks, and its attribute name.
 
     Found as the ModuleList whose length is the config's block count, which covers BERT, RoBERTa,
     DistilBERT, DeBERTa, ELECTRA and most encoder families without a per-architecture table.
     """
     count = model.config.num_hidden_layers
-    for module in model.base_model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) == count:
-            return module
+    for owner in model.base_model.modules():
+        for name, child in owner.named_children():
+            if isinstance(child, nn.ModuleList) and len(child) == count:
+                return owner, name
     raise FtsearchError(f"cannot find the {count} transformer blocks of {type(model).__name__} to freeze")
+
+
+def transformer_blocks(model: nn.Module) -> nn.ModuleList:
+    """The backbone's stack of transformer blocks, lowest first."""
+    owner, name = _blocks_owner(model)
+    return getattr(owner, name)
+
+
+def _embeddings(model: nn.Module) -> nn.Module:
+    return getattr(model.base_model, "embeddings", None) or model.get_input_embeddings()
+
+
+def frozen_prefix_modules(model: nn.Module, depth: int) -> list[nn.Module]:
+    """The embeddings and the lowest ``depth`` blocks: what a freeze depth of ``depth`` freezes."""
+    return [_embeddings(model), *transformer_blocks(model)[:depth]]
+
+
+def _stay_in_eval(module: nn.Module, args) -> None:
+    module.train(False)
 
 
 def freeze_lowest_blocks(model: nn.Module, depth: int) -> int:
     """Freeze the embeddings and the lowest ``depth`` blocks (nothing when 0).
 
+    Frozen modules also run without dropout, as a feature extractor would: that makes the frozen
+    prefix a pure function of the input, so its outputs can be cached without changing training.
     Returns the number of trainable parameters left.
     """
     if depth > 0:
-        embeddings = getattr(model.base_model, "embeddings", None) or model.get_input_embeddings()
-        embeddings.requires_grad_(False)
-        for block in transformer_blocks(model)[:depth]:
-            block.requires_grad_(False)
+        for module in frozen_prefix_modules(model, depth):
+            module.requires_grad_(False)
+            # model.train() switches every submodule back to training mode; this undoes it per call.
+            module.register_forward_pre_hook(_stay_in_eval)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+class _PassThroughEmbeddings(nn.Module):
+    """Stands in for the embeddings when the input already is a hidden state."""
+
+    def forward(self, *args, inputs_embeds: torch.Tensor, **kwargs) -> torch.Tensor:
+        return inputs_embeds
+
+
+@contextmanager
+def _swapped(owner: nn.Module, name: str, replacement: nn.Module) -> Iterator[None]:
+    # object.__setattr__ would skip nn.Module's registry; setattr keeps it consistent.
+    original = getattr(owner, name)
+    setattr(owner, name, replacement)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
+
+
+@torch.inference_mode()
+def prefix_hidden_states(model: nn.Module, depth: int, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The hidden states after the embeddings and the lowest ``depth`` blocks, shape (batch, length, hidden)."""
+    owner, name = _blocks_owner(model)
+    blocks = getattr(owner, name)
+    model.eval()
+    with _swapped(owner, name, nn.ModuleList(blocks[:depth])):
+        return model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+class UpperBlocksClassifier(nn.Module):
+    """A text classifier that starts from cached hidden states after its lowest ``depth`` blocks.
+
+    It holds the whole model (so it saves, loads and serves like one) but its forward runs only
+    the blocks above ``depth`` and the head: ``forward(inputs_embeds, attention_mask, labels)``.
+    """
+
+    def __init__(self, model: nn.Module, depth: int):
+        super().__init__()
+        self.model = model
+        self.depth = depth
+        owner, self._name = _blocks_owner(model)
+        embeddings = _embeddings(model)
+        self._embeddings_name = next(n for n, m in model.base_model.named_children() if m is embeddings)
+        # Plain references, not submodules: the state dict must stay the full model's alone.
+        object.__setattr__(self, "_owner", owner)
+        object.__setattr__(self, "_embeddings_owner", model.base_model)
+
+    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None):
+        inputs_embeds = inputs_embeds.to(self.model.dtype)  # cached in float16
+        upper = nn.ModuleList(getattr(self._owner, self._name)[self.depth :])
+        with _swapped(self._owner, self._name, upper), _swapped(
+            self._embeddings_owner, self._embeddings_name, _PassThroughEmbeddings()
+        ):
+            return self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The full classifier, whether or not it is wrapped to train from cached hidden states."""
+    return model.model if isinstance(model, UpperBlocksClassifier) else model

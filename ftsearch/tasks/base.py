@@ -25,6 +25,7 @@ class TrialSetup:
     val_loader: DataLoader
     trainable_params: int
     total_params: int
+    feature_cache: str = ""  # how the frozen prefix was served, for the trial's log
 
 
 class Task(Protocol):

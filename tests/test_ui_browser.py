@@ -1,0 +1,292 @@
+"""The user's view: a real browser on `mlflow ui` over the store a search and a promote left.
+
+A tiny 2-trial study runs, its candidate is promoted to champion, then `mlflow ui` serves that
+store (as `make ui` does) and headless Chromium, driven by Playwright, checks what a user looks
+for: the study's experiment, its trial runs nested under the study run, a trial's artifacts, and
+the registered model with its `champion` alias. A screenshot of every page goes to
+$FTSEARCH_TEST_ARTIFACTS (default: test-artifacts/ in the repository).
+
+Needs Debian's chromium (/usr/bin/chromium; .ci/run installs it). Without it the tests skip,
+unless FTSEARCH_REQUIRE_BROWSER is set (as in CI), where they fail instead.
+
+The UI polls the server for as long as a page is open, so pages are awaited with `load` and a
+selector or text, never `networkidle`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import tiny_study
+
+pytestmark = pytest.mark.slow  # about a minute: a search, a server start and a browser
+
+REPO = Path(__file__).resolve().parents[1]
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run",
+]
+SERVER_START_TIMEOUT = 60.0
+PAGE_TIMEOUT_MS = 30_000
+PARENT = "mlflow.parentRunId"
+
+
+@dataclass(frozen=True)
+class Store:
+    """What the search and the promote left in the MLflow store."""
+
+    state: Path
+    experiment: str
+    experiment_id: str
+    parent_run: str
+    trial_runs: dict[str, str]  # run name -> run id
+    model: str
+
+
+def artifacts_dir() -> Path:
+    folder = Path(os.environ.get("FTSEARCH_TEST_ARTIFACTS") or REPO / "test-artifacts")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    path = shutil.which("chromium")
+    if path is None:
+        reason = "Debian's chromium is not installed (apt-get install chromium; .ci/run installs it)"
+        if os.environ.get("FTSEARCH_REQUIRE_BROWSER"):
+            pytest.fail(f"FTSEARCH_REQUIRE_BROWSER is set but {reason}")
+        pytest.skip(reason)
+    return path
+
+
+@pytest.fixture(scope="module")
+def store(chromium, tmp_path_factory, tiny_bert, tiny_reviews) -> Store:
+    """A finished 2-trial search whose registered model has been promoted to champion."""
+    from mlflow import MlflowClient
+
+    from ftsearch import settings
+    from ftsearch.config import load_study
+    from ftsearch.publish import promote
+    from ftsearch.study import SearchOptions, run_search
+
+    root = tmp_path_factory.mktemp("ui-store")
+    study_file = root / "tiny.yaml"
+    study_file.write_text(yaml.safe_dump(tiny_study(tiny_bert, tiny_reviews)))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(settings.STATE_DIR_ENV, str(root / "mlruns"))
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        try:
+            summary = run_search(SearchOptions(study=str(study_file), device="cpu", quiet=True))
+            config = load_study(str(study_file))
+            said = promote(config.registered_model, config.metric, config.direction == "maximize")
+            assert said.startswith(f"promoted {config.registered_model} v"), said
+
+            uri = settings.tracking_uri()
+            client = MlflowClient(uri, registry_uri=uri)
+            experiment = client.get_experiment_by_name(config.name)
+            runs = client.search_runs([experiment.experiment_id])
+            state = settings.state_dir()
+        finally:
+            # mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI; it must not outlive the search.
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+    trials = {r.info.run_name: r.info.run_id for r in runs if r.data.tags.get(PARENT) == summary.parent_run_id}
+    assert len(trials) == 2, [r.info.run_name for r in runs]
+    return Store(state, config.name, experiment.experiment_id, summary.parent_run_id, trials, config.registered_model)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def stop(server: subprocess.Popen) -> None:
+    """End the server and everything it started (its uvicorn process and workers)."""
+    if server.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+    # Whatever of the group is left (workers outlive a parent that died first), killed outright.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(server.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        server.wait(timeout=5)
+
+
+@pytest.fixture(scope="module")
+def ui(store, tmp_path_factory, request) -> str:
+    """`mlflow ui` over the store, as `make ui` starts it; its base URL. Always stopped after."""
+    folder = tmp_path_factory.mktemp("mlflow-ui")
+    port = free_port()
+    log = folder / "server.log"
+    command = [
+        str(Path(sys.prefix) / "bin" / "mlflow"), "ui",
+        # As `make ui`: the store's sqlite file. Artifacts need no flag: ftsearch creates each
+        # experiment with an absolute file: artifact location, which the server reads directly.
+        "--backend-store-uri", f"sqlite:///{store.state / 'mlflow.db'}",
+        "--host", "127.0.0.1", "--port", str(port),
+        "--workers", "1",  # the default 4 only slow the start down here
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    # No telemetry (there is no network); no job runner: it only serves GenAI scorers, and it
+    # slows both the start and the stop.
+    env.update(MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true", MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    with log.open("wb") as out:
+        # Its own session, so that the finalizer can end its whole process group.
+        server = subprocess.Popen(
+            command, cwd=folder, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    request.addfinalizer(lambda: stop(server))
+
+    base = f"http://127.0.0.1:{port}"
+    started = time.monotonic()
+    deadline = started + SERVER_START_TIMEOUT
+    while True:
+        try:
+            with urllib.request.urlopen(f"{base}/health", timeout=2) as response:
+                if response.status == 200:
+                    print(f"mlflow ui answered on {base} after {time.monotonic() - started:.1f} s")
+                    return base
+        except (urllib.error.URLError, OSError):
+            pass
+        exited = server.poll()
+        if exited is not None or time.monotonic() > deadline:
+            what = (
+                f"exited with code {exited}" if exited is not None
+                else f"did not answer within {SERVER_START_TIMEOUT:.0f} s"
+            )
+            output = log.read_text(errors="replace")[-6000:]
+            pytest.fail(f"mlflow ui on {base} {what}\ncommand: {' '.join(command)}\n--- its output ---\n{output}")
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def browser(chromium, ui):
+    """Headless Chromium; it depends on the server so that it closes before the server stops."""
+    from playwright.sync_api import expect, sync_playwright
+
+    # expect() waits 5 s by default: too little for a first page load on a busy machine.
+    expect.set_options(timeout=PAGE_TIMEOUT_MS)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@pytest.fixture
+def page(browser, ui, request):
+    """A fresh page on the UI; on failure, a screenshot of where it stood."""
+    context = browser.new_context(base_url=ui, viewport={"width": 1400, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(PAGE_TIMEOUT_MS)
+    failed_before = request.session.testsfailed
+    yield page
+    # The call phase is reported before fixtures are torn down: a new failure is this test's.
+    if request.session.testsfailed > failed_before:
+        with contextlib.suppress(Exception):
+            page.screenshot(path=artifacts_dir() / f"ui-{request.node.name}-FAILED.png", full_page=True)
+    context.close()
+
+
+def shoot(page, name: str) -> None:
+    path = artifacts_dir() / f"ui-{name}.png"
+    page.screenshot(path=path, full_page=True)
+    print(f"screenshot: {path}")
+
+
+def test_the_study_experiment_is_listed(page, store):
+    from playwright.sync_api import expect
+
+    page.goto("/#/experiments", wait_until="load")
+    link = page.get_by_role("link", name=store.experiment, exact=True)
+    expect(link).to_be_visible()
+    assert link.get_attribute("href").endswith(f"/experiments/{store.experiment_id}")
+    shoot(page, "experiments")
+
+
+def test_trial_runs_are_children_of_the_study_run(page, store):
+    from playwright.sync_api import expect
+
+    # The experiment page opens on the GenAI overview; runs are under the "Model training" workflow.
+    page.goto(f"/#/experiments/{store.experiment_id}/runs?workflowType=machine_learning", wait_until="load")
+    parent_name = f"study-{store.experiment}"
+    run_names = page.locator('[col-id="attributes.`Run Name`"]')
+    parent_cell = run_names.filter(has=page.get_by_text(parent_name, exact=True))
+    expect(parent_cell).to_be_visible()
+    expect(page.get_by_text("3 matching runs")).to_be_visible()
+    # Children are collapsed under their parent until its expander is clicked.
+    for name in store.trial_runs:
+        expect(page.get_by_text(name, exact=True)).to_have_count(0)
+    parent_cell.get_by_role("button").click()
+    for name, run_id in store.trial_runs.items():
+        link = page.get_by_role("link", name=name, exact=True)
+        expect(link).to_be_visible()
+        assert link.get_attribute("href").endswith(f"/runs/{run_id}")
+    shoot(page, "runs")
+
+    # The study run's own page lists them as its child runs.
+    page.goto(f"/#/experiments/{store.experiment_id}/runs/{store.parent_run}", wait_until="load")
+    expect(page.get_by_text("Child runs", exact=True)).to_be_visible()
+    for name in store.trial_runs:
+        expect(page.get_by_role("link", name=re.compile(rf"^{re.escape(name)},?$"))).to_be_visible()
+    shoot(page, "study-run")
+
+
+def test_a_trial_runs_artifacts_are_served(page, store):
+    from playwright.sync_api import expect
+
+    name, run_id = min(store.trial_runs.items())
+    page.goto(f"/#/experiments/{store.experiment_id}/runs/{run_id}/artifacts", wait_until="load")
+    expect(page.get_by_text(name, exact=True).first).to_be_visible()
+    # The file's content comes from the server: the artifacts are served, not just listed.
+    page.get_by_text("trial_config.json", exact=True).click()
+    expect(page.get_by_text('"warmup_ratio"')).to_be_visible()
+    page.get_by_text("confusion_matrix.png", exact=True).click()
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('img[src^=\"blob:\"]')].some(i => i.complete && i.naturalWidth > 0)"
+    )
+    shoot(page, "trial-artifacts")
+
+
+def test_the_registered_model_has_the_champion_alias(page, store):
+    from playwright.sync_api import expect
+
+    # A fresh browser gets a one-off dialog over the model list, advertising the registry UI
+    # (aliases): closed whenever it shows before an action or an assertion.
+    dialog = page.get_by_role("dialog")
+    page.add_locator_handler(dialog, lambda found: found.get_by_role("button", name="Close").click())
+    page.goto("/#/models", wait_until="load")
+    link = page.get_by_role("link", name=store.model, exact=True)
+    expect(link).to_be_visible()
+    listed = page.get_by_role("row").filter(has=link)
+    expect(listed).to_contain_text(re.compile(r"@\s*champion\s*:\s*Version 1"))
+    expect(dialog).to_have_count(0)
+    shoot(page, "models")
+
+    link.click()
+    page.wait_for_url(re.compile(rf"#/models/{re.escape(store.model)}$"))
+    version = page.get_by_role("row").filter(has_text="Version 1")
+    expect(version.locator('[role="status"][title="champion"]')).to_be_visible()
+    expect(version.locator('[role="status"][title="candidate"]')).to_be_visible()
+    shoot(page, "model")
