@@ -47,7 +47,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--target", type=float, default=0.90, help="validation accuracy to reach")
     parser.add_argument(
         "--configs", default="0:256:32:5e-5:3:off,4:256:32:1e-4:3:off,4:256:32:1e-4:3:on,0:512:32:5e-5:3:off",
-        help="comma-separated freeze:max_length:batch:lr:epochs:cache",
+        help="comma-separated freeze:max_length:batch:lr:epochs:cache[:compile]",
     )
     parser.add_argument("--peak-tflops", type=float, default=H100_BF16_PEAK_TFLOPS)
     parser.add_argument("--out", default="gpu_results.json")
@@ -83,8 +83,9 @@ def run_config(spec: str, splits, tokenizer, model_dir: str, target: float, peak
     from ftsearch.models.text import UpperBlocksClassifier, freeze_lowest_blocks, load_classifier
     from ftsearch.train import TrainSettings, evaluate, fit, seed_everything
 
-    depth, max_length, batch, lr, epochs, cache = spec.split(":")
+    depth, max_length, batch, lr, epochs, cache, *rest = spec.split(":")
     depth, max_length, batch, lr, epochs, cache = int(depth), int(max_length), int(batch), float(lr), int(epochs), cache == "on"
+    compiled = rest == ["compile"]
     cuda = device.type == "cuda"
     train_tok = tokenize_cached(tokenizer, splits["train"], max_length)
     val_tok = tokenize_cached(tokenizer, splits["val"], max_length)
@@ -121,7 +122,8 @@ def run_config(spec: str, splits, tokenizer, model_dir: str, target: float, peak
         print(f"  [{spec}] epoch {metrics.epoch}: val accuracy {metrics.val_accuracy:.4f} at {epoch_ends[-1][0]:.1f} s", flush=True)
         return False
 
-    settings = TrainSettings(lr=lr, epochs=epochs, weight_decay=0.01, warmup_ratio=0.06, device=device.type)
+    settings = TrainSettings(lr=lr, epochs=epochs, weight_decay=0.01, warmup_ratio=0.06, device=device.type,
+                             compile=compiled)
     fit(net, train_loader, val_loader, settings, on_epoch_end)
     total = time.perf_counter() - start
 
@@ -141,7 +143,8 @@ def run_config(spec: str, splits, tokenizer, model_dir: str, target: float, peak
     flops = train_flops(model.config, depth, cache, train_tokens, mean_len)
     reached = next((t for t, acc in epoch_ends if acc >= target), None)
     return {
-        "config": {"freeze_depth": depth, "max_length": max_length, "batch_size": batch, "lr": lr, "epochs": epochs, "cache": cache},
+        "config": {"freeze_depth": depth, "max_length": max_length, "batch_size": batch, "lr": lr, "epochs": epochs,
+                   "cache": cache, "compile": compiled},
         "train_samples_per_s": len(train_tok.ids) / train_seconds,
         "train_tokens_per_s": train_tokens / train_seconds,
         "first_epoch_extra_seconds": float(durations[0] - steady),
@@ -179,7 +182,7 @@ def main() -> None:
     # one-off CUDA start-up.
     size = 2048 if device.type == "cuda" else 64
     warm = {"train": splits["train"].head(size), "val": splits["val"].head(size // 4)}
-    first = args.configs.split(",")[0].rsplit(":", 2)[0] + ":1:off"
+    first = ":".join(args.configs.split(",")[0].split(":")[:4] + ["1", "off"])
     run_config(first, warm, tokenizer, model_dir, args.target, args.peak_tflops, device)
     for spec in args.configs.split(","):
         print(f"config {spec}", flush=True)

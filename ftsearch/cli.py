@@ -23,6 +23,10 @@ def _parser() -> argparse.ArgumentParser:
     search.add_argument("--fresh", action="store_true", help="start a new study instead of resuming")
     search.add_argument("--storage", help="Optuna storage URL (default: sqlite in mlruns/)")
     search.add_argument("--quiet", action="store_true", help="print only the final summary and errors")
+    search.add_argument(
+        "--compile", action="store_true",
+        help="torch.compile each trial's model (pays a compilation per trial; worth it for long trials on a GPU)",
+    )
 
     promote = commands.add_parser("promote", help="move the champion alias to the study's candidate model")
     promote.add_argument("study", help="a study name under studies/ or a path to a study file")
@@ -111,6 +115,7 @@ def _search(args: argparse.Namespace) -> int:
             fresh=args.fresh,
             storage=args.storage,
             quiet=args.quiet,
+            compile=args.compile,
         )
     )
     counts = ", ".join(f"{n} {state.lower()}" for state, n in summary.counts.items())

@@ -238,9 +238,12 @@ class StudyConfig(_Strict):
     @classmethod
     def _safe_name(cls, value: str) -> str:
         # The name becomes an MLflow experiment, an Optuna study, a registry tag and folder names.
-        if not _STUDY_NAME.match(value) or ".." in value:
+        if not _STUDY_NAME.fullmatch(value) or ".." in value:
             raise ValueError(f"{value!r} is not a valid study name: use letters, digits, '-', '_' and '.', "
                              "no path separators or '..'")
+        if re.search(r"\.\d+$", value):
+            # `--fresh` names generations name.2, name.3, ...: such a name would be read as one.
+            raise ValueError(f"{value!r} is not a valid study name: it must not end in '.<number>'")
         return value
 
     @field_validator("direction")
@@ -276,7 +279,7 @@ def resolve_study_path(study: str) -> Path:
         if not path.is_file():
             raise FtsearchError(f"study file {study!r} does not exist")
         return path
-    if not _STUDY_NAME.match(study) or ".." in study:
+    if not _STUDY_NAME.fullmatch(study) or ".." in study:
         raise FtsearchError(
             f"study name {study!r} is not valid: use a name from studies/ (letters, digits, '-', '_') "
             "or a path to a .yaml file"

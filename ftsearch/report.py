@@ -15,6 +15,7 @@ import base64
 import datetime as dt
 import html
 import math
+import os
 import tempfile
 import warnings
 from dataclasses import dataclass, field
@@ -29,13 +30,7 @@ from optuna.trial import FrozenTrial, TrialState
 from ftsearch import settings, tracking
 from ftsearch.config import STUDIES_DIR, StudyConfig
 from ftsearch.errors import FtsearchError
-
-# The Optuna attributes a search writes (ftsearch.study.RUN_ID_ATTR, PARENT_RUN_ATTR, REASON_ATTR).
-# Repeated here rather than imported: importing ftsearch.study loads torch, seconds that a report
-# never needs. tests/test_report.py checks that they still match.
-RUN_ID_ATTR = "mlflow_run_id"
-PARENT_RUN_ATTR = "mlflow_parent_run_id"
-REASON_ATTR = "reason"
+from ftsearch.generations import PARENT_RUN_ATTR, REASON_ATTR, RUN_ID_ATTR, generations
 
 REPORT_ARTIFACT = "report.html"
 CONFUSION_MATRIX_ARTIFACT = "test_confusion_matrix.png"
@@ -144,20 +139,14 @@ def find_study(name: str, storage_url: str | None = None, search_hint: str | Non
     """
     url = settings.optuna_storage_url(storage_url)
     names = _study_names(url)
-    generations = {}
-    for study_name in names:
-        base, _, suffix = study_name.rpartition(".")
-        if study_name == name:
-            generations[1] = study_name
-        elif base == name and suffix.isdigit():
-            generations[int(suffix)] = study_name
-    if not generations:
+    found = generations(names, name)
+    if not found:
         known = ", ".join(sorted(names)) or "none"
         raise FtsearchError(
             f"no study {name!r} in the Optuna storage {url} (studies there: {known}); "
             f"run `{search_hint or f'ftsearch search {name}'}` first"
         )
-    return optuna.load_study(study_name=generations[max(generations)], storage=url), url
+    return optuna.load_study(study_name=found[max(found)], storage=url), url
 
 
 def study_argument(config: StudyConfig) -> str:
@@ -716,7 +705,10 @@ def make_report(config: StudyConfig, output: Path | None = None, storage_url: st
         path = path / f"{report.study_name}.html"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(page, encoding="utf-8")
+        # Written beside, then renamed: an interrupted write never leaves half a report.
+        partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        partial.write_text(page, encoding="utf-8")
+        os.replace(partial, path)
     except OSError as err:
         raise FtsearchError(f"cannot write the report to {path}: {err.strerror or err}") from None
     logged_to = None

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import gc
 import json
-import re
 import shutil
 import time
 import warnings
@@ -22,16 +21,13 @@ from optuna.trial import FrozenTrial, TrialState
 from ftsearch import progress, publish, settings, tracking
 from ftsearch.config import StudyConfig, load_study
 from ftsearch.errors import FtsearchError
+from ftsearch.generations import CONFIG_ATTR, PARENT_RUN_ATTR, REASON_ATTR, RUN_ID_ATTR, generations
 from ftsearch.progress import BestTrial, Reporter, TrialCounts
 from ftsearch.space import TrialConfig, sample_trial
 from ftsearch.tasks import make_task
 from ftsearch.tasks.base import Task
 from ftsearch.train import EpochMetrics, FitResult, TrainSettings, evaluate, fit, resolve_device, seed_everything
 
-PARENT_RUN_ATTR = "mlflow_parent_run_id"
-RUN_ID_ATTR = "mlflow_run_id"
-CONFIG_ATTR = "ftsearch_config"
-REASON_ATTR = "reason"
 HEARTBEAT_SECONDS = 60
 MAX_FAILURES_IN_A_ROW = 3
 
@@ -48,6 +44,7 @@ class SearchOptions:
     fresh: bool = False
     storage: str | None = None
     quiet: bool = False
+    compile: bool = False
 
 
 @dataclass
@@ -71,6 +68,7 @@ class Prepared:
     config: StudyConfig
     device: torch.device
     task: Task
+    compile: bool = False
 
 
 def prepare(options: SearchOptions, reporter: Reporter | None = None) -> Prepared:
@@ -86,7 +84,7 @@ def prepare(options: SearchOptions, reporter: Reporter | None = None) -> Prepare
     reporter.info(f"study {config.name} on {device.type.upper()}: {config.plan_summary()}")
     task = make_task(config, device)
     reporter.info(task.describe())
-    return Prepared(config, device, task)
+    return Prepared(config, device, task, options.compile)
 
 
 def run_search(options: SearchOptions, reporter: Reporter | None = None) -> SearchSummary:
@@ -178,13 +176,9 @@ def open_study(config: StudyConfig, storage_url: str | None, fresh: bool) -> opt
     Generations are named ``<name>``, ``<name>.2``, ... so that ``--fresh`` loses no history.
     """
     storage = make_storage(settings.optuna_storage_url(storage_url))
-    pattern = re.compile(rf"^{re.escape(config.name)}(?:\.(\d+))?$")
-    generations = {}
-    for summary in optuna.study.get_all_study_summaries(storage, include_best_trial=False):
-        match = pattern.match(summary.study_name)
-        if match:
-            generations[int(match.group(1) or 1)] = summary.study_name
-    latest = generations[max(generations)] if generations else None
+    names = [summary.study_name for summary in optuna.study.get_all_study_summaries(storage, include_best_trial=False)]
+    found = generations(names, config.name)
+    latest = found[max(found)] if found else None
     identity = json.dumps(config.search_identity(), sort_keys=True, default=str)
     if latest is not None and not fresh:
         existing = optuna.load_study(study_name=latest, storage=storage)
@@ -198,7 +192,7 @@ def open_study(config: StudyConfig, storage_url: str | None, fresh: bool) -> opt
     elif latest is None:
         name = config.name
     else:
-        name = f"{config.name}.{max(generations) + 1}"
+        name = f"{config.name}.{max(found) + 1}"
     trials_so_far = len(existing.trials) if latest is not None and not fresh else 0
     study = optuna.create_study(
         study_name=name,
@@ -327,6 +321,7 @@ class TrialRunner:
                 metric=self.config.metric,
                 maximize=self.config.direction == "maximize",
                 device=str(self.prepared.device),
+                compile=self.prepared.compile,
             )
 
             def on_epoch_end(m: EpochMetrics) -> bool:

@@ -35,6 +35,7 @@ class TrainSettings:
     metric: Literal["accuracy", "f1"] = "accuracy"
     maximize: bool = True
     device: str = "cpu"
+    compile: bool = False  # torch.compile the model's forward (dynamic shapes: batches vary in length)
 
 
 @dataclass(frozen=True)
@@ -170,6 +171,10 @@ def fit(
     seed_everything(settings.seed)
     device = torch.device(settings.device)
     model.to(device)
+    if settings.compile:
+        # In place, so the state dict keeps its keys; dynamic, so each new batch length does not
+        # trigger a recompilation.
+        model.compile(dynamic=True)
     optimizer = torch.optim.AdamW(
         _param_groups(model, settings.weight_decay), lr=settings.lr, fused=device.type == "cuda"
     )

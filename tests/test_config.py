@@ -1,5 +1,6 @@
 """Study files: every shipped file loads; bad files and overrides give clear errors."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -92,10 +93,10 @@ def test_unknown_or_unsafe_study_names(name):
         resolve_study_path(name)
 
 
-@pytest.mark.parametrize("name", ["../up", "a/b", "a\\b", "x..y", ".hidden"])
+@pytest.mark.parametrize("name", ["../up", "a/b", "a\\b", "x..y", ".hidden", "imdb.2", "trailing\n"])
 def test_a_study_file_cannot_name_itself_a_path(write_study, name):
     path = write_study()
-    path.write_text(path.read_text() + f"name: '{name}'\n")
+    path.write_text(path.read_text() + f"name: {json.dumps(name)}\n")  # JSON strings are YAML
     with pytest.raises(FtsearchError, match=r"name.*not a valid study name"):
         load_study(str(path))
 

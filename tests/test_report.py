@@ -201,14 +201,6 @@ def test_a_study_without_trials_is_reported_in_sentences(write_study, state_dir,
         assert sentence in page
 
 
-def test_attribute_names_match_what_the_search_writes():
-    from ftsearch import study
-
-    assert (report.RUN_ID_ATTR, report.PARENT_RUN_ATTR, report.REASON_ATTR) == (
-        study.RUN_ID_ATTR, study.PARENT_RUN_ATTR, study.REASON_ATTR
-    )
-
-
 def test_html_report_renders_offline_in_a_browser(in_reported):
     """Headless Chromium with every non-file request refused: the plots still draw, nothing is fetched."""
     import shutil

@@ -27,13 +27,14 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ftsearch import settings
-from ftsearch.data.tokens import PadCollator, TokenizedSplit, batched_loader
+from ftsearch.data.tokens import LengthGroupedBatches, PadCollator, TokenizedSplit, batched_loader
 from ftsearch.errors import FtsearchError
 from ftsearch.models.text import frozen_prefix_modules, prefix_hidden_states
 
 BUDGET_ENV = "FTSEARCH_FEATURE_CACHE_GB"
 DEFAULT_BUDGET_GB = 8.0
 FEATURES_FILE = "features.npy"
+STALE_PARTIAL_SECONDS = 6 * 3600  # a partial entry this old belongs to a writer that died
 INDEX_FILE = "index.npz"
 
 
@@ -62,6 +63,20 @@ def budget_bytes() -> int:
     if gigabytes < 0:
         raise FtsearchError(f"{BUDGET_ENV}={raw!r} is not a size in GB; use a number >= 0 (0 turns the cache off)")
     return int(gigabytes * 1024**3)
+
+
+def feature_bytes(split: TokenizedSplit, hidden: int) -> int:
+    """What an entry for ``split`` takes on disk: float16 states of every token, and the index."""
+    return sum(len(ids) for ids in split.ids) * hidden * 2 + 16 * (len(split.ids) + 1)
+
+
+def budget_shortfall(needed: int) -> str:
+    """Why ``needed`` bytes are not cached, for the trial's log."""
+    budget = budget_bytes()
+    if budget == 0:
+        return f"{BUDGET_ENV}=0 turns the cache off"
+    return (f"needs {needed / 1024**3:.2f} GB, more than the cache's budget of {budget / 1024**3:.2f} GB "
+            f"(raise {BUDGET_ENV})")
 
 
 def cache_root() -> Path:
@@ -98,20 +113,43 @@ def _entry_size(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
 
 
-def _open(folder: Path) -> FeatureSplit:
-    os.utime(folder)  # marks it recently used, for eviction
-    with np.load(folder / INDEX_FILE) as index:
-        offsets, labels = index["offsets"], index["labels"]
-    return FeatureSplit(np.load(folder / FEATURES_FILE, mmap_mode="r"), offsets, labels)
+def _open(folder: Path) -> FeatureSplit | None:
+    """The entry in ``folder``, or None when another process evicted it meanwhile."""
+    try:
+        os.utime(folder)  # marks it recently used, for eviction
+        with np.load(folder / INDEX_FILE) as index:
+            offsets, labels = index["offsets"], index["labels"]
+        # A memory map stays readable even if the file is deleted afterwards (POSIX).
+        return FeatureSplit(np.load(folder / FEATURES_FILE, mmap_mode="r"), offsets, labels)
+    except FileNotFoundError:
+        return None
+
+
+def _size_and_age(folder: Path) -> tuple[int, float] | None:
+    try:
+        return _entry_size(folder), folder.stat().st_mtime
+    except FileNotFoundError:  # evicted by another process while we looked
+        return None
 
 
 def _make_room(root: Path, needed: int, budget: int) -> None:
-    """Delete least recently used entries until ``needed`` more bytes fit in ``budget``."""
-    entries = sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.stat().st_mtime)
-    used = sum(_entry_size(p) for p in entries)
+    """Delete least recently used entries until ``needed`` more bytes fit in ``budget``, and the
+    leftovers of writers that died (their partial entries are not counted otherwise)."""
+    entries = []
+    for folder in root.iterdir():
+        stats = _size_and_age(folder)
+        if stats is None:
+            continue
+        if folder.name.startswith("."):
+            if time.time() - stats[1] > STALE_PARTIAL_SECONDS:
+                shutil.rmtree(folder, ignore_errors=True)
+            continue
+        entries.append((stats[1], stats[0], folder))
+    entries.sort()
+    used = sum(size for _, size, _ in entries)
     while entries and used + needed > budget:
-        oldest = entries.pop(0)
-        used -= _entry_size(oldest)
+        _, size, oldest = entries.pop(0)
+        used -= size
         shutil.rmtree(oldest, ignore_errors=True)
 
 
@@ -131,15 +169,16 @@ def prefix_features(
     """
     hidden = model.config.hidden_size
     tokens = int(sum(len(ids) for ids in split.ids))
-    needed = tokens * hidden * 2 + 16 * (len(split.ids) + 1)
+    needed = feature_bytes(split, hidden)
     budget = budget_bytes()
     if needed > budget:
-        return None, (f"needs {needed / 1024**3:.2f} GB, more than the cache's budget of {budget / 1024**3:.2f} GB "
-                      f"(raise {BUDGET_ENV})")
+        return None, budget_shortfall(needed)
     root = cache_root()
     folder = root / cache_key(model, depth, max_length, split, device)
     if folder.is_dir():
-        return _open(folder), "hit"
+        entry = _open(folder)
+        if entry is not None:
+            return entry, "hit"
     root.mkdir(parents=True, exist_ok=True)
     _make_room(root, needed, budget)
     start = time.monotonic()
@@ -161,15 +200,17 @@ def prefix_features(
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    return _open(folder), f"computed in {time.monotonic() - start:.0f} s"
+    entry = _open(folder)
+    if entry is None:  # evicted at once by another worker's budget: train without the cache
+        return None, "evicted by another process as soon as it was written (raise the budget)"
+    return entry, f"computed in {time.monotonic() - start:.0f} s"
 
 
 def _compute_into(store, offsets, model, depth, split, pad_id, device, batch_size) -> None:
     model.to(device)
-    indices = list(range(len(split.ids)))
-    loader = DataLoader(indices, batch_size=batch_size, collate_fn=lambda rows: rows)
+    lengths = np.diff(offsets)
     collate = PadCollator(pad_id)
-    for rows in loader:
+    for rows in LengthGroupedBatches(lengths, batch_size, shuffle=False):  # longest first: least padding
         batch = collate([(split.ids[i], 0) for i in rows])
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):

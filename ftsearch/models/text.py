@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -122,25 +123,43 @@ def _stay_in_eval(module: nn.Module, args) -> None:
 
 
 def freeze_lowest_blocks(model: nn.Module, depth: int) -> int:
-    """Freeze the embeddings and the lowest ``depth`` blocks (nothing when 0).
+    """Freeze the embeddings and the lowest ``depth`` blocks (nothing when 0), and any parameter
+    outside them that feeds them (DeBERTa's relative position embeddings, ELECTRA's embedding
+    projection): the frozen part is then a fixed function of the input.
 
     Frozen modules also run without dropout, as a feature extractor would: that makes the frozen
-    prefix a pure function of the input, so its outputs can be cached without changing training.
-    Returns the number of trainable parameters left.
+    prefix's output cacheable without changing training. Returns the number of trainable
+    parameters left.
     """
     if depth > 0:
         for module in frozen_prefix_modules(model, depth):
             module.requires_grad_(False)
             # model.train() switches every submodule back to training mode; this undoes it per call.
             module.register_forward_pre_hook(_stay_in_eval)
+        probe = torch.arange(min(4, model.config.vocab_size)).unsqueeze(0)
+        feeding = set(trainable_inputs_of_prefix(model, depth, probe, torch.ones_like(probe)))
+        for name, param in model.named_parameters():
+            if name in feeding:
+                param.requires_grad_(False)
+        model.train()
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 class _PassThroughEmbeddings(nn.Module):
-    """Stands in for the embeddings when the input already is a hidden state."""
+    """Stands in for the embeddings when the input already is a hidden state.
 
-    def forward(self, *args, inputs_embeds: torch.Tensor, **kwargs) -> torch.Tensor:
-        return inputs_embeds
+    Models call their embeddings with ``inputs_embeds`` by keyword (BERT) or by position
+    (DistilBERT), so it is found through the real embeddings' own signature.
+    """
+
+    def __init__(self, embeddings: nn.Module):
+        super().__init__()
+        self.signature = inspect.signature(embeddings.forward)
+        if "inputs_embeds" not in self.signature.parameters:
+            raise FtsearchError(f"{type(embeddings).__name__} takes no inputs_embeds: its input cannot be replaced")
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        return self.signature.bind_partial(*args, **kwargs).arguments["inputs_embeds"]
 
 
 @contextmanager
@@ -157,11 +176,30 @@ def _swapped(owner: nn.Module, name: str, replacement: nn.Module) -> Iterator[No
 @torch.inference_mode()
 def prefix_hidden_states(model: nn.Module, depth: int, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """The hidden states after the embeddings and the lowest ``depth`` blocks, shape (batch, length, hidden)."""
+    return _prefix_forward(model, depth, input_ids, attention_mask)
+
+
+def _prefix_forward(model: nn.Module, depth: int, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     owner, name = _blocks_owner(model)
     blocks = getattr(owner, name)
     model.eval()
     with _swapped(owner, name, nn.ModuleList(blocks[:depth])):
         return model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+def trainable_inputs_of_prefix(model: nn.Module, depth: int, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[str]:
+    """Trainable parameters that the frozen prefix's output depends on (none, for a clean cut).
+
+    DeBERTa's relative position embeddings, for one, live outside its blocks and feed every
+    block: were they trained, cached outputs of the frozen blocks would go stale.
+    """
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    with torch.enable_grad():
+        states = _prefix_forward(model, depth, input_ids, attention_mask)
+        if not states.requires_grad:
+            return []
+        grads = torch.autograd.grad(states.float().sum(), [p for _, p in trainable], allow_unused=True)
+    return [name for (name, _), grad in zip(trainable, grads, strict=True) if grad is not None]
 
 
 class UpperBlocksClassifier(nn.Module):
@@ -178,15 +216,18 @@ class UpperBlocksClassifier(nn.Module):
         owner, self._name = _blocks_owner(model)
         embeddings = _embeddings(model)
         self._embeddings_name = next(n for n, m in model.base_model.named_children() if m is embeddings)
-        # Plain references, not submodules: the state dict must stay the full model's alone.
+        # Plain references, not submodules: the state dict must stay the full model's alone. The
+        # stand-ins are made once, so every forward swaps in the same objects (torch.compile
+        # guards on them).
         object.__setattr__(self, "_owner", owner)
         object.__setattr__(self, "_embeddings_owner", model.base_model)
+        object.__setattr__(self, "_upper", nn.ModuleList(getattr(owner, self._name)[depth:]))
+        object.__setattr__(self, "_pass_through", _PassThroughEmbeddings(embeddings))
 
     def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None):
         inputs_embeds = inputs_embeds.to(self.model.dtype)  # cached in float16
-        upper = nn.ModuleList(getattr(self._owner, self._name)[self.depth :])
-        with _swapped(self._owner, self._name, upper), _swapped(
-            self._embeddings_owner, self._embeddings_name, _PassThroughEmbeddings()
+        with _swapped(self._owner, self._name, self._upper), _swapped(
+            self._embeddings_owner, self._embeddings_name, self._pass_through
         ):
             return self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels)
 

@@ -10,7 +10,7 @@ import torch
 from ftsearch.augment import TokenAugment
 from ftsearch.baseline import tfidf_logistic_regression
 from ftsearch.config import StudyConfig
-from ftsearch.data.features import FeatureSplit, feature_loader, prefix_features
+from ftsearch.data.features import budget_bytes, budget_shortfall, feature_bytes, feature_loader, prefix_features
 from ftsearch.data.text import TextSplits, load_text_splits
 from ftsearch.data.tokens import TokenizedSplit, make_loader, tokenize_cached
 from ftsearch.errors import FtsearchError
@@ -19,7 +19,9 @@ from ftsearch.models.text import (
     freeze_lowest_blocks,
     load_classifier,
     load_tokenizer,
+    prefix_hidden_states,
     resolve_backbone,
+    trainable_inputs_of_prefix,
     unwrap,
 )
 from ftsearch.predictor import META_FILE, save_classifier
@@ -93,40 +95,56 @@ class TextTask:
             return None, "off (nothing frozen)"
         if augment.active:
             return None, "off (token augmentation changes the inputs every epoch)"
+        key = (trial.backbone, depth)
+        if key not in self._cache_checked:
+            self._cache_checked[key] = self._cache_problem(model, trial)
+        if self._cache_checked[key]:
+            return None, f"off ({self._cache_checked[key]})"
         pad_id = self.tokenizers[trial.backbone].pad_token_id
+        tokens = {split: self._tokenized(trial.backbone, split, trial.max_length) for split in ("train", "val")}
+        needed = sum(feature_bytes(t, model.config.hidden_size) for t in tokens.values())
+        if needed > budget_bytes():
+            return None, f"off ({budget_shortfall(needed)})"
         features, notes = {}, []
-        for split in ("train", "val"):
-            tokens = self._tokenized(trial.backbone, split, trial.max_length)
-            features[split], how = prefix_features(model, depth, tokens, trial.max_length, pad_id, self.device)
+        for split, split_tokens in tokens.items():
+            features[split], how = prefix_features(model, depth, split_tokens, trial.max_length, pad_id, self.device)
             if features[split] is None:
                 return None, f"off ({split}: {how})"
             notes.append(f"{split} {how}")
-        wrapped = UpperBlocksClassifier(model, depth)
-        key = (trial.backbone, depth)
-        if key not in self._cache_checked:
-            self._cache_checked[key] = self._matches_full_forward(model, wrapped, trial, features["val"])
-        if self._cache_checked[key]:
-            return None, f"off ({trial.backbone} at depth {depth}: cached outputs differ from the full forward)"
         cuda = self.device.type == "cuda"
         train = feature_loader(features["train"], trial.batch_size, shuffle=True, seed=trial.seed, pin_memory=cuda)
         val = feature_loader(features["val"], EVAL_BATCH_SIZE, shuffle=False, pin_memory=cuda)
-        return (wrapped, train, val), f"depth {depth}: " + ", ".join(notes)
+        return (UpperBlocksClassifier(model, depth), train, val), f"depth {depth}: " + ", ".join(notes)
 
-    def _matches_full_forward(self, model, wrapped, trial: TrialConfig, val: FeatureSplit) -> str:
-        """'' when the cached path reproduces the full model's logits on a few examples, else the
-        difference: a guard for architectures whose forward the split does not fit."""
+    def _cache_problem(self, model: torch.nn.Module, trial: TrialConfig) -> str:
+        """Why training from cached hidden states would not be training this model ('' if nothing).
+
+        Checked once per backbone and depth, on a few validation examples, before anything is
+        cached: the cut must reproduce the full model's logits (float16 tolerance), and no
+        trainable parameter may feed the frozen blocks. A guard for architectures whose forward
+        the split does not fit.
+        """
+        depth = trial.freeze_depth
         tokens = self._tokenized(trial.backbone, "val", trial.max_length)
-        count = min(4, len(val))
-        full_batch = make_loader(tokens, count, self.tokenizers[trial.backbone].pad_token_id, shuffle=False)
-        cached_batch = feature_loader(val, count, shuffle=False)
-        full_in, cached_in = next(iter(full_batch)), next(iter(cached_batch))
-        model.to(self.device).eval()
-        with torch.inference_mode():
-            full = model(**{k: v.to(self.device) for k, v in full_in.items() if k != "labels"}).logits.float()
-            cached = wrapped(**{k: v.to(self.device) for k, v in cached_in.items() if k != "labels"}).logits.float()
-        if torch.allclose(cached, full, rtol=CACHE_RTOL, atol=CACHE_ATOL):
-            return ""
-        return f"max logit difference {(cached - full).abs().max().item():.3g}"
+        batch = next(iter(make_loader(tokens, min(4, len(tokens.ids)), self.tokenizers[trial.backbone].pad_token_id,
+                                      shuffle=False)))
+        ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+        model.to(self.device)
+        try:
+            feeding = trainable_inputs_of_prefix(model, depth, ids, mask)
+            if feeding:
+                return f"trainable {', '.join(feeding[:3])} feed the frozen blocks of {trial.backbone}"
+            # The same precision as training: bf16 autocast on a GPU.
+            with torch.inference_mode(), torch.autocast(self.device.type, torch.bfloat16, enabled=self.device.type == "cuda"):
+                states = prefix_hidden_states(model, depth, ids, mask).to(torch.float16)
+                full = model(input_ids=ids, attention_mask=mask).logits.float()
+                cached = UpperBlocksClassifier(model, depth).eval()(inputs_embeds=states, attention_mask=mask).logits.float()
+        except Exception as err:  # noqa: BLE001 - an architecture the cut does not fit
+            return f"{trial.backbone} cannot be cut after block {depth}: {type(err).__name__}: {str(err)[:120]}"
+        if not torch.allclose(cached, full, rtol=CACHE_RTOL, atol=CACHE_ATOL):
+            difference = (cached - full).abs().max().item()
+            return f"{trial.backbone} cut after block {depth} changes the logits by up to {difference:.3g}"
+        return ""
 
     def save(self, model: torch.nn.Module, trial: TrialConfig, folder: Path) -> None:
         save_classifier(unwrap(model), self.tokenizers[trial.backbone], folder, trial.max_length, self.labels)

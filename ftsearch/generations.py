@@ -1,0 +1,23 @@
+"""How a search names what it leaves in Optuna: study generations and the trial/study attributes
+that link them to MLflow. Kept free of torch so that readers (``ftsearch report``) load fast."""
+
+from __future__ import annotations
+
+PARENT_RUN_ATTR = "mlflow_parent_run_id"  # study attribute: the MLflow parent run
+RUN_ID_ATTR = "mlflow_run_id"  # trial attribute: the trial's MLflow run
+CONFIG_ATTR = "ftsearch_config"  # study attribute: the search identity it was started with
+REASON_ATTR = "reason"  # trial attribute: why it was pruned or failed
+
+
+def generations(study_names: list[str], name: str) -> dict[int, str]:
+    """The generations of study ``name`` among ``study_names``: ``{1: name, 2: name.2, ...}``.
+
+    ``--fresh`` starts generation n + 1, so that starting over loses no history."""
+    found = {}
+    for study_name in study_names:
+        base, _, suffix = study_name.rpartition(".")
+        if study_name == name:
+            found[1] = study_name
+        elif base == name and suffix.isascii() and suffix.isdecimal() and not suffix.startswith("0"):
+            found[int(suffix)] = study_name
+    return found
