@@ -387,13 +387,21 @@ def print_report(report: StudyReport, top: int = 10, console=None) -> None:
         )
         for header, justify in [("trial", "right"), ("state", "left"), (f"val {report.metric}", "right"),
                                 ("epochs", "right"), ("duration", "right")]:
-            table.add_column(header, justify=justify, no_wrap=header != "state")
-        for name in varying:
-            table.add_column(name, justify="right", overflow="fold")  # a squeezed header folds, not "lr_sch…"
-        for row in shown:
+            table.add_column(header, justify=justify, no_wrap=True)
+        values = [{n: _short(format_value(row.params[n])) if n in row.params else "—" for n in varying} for row in shown]
+        # One column per param while they fit the width; else one wrapped "params" column, which
+        # stays readable where a dozen squeezed columns would fold every value over four lines.
+        width = 60 + sum(3 + max(len(n), *(len(v[n]) for v in values)) for n in varying)
+        as_columns = width <= console.width
+        for name in varying if as_columns else ["params"]:
+            table.add_column(name, justify="right" if as_columns else "left", overflow="fold")
+        for row, row_values in zip(shown, values, strict=True):
             style = "bold green" if report.best is not None and row.number == report.best.number else None
             cells = [str(row.number), _state_label(row), _metric(row.value), str(row.epochs), format_seconds(row.seconds)]
-            cells += [_short(format_value(row.params[n])) if n in row.params else "—" for n in varying]
+            if as_columns:
+                cells += list(row_values.values())
+            else:
+                cells.append(", ".join(f"{n} {v}" for n, v in row_values.items() if v != "—"))
             table.add_row(*[Text(c) for c in cells], style=style)
         console.print(table)
         if constant:

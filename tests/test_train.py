@@ -91,3 +91,13 @@ def test_linear_warmup_then_decay():
         opt.step()
         sched.step()
     assert lrs == pytest.approx([0.5, 1.0, 1.0, 0.75, 0.5, 0.25])
+
+
+@pytest.mark.slow
+def test_compiled_training_learns_the_same_and_keeps_plain_state_dict_keys(tiny_bert, loaders):
+    settings = TrainSettings(lr=8e-3, epochs=2, warmup_ratio=0.1)
+    eager = fit(model(tiny_bert), *loaders, settings)
+    compiled_model = model(tiny_bert)
+    compiled = fit(compiled_model, *loaders, TrainSettings(lr=8e-3, epochs=2, warmup_ratio=0.1, compile=True))
+    assert [m.train_loss for m in compiled.history] == pytest.approx([m.train_loss for m in eager.history], rel=0.05)
+    assert set(compiled.best_state) == set(eager.best_state)  # no "_orig_mod." prefix: it saves as usual
