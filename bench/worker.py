@@ -95,23 +95,8 @@ def run_ftsearch(spec: dict, probe: Probe) -> dict:
     summary = run_search(options)
     t_end = time.time()
     study = optuna.load_study(study_name=summary.study_name, storage=settings.optuna_storage_url())
-    trials = []
-    for t in study.trials:
-        params = dict(t.params)
-        trials.append({
-            "number": t.number,
-            "state": t.state.name,
-            "start": t.datetime_start.timestamp() if t.datetime_start else None,
-            "end": t.datetime_complete.timestamp() if t.datetime_complete else None,
-            "value": t.value,
-            "config": {
-                "freeze_depth": params.get("freeze_depth"),
-                "lr": params.get("lr"),
-                "batch_size": params.get("batch_size"),
-                "weight_decay": params.get("weight_decay"),
-                "seed": spec["sampler_seed"] + t.number,  # ftsearch seeds trial n with seed + n
-            },
-        })
+    # ftsearch seeds trial n with seed + n.
+    trials = _trial_records(study, ("lr", "batch_size"), lambda number: spec["sampler_seed"] + number)
     return {
         "t0": t0,
         "t_end": t_end,
@@ -304,23 +289,9 @@ def run_trainer(spec: dict, probe: Probe) -> dict:
         pruner=optuna.pruners.NopPruner(),  # ftsearch's bench study prunes nothing either
     )
     t_end = time.time()
-    trials = []
-    for t in captured["study"].trials:
-        params = dict(t.params)
-        trials.append({
-            "number": t.number,
-            "state": t.state.name,
-            "start": t.datetime_start.timestamp() if t.datetime_start else None,
-            "end": t.datetime_complete.timestamp() if t.datetime_complete else None,
-            "value": t.value,
-            "config": {
-                "freeze_depth": params.get("freeze_depth"),
-                "lr": params.get("learning_rate"),
-                "batch_size": params.get("per_device_train_batch_size"),
-                "weight_decay": params.get("weight_decay"),
-                "seed": spec["sampler_seed"],  # Trainer seeds every trial with args.seed
-            },
-        })
+    # Trainer seeds every trial with args.seed.
+    trials = _trial_records(captured["study"], ("learning_rate", "per_device_train_batch_size"),
+                            lambda number: spec["sampler_seed"])
     return {
         "t0": t0,
         "t_end": t_end,
@@ -330,6 +301,30 @@ def run_trainer(spec: dict, probe: Probe) -> dict:
             "best_run": best.run_id, "best_objective": best.objective, "best_params": best.hyperparameters,
         },
     }
+
+
+def _trial_records(study, names: tuple[str, str], seed_of) -> list[dict]:
+    """Each Optuna trial's window, value and configuration; ``names`` are the framework's own
+    names for the learning rate and the batch size."""
+    lr_name, batch_name = names
+    records = []
+    for t in study.trials:
+        params = dict(t.params)
+        records.append({
+            "number": t.number,
+            "state": t.state.name,
+            "start": t.datetime_start.timestamp() if t.datetime_start else None,
+            "end": t.datetime_complete.timestamp() if t.datetime_complete else None,
+            "value": t.value,
+            "config": {
+                "freeze_depth": params.get("freeze_depth"),
+                "lr": params.get(lr_name),
+                "batch_size": params.get(batch_name),
+                "weight_decay": params.get("weight_decay"),
+                "seed": seed_of(t.number),
+            },
+        })
+    return records
 
 
 # ---- bare PyTorch --------------------------------------------------------------------------------

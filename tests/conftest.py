@@ -20,9 +20,8 @@ import pandas as pd
 import pytest
 import yaml
 
-POSITIVE = ["great", "wonderful", "superb", "loved", "brilliant", "moving", "delightful", "excellent"]
-NEGATIVE = ["awful", "boring", "terrible", "hated", "dull", "clumsy", "tedious", "dreadful"]
-NEUTRAL = ["the", "movie", "film", "plot", "actor", "scene", "was", "and", "a", "story", "ending", "music"]
+# The benchmark's smoke preset uses the same tiny vocabulary and BERT: one definition for both.
+from bench.common import NEGATIVE, NEUTRAL, POSITIVE
 
 
 def make_reviews(n: int, seed: int) -> pd.DataFrame:
@@ -42,21 +41,9 @@ def make_reviews(n: int, seed: int) -> pd.DataFrame:
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> Path:
     """A 2-layer BERT (hidden 32) with a word-level vocabulary, saved with save_pretrained."""
-    from transformers import BertConfig, BertModel, BertTokenizer
+    from bench.common import build_tiny_bert
 
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *POSITIVE, *NEGATIVE, *NEUTRAL]
-    # transformers 5 tokenizers take the vocabulary itself (a vocab_file argument is ignored).
-    BertTokenizer(vocab={word: i for i, word in enumerate(vocab)}).save_pretrained(folder)
-    config = BertConfig(
-        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=64,
-    )
-    import torch
-
-    torch.manual_seed(0)
-    BertModel(config).save_pretrained(folder)
-    return folder
+    return build_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
 
 
 @pytest.fixture(scope="session")
