@@ -167,3 +167,17 @@ def tiny_cnn(tmp_path_factory) -> Path:
     model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (3, 48, 48), "crop_pct": 1.0}
     save_for_hf(model, str(folder), safe_serialization=True)
     return folder
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Debian's chromium for the browser tests: skipped without it, failed where CI requires it."""
+    import shutil
+
+    path = shutil.which("chromium")
+    if path is None:
+        reason = "Debian's chromium is not installed (apt-get install chromium; .ci/run installs it)"
+        if os.environ.get("FTSEARCH_REQUIRE_BROWSER"):
+            pytest.fail(f"FTSEARCH_REQUIRE_BROWSER is set but {reason}")
+        pytest.skip(reason)
+    return path

@@ -201,16 +201,8 @@ def test_a_study_without_trials_is_reported_in_sentences(write_study, state_dir,
         assert sentence in page
 
 
-def test_html_report_renders_offline_in_a_browser(in_reported):
+def test_html_report_renders_offline_in_a_browser(in_reported, chromium):
     """Headless Chromium with every non-file request refused: the plots still draw, nothing is fetched."""
-    import shutil
-
-    chromium = shutil.which("chromium")
-    if chromium is None:
-        reason = "Debian's chromium is not installed (apt-get install chromium)"
-        if os.environ.get("FTSEARCH_REQUIRE_BROWSER"):
-            pytest.fail(f"FTSEARCH_REQUIRE_BROWSER is set but {reason}")
-        pytest.skip(reason)
     from playwright.sync_api import sync_playwright
 
     path = in_reported[0] / "mlruns" / "reports" / "tiny.html"

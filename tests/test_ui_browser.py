@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -61,17 +60,6 @@ def artifacts_dir() -> Path:
     folder = Path(os.environ.get("FTSEARCH_TEST_ARTIFACTS") or REPO / "test-artifacts")
     folder.mkdir(parents=True, exist_ok=True)
     return folder
-
-
-@pytest.fixture(scope="module")
-def chromium() -> str:
-    path = shutil.which("chromium")
-    if path is None:
-        reason = "Debian's chromium is not installed (apt-get install chromium; .ci/run installs it)"
-        if os.environ.get("FTSEARCH_REQUIRE_BROWSER"):
-            pytest.fail(f"FTSEARCH_REQUIRE_BROWSER is set but {reason}")
-        pytest.skip(reason)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ftsearch import settings
-from ftsearch.data.tokens import LengthGroupedBatches, PadCollator, TokenizedSplit, batched_loader
+from ftsearch.data.tokens import LengthGroupedBatches, PadCollator, TokenizedSplit, batched_loader, pad_right
 from ftsearch.errors import FtsearchError
 from ftsearch.models.text import frozen_prefix_modules, prefix_hidden_states
 
@@ -233,14 +233,8 @@ class _FeatureExamples(Dataset):
 
 
 def _pad_features(batch: list[tuple[np.ndarray, int]]) -> dict[str, torch.Tensor]:
-    width = max(len(states) for states, _ in batch)
-    hidden = batch[0][0].shape[1]
     # Kept in float16 up to the model, which casts on its own device: half the bytes to copy.
-    embeds = np.zeros((len(batch), width, hidden), dtype=np.float16)
-    mask = np.zeros((len(batch), width), dtype=np.int64)
-    for row, (states, _) in enumerate(batch):
-        embeds[row, : len(states)] = states
-        mask[row, : len(states)] = 1
+    embeds, mask = pad_right([states for states, _ in batch], 0, np.float16)
     return {
         "inputs_embeds": torch.from_numpy(embeds),
         "attention_mask": torch.from_numpy(mask),

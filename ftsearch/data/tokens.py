@@ -109,6 +109,18 @@ class LengthGroupedBatches(Sampler[list[int]]):
         yield from (batches[i] for i in rng.permutation(len(batches)))
 
 
+def pad_right(seqs: list[np.ndarray], fill, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Sequences (of ids, or of hidden-state rows) padded after their end to the longest, and the
+    attention mask (1 = real position)."""
+    width = max(len(seq) for seq in seqs)
+    padded = np.full((len(seqs), width, *seqs[0].shape[1:]), fill, dtype=dtype)
+    mask = np.zeros((len(seqs), width), dtype=np.int64)
+    for row, seq in enumerate(seqs):
+        padded[row, : len(seq)] = seq
+        mask[row, : len(seq)] = 1
+    return padded, mask
+
+
 class PadCollator:
     """Pads a batch to its longest sequence (dynamic padding), augmenting training examples."""
 
@@ -130,12 +142,7 @@ class PadCollator:
     def __call__(self, batch: list[tuple[np.ndarray, int]]) -> dict[str, torch.Tensor]:
         rng = self._rng() if self.augment is not None and self.augment.active else None
         seqs = [self.augment(ids, rng) if rng is not None else ids for ids, _ in batch]
-        width = max(len(s) for s in seqs)
-        input_ids = np.full((len(seqs), width), self.pad_id, dtype=np.int64)
-        mask = np.zeros((len(seqs), width), dtype=np.int64)
-        for row, seq in enumerate(seqs):
-            input_ids[row, : len(seq)] = seq
-            mask[row, : len(seq)] = 1
+        input_ids, mask = pad_right(seqs, self.pad_id, np.int64)
         return {
             "input_ids": torch.from_numpy(input_ids),
             "attention_mask": torch.from_numpy(mask),

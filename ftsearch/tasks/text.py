@@ -21,7 +21,6 @@ from ftsearch.models.text import (
     load_tokenizer,
     prefix_hidden_states,
     resolve_backbone,
-    trainable_inputs_of_prefix,
     unwrap,
 )
 from ftsearch.predictor import META_FILE, save_classifier
@@ -120,9 +119,9 @@ class TextTask:
         """Why training from cached hidden states would not be training this model ('' if nothing).
 
         Checked once per backbone and depth, on a few validation examples, before anything is
-        cached: the cut must reproduce the full model's logits (float16 tolerance), and no
-        trainable parameter may feed the frozen blocks. A guard for architectures whose forward
-        the split does not fit.
+        cached: the cut must reproduce the full model's logits (float16 tolerance). A guard for
+        architectures whose forward the cut does not fit (freezing already froze every parameter
+        that feeds the frozen blocks).
         """
         depth = trial.freeze_depth
         tokens = self._tokenized(trial.backbone, "val", trial.max_length)
@@ -131,9 +130,6 @@ class TextTask:
         ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
         model.to(self.device)
         try:
-            feeding = trainable_inputs_of_prefix(model, depth, ids, mask)
-            if feeding:
-                return f"trainable {', '.join(feeding[:3])} feed the frozen blocks of {trial.backbone}"
             # The same precision as training: bf16 autocast on a GPU.
             with torch.inference_mode(), torch.autocast(self.device.type, torch.bfloat16, enabled=self.device.type == "cuda"):
                 states = prefix_hidden_states(model, depth, ids, mask).to(torch.float16)
