@@ -1,4 +1,4 @@
-"""The ``ftsearch`` command: search, promote, predict, report. Thin: parses arguments and calls the package."""
+"""The ``ftsearch`` command: search, worker, promote, predict, report. Thin: parses arguments and calls the package."""
 
 from __future__ import annotations
 
@@ -21,12 +21,23 @@ def _parser() -> argparse.ArgumentParser:
     )
     search.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     search.add_argument("--fresh", action="store_true", help="start a new study instead of resuming")
-    search.add_argument("--storage", help="Optuna storage URL (default: sqlite in mlruns/)")
-    search.add_argument("--quiet", action="store_true", help="print only the final summary and errors")
+    _trial_arguments(search)
     search.add_argument(
-        "--compile", action="store_true",
-        help="torch.compile each trial's model (pays a compilation per trial; worth it for long trials on a GPU)",
+        "--workers", type=_positive_int, default=1, metavar="N",
+        help="worker processes on this machine (one GPU each when there are GPUs; default 1)",
     )
+
+    worker = commands.add_parser(
+        "worker", help="join a study that `ftsearch search` started (another machine: shared --storage and MLflow server)"
+    )
+    worker.add_argument("study", help="the same study name or file as the search process")
+    worker.add_argument("--timeout", type=float, help="seconds after which this worker starts no new trial")
+    worker.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="the same --set overrides as the search process")
+    worker.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    worker.add_argument("--wait", type=float, default=600, metavar="SECONDS",
+                        help="how long to wait for the search process to start the study (default 600)")
+    _trial_arguments(worker)
 
     promote = commands.add_parser("promote", help="move the champion alias to the study's candidate model")
     promote.add_argument("study", help="a study name under studies/ or a path to a study file")
@@ -49,6 +60,19 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _trial_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--storage",
+        help="Optuna storage: a database URL (postgresql://user:pass@host/db) or a journal file path "
+        "(default: mlruns/optuna.journal)",
+    )
+    parser.add_argument("--quiet", action="store_true", help="print only the final summary and errors")
+    parser.add_argument(
+        "--compile", action="store_true",
+        help="torch.compile each trial's model (pays a compilation per trial; worth it for long trials on a GPU)",
+    )
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -68,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        hint = ": the current trial was ended; run the same command again to resume" if args.command == "search" else ""
+        hint = ": the current trial was ended; run the same command again to resume" if args.command in ("search", "worker") else ""
         print(f"interrupted{hint}", file=sys.stderr)
         return 130
 
@@ -116,6 +140,7 @@ def _search(args: argparse.Namespace) -> int:
             storage=args.storage,
             quiet=args.quiet,
             compile=args.compile,
+            workers=args.workers,
         )
     )
     counts = ", ".join(f"{n} {state.lower()}" for state, n in summary.counts.items())
@@ -125,6 +150,20 @@ def _search(args: argparse.Namespace) -> int:
         print(f"best trial {summary.best_trial}: validation {summary.best_value:.4f}; {tests}")
         print(f"registered as version {summary.model_version} with alias 'candidate'; promote it with "
               f"`ftsearch promote {args.study}`")
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    import signal
+
+    from ftsearch.study import SearchOptions, run_worker
+
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    options = SearchOptions(
+        study=args.study, timeout=args.timeout, overrides=tuple(args.overrides), device=args.device,
+        storage=args.storage, quiet=args.quiet, compile=args.compile,
+    )
+    run_worker(options, wait=args.wait)
     return 0
 
 
@@ -163,7 +202,7 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"search": _search, "promote": _promote, "predict": _predict, "report": _report}
+_COMMANDS = {"search": _search, "worker": _worker, "promote": _promote, "predict": _predict, "report": _report}
 
 
 if __name__ == "__main__":

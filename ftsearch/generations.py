@@ -7,6 +7,10 @@ PARENT_RUN_ATTR = "mlflow_parent_run_id"  # study attribute: the MLflow parent r
 RUN_ID_ATTR = "mlflow_run_id"  # trial attribute: the trial's MLflow run
 CONFIG_ATTR = "ftsearch_config"  # study attribute: the search identity it was started with
 REASON_ATTR = "reason"  # trial attribute: why it was pruned or failed
+WORKER_ATTR = "ftsearch.worker"  # trial attribute: host:pid of the process that ran it
+RETRY_OF_ATTR = "ftsearch.retry_of"  # trial attribute: the trial a retry repeats (its checkpoint, its seed)
+RETRIES_ATTR = "ftsearch.retries"  # trial attribute: how many times its parameters were retried
+RESUMED_ATTR = "resumed_from_epoch"  # trial attribute and run param: the epoch a retry resumed after
 
 
 def generations(study_names: list[str], name: str) -> dict[int, str]:

@@ -27,7 +27,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from optuna.trial import FrozenTrial, TrialState
 
-from ftsearch import settings, tracking
+from ftsearch import settings, storage, tracking
 from ftsearch.config import STUDIES_DIR, StudyConfig
 from ftsearch.errors import FtsearchError
 from ftsearch.generations import PARENT_RUN_ATTR, REASON_ATTR, RUN_ID_ATTR, generations
@@ -138,7 +138,7 @@ def find_study(name: str, storage_url: str | None = None, search_hint: str | Non
     when there is none by that name, and the command that would create it (``search_hint``).
     """
     url = settings.optuna_storage_url(storage_url)
-    names = _study_names(url)
+    names = storage.study_names(url)
     found = generations(names, name)
     if not found:
         known = ", ".join(sorted(names)) or "none"
@@ -146,7 +146,7 @@ def find_study(name: str, storage_url: str | None = None, search_hint: str | Non
             f"no study {name!r} in the Optuna storage {url} (studies there: {known}); "
             f"run `{search_hint or f'ftsearch search {name}'}` first"
         )
-    return optuna.load_study(study_name=found[max(found)], storage=url), url
+    return optuna.load_study(study_name=found[max(found)], storage=storage.open_storage(url)), url
 
 
 def study_argument(config: StudyConfig) -> str:
@@ -157,16 +157,6 @@ def study_argument(config: StudyConfig) -> str:
 
 def _search_command(config: StudyConfig, storage_url: str | None) -> str:
     return f"ftsearch search {study_argument(config)}" + (f" --storage {storage_url}" if storage_url else "")
-
-
-def _study_names(url: str) -> list[str]:
-    # Opening a SQLite URL creates the file: a report of a never-searched state dir must not.
-    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
-        return []
-    try:
-        return [s.study_name for s in optuna.study.get_all_study_summaries(url, include_best_trial=False)]
-    except Exception as err:  # noqa: BLE001 - bad URL, unreachable server, missing driver
-        raise FtsearchError(f"cannot open Optuna storage {url!r}: {str(err).splitlines()[0]}") from None
 
 
 def collect(config: StudyConfig, storage_url: str | None = None) -> StudyReport:

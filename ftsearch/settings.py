@@ -38,8 +38,9 @@ def artifact_root() -> Path:
 
 
 def optuna_storage_url(override: str | None = None) -> str:
-    """Optuna storage URL: ``--storage`` if given, else a SQLite file in the state directory."""
-    return override or f"sqlite:///{state_dir() / 'optuna.db'}"
+    """Optuna storage: ``--storage`` if given (a database URL or a journal file path), else the
+    journal file in the state directory, which several local worker processes can share."""
+    return override or str(state_dir() / "optuna.journal")
 
 
 def checkpoint_dir() -> Path:

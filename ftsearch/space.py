@@ -9,6 +9,7 @@ import optuna
 from pydantic import BaseModel, ConfigDict
 
 from ftsearch.config import FloatRange, IntRange, StudyConfig
+from ftsearch.generations import RETRY_OF_ATTR
 
 
 class TrialConfig(BaseModel):
@@ -61,7 +62,8 @@ def sample_trial(trial: optuna.Trial, study: StudyConfig, blocks: dict[str, int]
         "weight_decay": _suggest(trial, "weight_decay", space.weight_decay),
         "epochs": _suggest(trial, "epochs", space.epochs),
         "warmup_ratio": _suggest(trial, "warmup_ratio", space.warmup_ratio),
-        "seed": study.sampler.seed + trial.number,
+        # A retry keeps the seed of the trial it repeats (it resumes that trial's checkpoint).
+        "seed": study.sampler.seed + int(trial.user_attrs.get(RETRY_OF_ATTR, trial.number)),
     }
     if study.task == "text-classification":
         values["max_length"] = trial.suggest_categorical("max_length", space.max_length)

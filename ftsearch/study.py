@@ -6,8 +6,8 @@ Optuna study or MLflow run exists, so a bad input leaves nothing behind.
 
 from __future__ import annotations
 
-import gc
 import json
+import os
 import shutil
 import time
 import warnings
@@ -16,20 +16,20 @@ from pathlib import Path
 
 import optuna
 import torch
-from optuna.trial import FrozenTrial, TrialState
+from optuna.storages import BaseStorage
+from optuna.trial import TrialState
 
-from ftsearch import progress, publish, settings, tracking
+from ftsearch import parallel, progress, publish, settings, storage, tracking, worker
 from ftsearch.config import StudyConfig, load_study
 from ftsearch.errors import FtsearchError
 from ftsearch.generations import CONFIG_ATTR, PARENT_RUN_ATTR, REASON_ATTR, RUN_ID_ATTR, generations
-from ftsearch.progress import BestTrial, Reporter, TrialCounts
-from ftsearch.space import TrialConfig, sample_trial
+from ftsearch.progress import Reporter
 from ftsearch.tasks import make_task
 from ftsearch.tasks.base import Task
-from ftsearch.train import EpochMetrics, FitResult, TrainSettings, evaluate, fit, resolve_device, seed_everything
+from ftsearch.train import evaluate, resolve_device
+from ftsearch.trials import TrialRunner, best_info, best_trial, trial_counts
 
-HEARTBEAT_SECONDS = 60
-MAX_FAILURES_IN_A_ROW = 3
+JOIN_POLL_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,7 @@ class SearchOptions:
     storage: str | None = None
     quiet: bool = False
     compile: bool = False
+    workers: int = 1
 
 
 @dataclass
@@ -102,17 +103,20 @@ def run_search(options: SearchOptions, reporter: Reporter | None = None) -> Sear
 def _run_search(options: SearchOptions, reporter: Reporter) -> SearchSummary:
     prepared = prepare(options, reporter)
     config = prepared.config
-    study = open_study(config, options.storage, options.fresh)
-    # Trials of a process that died (no heartbeat for the grace period) are failed now.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)
+    url = settings.optuna_storage_url(options.storage)
+    if options.workers > 1 and url.startswith("sqlite:"):
+        raise FtsearchError(
+            f"--workers {options.workers} cannot share the SQLite storage {url}: SQLite fails with "
+            "'database is locked' under several writers; leave --storage out (a journal file) or use PostgreSQL"
+        )
+    optuna_storage = storage.open_storage(url, on_stale=worker.end_stale_trial)
+    study = open_study(config, optuna_storage, options.fresh)
+    storage.fail_stale_trials(study)  # trials of a process that died while nobody was watching
     parent = tracking.StudyRun.open(
         config.name, study.user_attrs.get(PARENT_RUN_ATTR), tags={"optuna.study": study.study_name}
     )
     start = time.monotonic()
     try:
-        study.set_user_attr(PARENT_RUN_ATTR, parent.run_id)
         if "config.json" not in _artifact_names(parent):
             parent.log_dict(config.model_dump(), "config.json")
         for path, data in prepared.task.parent_artifacts().items():
@@ -120,25 +124,29 @@ def _run_search(options: SearchOptions, reporter: Reporter) -> SearchSummary:
             if path == "skipped_files.json":
                 reporter.warn(f"skipped {len(data)} unusable data file(s); they are listed in {path} on the MLflow parent run")
         _log_baseline(prepared.task, parent, config.metric, reporter)
-        counts = _trial_counts(study)
-        remaining = config.n_trials - counts.done
+        # Failed trials do not count: the study runs until n_trials trials completed or were
+        # pruned (each failure gives its slot back), the timeout, or too many failures in a row.
+        worker.ensure_slots(study, config.n_trials)
+        # Workers join once the parent run is known: it is the last thing a study gets.
+        study.set_user_attr(PARENT_RUN_ATTR, parent.run_id)
+        trials = study.get_trials(deepcopy=False)
         reporter.study_started(
-            study.study_name, n_trials=config.n_trials, metric=f"val {config.metric}", counts=counts,
-            best=_best_info(_best_trial(study)), parent_run_id=parent.run_id,
+            study.study_name, n_trials=config.n_trials, metric=f"val {config.metric}", counts=trial_counts(trials),
+            best=best_info(best_trial(study)), parent_run_id=parent.run_id,
         )
-        runner = TrialRunner(prepared, parent, _checkpoint_root(study), reporter)
-        if remaining > 0:
-            # Failed trials do not count towards n_trials: the study runs until n_trials trials
-            # completed or were pruned, or the timeout, or too many failures in a row.
-            reached = optuna.study.MaxTrialsCallback(config.n_trials, states=(TrialState.COMPLETE, TrialState.PRUNED))
-            study.optimize(
-                runner,
-                timeout=config.timeout,
-                catch=(Exception,),
-                callbacks=[reached, runner.after_trial],
-                gc_after_trial=True,
+        runner = TrialRunner(prepared.task, config, prepared.device, parent, _checkpoint_root(study), reporter, prepared.compile)
+        if options.workers > 1:
+            parallel.run_workers(options.workers, _worker_arguments(options, url), reporter)
+        else:
+            done = worker.work(
+                study.study_name, optuna_storage, _study_opener(config, optuna_storage, study.study_name),
+                runner, runner.after_trial, timeout=config.timeout, warn=reporter.warn,
             )
-        reporter.study_ended(_trial_counts(study), _best_info(_best_trial(study)))
+            if done.stopped_early:
+                reporter.warn(f"stopping: {done.stopped_early}")
+        _wait_for_other_workers(study, reporter)
+        trials = study.get_trials(deepcopy=False)
+        reporter.study_ended(trial_counts(trials), best_info(best_trial(study)))
         summary = finish_study(study, prepared, parent, runner)
     except BaseException as err:
         # Ctrl-C or a crash: the parent run is ended, the study stays resumable as it is.
@@ -149,62 +157,123 @@ def _run_search(options: SearchOptions, reporter: Reporter) -> SearchSummary:
     return summary
 
 
-def make_storage(url: str) -> optuna.storages.BaseStorage:
-    """Optuna storage with heartbeats, so trials of a crashed process are failed, not left RUNNING."""
+def run_worker(options: SearchOptions, reporter: Reporter | None = None, wait: float = 600.0) -> worker.WorkerResult:
+    """Join the study that ``ftsearch search`` started (on this machine or another, through a shared
+    storage and tracking server) and run its trials until none is left; waits up to ``wait``
+    seconds for the study to be started. Registration is left to the ``search`` process."""
+    reporter = reporter if reporter is not None else progress.make_reporter(options.quiet)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats
-            return optuna.storages.RDBStorage(
-                url,
-                heartbeat_interval=HEARTBEAT_SECONDS,
-                grace_period=2 * HEARTBEAT_SECONDS,
-                heartbeat_stale_trial_callback=_end_stale_trial_run,
+        prepared = prepare(options, reporter)
+        config = prepared.config
+        optuna_storage = storage.open_storage(settings.optuna_storage_url(options.storage), on_stale=worker.end_stale_trial)
+        study = _join_study(config, optuna_storage, wait, reporter)
+        parent = tracking.StudyRun.attach(config.name, study.user_attrs[PARENT_RUN_ATTR])
+        runner = TrialRunner(prepared.task, config, prepared.device, parent, _checkpoint_root(study), reporter, prepared.compile)
+        reporter.info(f"worker {worker.worker_name()} joined study {study.study_name}")
+        # Different workers must not draw the same random samples: the process id joins the seed.
+        done = worker.work(
+            study.study_name, optuna_storage, _study_opener(config, optuna_storage, study.study_name, os.getpid()),
+            runner, runner.after_trial, timeout=config.timeout, warn=reporter.warn,
+        )
+        reporter.info(f"worker {worker.worker_name()} ran {done.ran} trial(s)" + (f"; stopped: {done.stopped_early}" if done.stopped_early else ""))
+        return done
+    finally:
+        reporter.close()
+
+
+def _join_study(config: StudyConfig, optuna_storage: BaseStorage, wait: float, reporter: Reporter) -> optuna.Study:
+    """The study's latest generation, once its search process has set it up."""
+    deadline = time.monotonic() + wait
+    said = False
+    while True:
+        names = [s.study_name for s in optuna.study.get_all_study_summaries(optuna_storage, include_best_trial=False)]
+        found = generations(names, config.name)
+        if found:
+            study = optuna.load_study(study_name=found[max(found)], storage=optuna_storage)
+            _check_identity(study, config)
+            if PARENT_RUN_ATTR in study.user_attrs:
+                return study
+        if time.monotonic() > deadline:
+            raise FtsearchError(
+                f"study {config.name!r} was not started within {wait:.0f} s: run `ftsearch search {config.name}` "
+                "with the same --storage (and MLFLOW_TRACKING_URI) first; workers join it"
             )
-    except Exception as err:  # noqa: BLE001 - bad URL, unreachable server, missing driver
-        raise FtsearchError(f"cannot open Optuna storage {url!r}: {str(err).splitlines()[0]}") from None
+        if not said:
+            reporter.info(f"waiting for `ftsearch search {config.name}` to start the study")
+            said = True
+        time.sleep(JOIN_POLL_SECONDS)
 
 
-def _end_stale_trial_run(study: optuna.Study, trial: FrozenTrial) -> None:
-    run_id = trial.user_attrs.get(RUN_ID_ATTR)
-    if run_id:
-        tracking.TrialRun(tracking.client(), run_id).finish("FAIL", "its process stopped sending heartbeats")
+def _study_opener(config: StudyConfig, optuna_storage: BaseStorage, name: str, salt: int = 0):
+    trials_so_far = len(optuna.load_study(study_name=name, storage=optuna_storage).trials)
+    # One sampler for the worker's life (its random stream goes on); a fresh Study object per
+    # trial, so the sampler sees the trials other workers finished since.
+    sampler, pruner = make_sampler(config, trials_so_far + salt), make_pruner(config)
+    return lambda: optuna.load_study(study_name=name, storage=optuna_storage, sampler=sampler, pruner=pruner)
 
 
-def open_study(config: StudyConfig, storage_url: str | None, fresh: bool) -> optuna.Study:
+def _worker_arguments(options: SearchOptions, url: str) -> list[str]:
+    args = ["worker", options.study, "--storage", url, "--device", options.device]
+    for override in options.overrides:
+        args += ["--set", override]
+    if options.timeout is not None:
+        args += ["--timeout", str(options.timeout)]
+    if options.compile:
+        args.append("--compile")
+    return args
+
+
+def _wait_for_other_workers(study: optuna.Study, reporter: Reporter) -> None:
+    """Wait while trials still run in workers elsewhere (failing those that stop beating), so the
+    best model is chosen from every trial."""
+    said = False
+    while running := study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if not said:
+            reporter.info(f"waiting for {len(running)} trial(s) still running in other workers")
+            said = True
+        storage.fail_stale_trials(study)
+        time.sleep(JOIN_POLL_SECONDS)
+
+
+def open_study(config: StudyConfig, optuna_storage: BaseStorage, fresh: bool) -> optuna.Study:
     """Resume the study's latest Optuna study, or start a new generation when ``fresh``.
 
     Generations are named ``<name>``, ``<name>.2``, ... so that ``--fresh`` loses no history.
     """
-    storage = make_storage(settings.optuna_storage_url(storage_url))
-    names = [summary.study_name for summary in optuna.study.get_all_study_summaries(storage, include_best_trial=False)]
+    names = [summary.study_name for summary in optuna.study.get_all_study_summaries(optuna_storage, include_best_trial=False)]
     found = generations(names, config.name)
     latest = found[max(found)] if found else None
-    identity = json.dumps(config.search_identity(), sort_keys=True, default=str)
     if latest is not None and not fresh:
-        existing = optuna.load_study(study_name=latest, storage=storage)
-        if existing.user_attrs.get(CONFIG_ATTR, identity) != identity:
-            changed = _changed_keys(json.loads(existing.user_attrs[CONFIG_ATTR]), json.loads(identity))
-            raise FtsearchError(
-                f"study {latest!r} was started with a different configuration ({', '.join(changed)} "
-                "changed); add --fresh to start a new study, or restore those values to resume it"
-            )
+        _check_identity(optuna.load_study(study_name=latest, storage=optuna_storage), config)
         name = latest
     elif latest is None:
         name = config.name
     else:
         name = f"{config.name}.{max(found) + 1}"
-    trials_so_far = len(existing.trials) if latest is not None and not fresh else 0
     study = optuna.create_study(
         study_name=name,
-        storage=storage,
+        storage=optuna_storage,
         direction=config.direction,
-        # Offset by the trials already run, so a resumed study does not replay its first samples.
-        sampler=make_sampler(config, trials_so_far),
+        sampler=make_sampler(config),
         pruner=make_pruner(config),
         load_if_exists=True,
     )
-    study.set_user_attr(CONFIG_ATTR, identity)
+    study.set_user_attr(CONFIG_ATTR, _identity(config))
     return study
+
+
+def _identity(config: StudyConfig) -> str:
+    return json.dumps(config.search_identity(), sort_keys=True, default=str)
+
+
+def _check_identity(study: optuna.Study, config: StudyConfig) -> None:
+    identity = _identity(config)
+    if study.user_attrs.get(CONFIG_ATTR, identity) != identity:
+        changed = _changed_keys(json.loads(study.user_attrs[CONFIG_ATTR]), json.loads(identity))
+        raise FtsearchError(
+            f"study {study.study_name!r} was started with a different configuration ({', '.join(changed)} "
+            "changed); add --fresh to start a new study, or restore those values to resume it"
+        )
 
 
 def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -222,7 +291,8 @@ def make_sampler(config: StudyConfig, offset: int = 0) -> optuna.samplers.BaseSa
     seed = config.sampler.seed + offset
     if config.sampler.name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=config.sampler.startup_trials)
+    # The constant liar keeps parallel workers from sampling next to each other's running trials.
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=config.sampler.startup_trials, constant_liar=True)
 
 
 def make_pruner(config: StudyConfig) -> optuna.pruners.BasePruner:
@@ -237,18 +307,6 @@ def make_pruner(config: StudyConfig) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-def _count(study: optuna.Study, *states: TrialState) -> int:
-    return len(study.get_trials(deepcopy=False, states=states))
-
-
-def _trial_counts(study: optuna.Study) -> TrialCounts:
-    return TrialCounts(_count(study, TrialState.COMPLETE), _count(study, TrialState.PRUNED), _count(study, TrialState.FAIL))
-
-
-def _best_info(best: FrozenTrial | None) -> BestTrial | None:
-    return None if best is None else BestTrial(best.number, best.value, dict(best.params))
-
-
 def _checkpoint_root(study: optuna.Study) -> Path:
     return settings.checkpoint_dir() / study.study_name
 
@@ -257,136 +315,15 @@ def _artifact_names(run: tracking.StudyRun) -> set[str]:
     return {f.path for f in run.mlflow_client.list_artifacts(run.run_id)}
 
 
-class TrialRunner:
-    """The Optuna objective: one trial = sample, build, fine-tune, track, keep the best weights."""
-
-    def __init__(self, prepared: Prepared, parent: tracking.StudyRun, checkpoints: Path, reporter: Reporter | None = None):
-        self.prepared = prepared
-        self.reporter = reporter if reporter is not None else progress.PlainReporter()
-        self.config = prepared.config
-        self.parent = parent
-        self.checkpoints = checkpoints
-        self.failures_in_a_row = 0
-
-    def __call__(self, trial: optuna.Trial) -> float:
-        trial_cfg = sample_trial(trial, self.config, self.prepared.task.blocks)
-        run = self.parent.start_trial(trial.number, tags={"optuna.study": trial.study.study_name})
-        state, reason, value = "FAIL", "", None
-        try:
-            trial.set_user_attr(RUN_ID_ATTR, run.run_id)
-            # Params: exactly what Optuna sampled (so runs of one study share their columns);
-            # the full resolved config, defaults included, is the artifact.
-            run.log_params({**trial.params, "seed": trial_cfg.seed})
-            run.log_dict(trial_cfg.model_dump(), "trial_config.json")
-            self.reporter.trial_started(trial.number, _trial_line(trial_cfg), trial_cfg.epochs)
-            result = self._train(trial, trial_cfg, run)
-            if result.status == "diverged":
-                state, reason = "PRUNED", result.reason
-                raise optuna.TrialPruned(reason)
-            if result.status == "stopped":
-                state = "PRUNED"
-                reason = f"pruned by the {self.config.pruner.name} pruner after epoch {len(result.history)}"
-                raise optuna.TrialPruned(reason)
-            state, value = "COMPLETE", float(result.best_value(self.config.metric))
-            return value
-        except optuna.TrialPruned:
-            raise
-        except KeyboardInterrupt:
-            state, reason = "KILLED", "interrupted by the user (Ctrl-C)"
-            raise
-        except Exception as err:
-            reason = f"{type(err).__name__}: {err}"
-            raise
-        finally:
-            if reason:
-                trial.set_user_attr(REASON_ATTR, reason)
-            run.finish(state, reason)
-            self.reporter.trial_ended(trial.number, state, reason, value)
-
-    def _train(self, trial: optuna.Trial, trial_cfg: TrialConfig, run: tracking.TrialRun) -> FitResult:
-        task = self.prepared.task
-        seed_everything(trial_cfg.seed)  # the new classifier head is drawn from the trial's seed
-        setup = task.build(trial_cfg)
-        try:
-            run.log_params({"trainable_params": setup.trainable_params, "total_params": setup.total_params})
-            if setup.feature_cache:
-                run.mlflow_client.set_tag(run.run_id, "ftsearch.feature_cache", setup.feature_cache)
-                self.reporter.info(f"  frozen-prefix cache: {setup.feature_cache}")
-            settings_ = TrainSettings(
-                lr=trial_cfg.lr,
-                epochs=trial_cfg.epochs,
-                weight_decay=trial_cfg.weight_decay,
-                warmup_ratio=trial_cfg.warmup_ratio,
-                seed=trial_cfg.seed,
-                metric=self.config.metric,
-                maximize=self.config.direction == "maximize",
-                device=str(self.prepared.device),
-                compile=self.prepared.compile,
-            )
-
-            def on_epoch_end(m: EpochMetrics) -> bool:
-                run.log_metrics({"train_loss": m.train_loss, "val_accuracy": m.val_accuracy, "val_f1": m.val_f1}, step=m.epoch)
-                self.reporter.epoch_ended(m.epoch, {"train loss": m.train_loss, "val accuracy": m.val_accuracy, "val f1": m.val_f1})
-                trial.report(m.value(self.config.metric), m.epoch)
-                return trial.should_prune()
-
-            result = fit(setup.model, setup.train_loader, setup.val_loader, settings_, on_epoch_end, on_step=self.reporter.step)
-            if result.status == "completed":
-                setup.model.load_state_dict(result.best_state)
-                task.save(setup.model, trial_cfg, self.checkpoints / f"trial-{trial.number}")
-            if result.best_epoch is not None:
-                run.log_metrics({"best_epoch": result.best_epoch}, step=result.best_epoch)
-                self._log_figures(run, result)
-            return result
-        finally:
-            # Free the model and optimizer state before the next trial (no memory creeping up).
-            del setup
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-
-    def _log_figures(self, run: tracking.TrialRun, result: FitResult) -> None:
-        """The best epoch's confusion matrix (and misclassified images); a figure that fails to draw
-        is reported, not allowed to fail a trained trial."""
-        task, evaluation = self.prepared.task, result.best_eval
-        try:
-            run.log_confusion_matrix(evaluation.y_true, evaluation.y_pred, task.labels, "confusion_matrix.png")
-            task.log_misclassified(run, evaluation.y_true, evaluation.y_pred, "misclassified.png")
-        except Exception as err:  # noqa: BLE001 - drawing is not worth the trial
-            self.reporter.warn(f"could not draw the trial's figures: {type(err).__name__}: {err}")
-
-    def after_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        """Keep only the best trial's weights on disk, keep the parent run's best up to date, and
-        stop the study when trials keep failing (a bug or a broken setup, not bad luck)."""
-        self.failures_in_a_row = self.failures_in_a_row + 1 if trial.state == TrialState.FAIL else 0
-        if self.failures_in_a_row >= MAX_FAILURES_IN_A_ROW:
-            self.reporter.warn(f"stopping: {self.failures_in_a_row} trials failed in a row")
-            study.stop()
-        best = _best_trial(study)
-        self.reporter.trials_updated(_trial_counts(study), _best_info(best))
-        if self.checkpoints.is_dir():
-            for folder in self.checkpoints.iterdir():
-                if best is None or folder.name != f"trial-{best.number}":
-                    shutil.rmtree(folder, ignore_errors=True)
-        if best is not None and best.number == trial.number:
-            self.parent.log_best(self.config.metric, best.value, best.number, best.params)
-
-
-def _best_trial(study: optuna.Study) -> FrozenTrial | None:
-    try:
-        return study.best_trial
-    except ValueError:  # no completed trial yet
-        return None
-
-
 def finish_study(study: optuna.Study, prepared: Prepared, parent: tracking.StudyRun, runner: TrialRunner) -> SearchSummary:
     """Log the study's plots, score the best trial on the test split and register it."""
     config = prepared.config
-    counts = {s.name: _count(study, s) for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
+    trials = study.get_trials(deepcopy=False)
+    counts = {s.name: sum(t.state == s for t in trials) for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
     summary = SearchSummary(study.study_name, parent.run_id, counts)
     _end_orphaned_runs(study, parent)
     _log_study_plots(study, parent, runner.reporter)
-    best = _best_trial(study)
+    best = best_trial(study)
     if best is None:
         reasons = [t.user_attrs.get(REASON_ATTR, "") for t in study.trials if t.user_attrs.get(REASON_ATTR)]
         raise FtsearchError(
@@ -394,6 +331,7 @@ def finish_study(study: optuna.Study, prepared: Prepared, parent: tracking.Study
             f"no model to register; first reason: {reasons[0] if reasons else 'none recorded'}"
         )
     summary.best_trial, summary.best_value = best.number, best.value
+    parent.log_best(config.metric, best.value, best.number, best.params)  # workers may have raced on it
     run_id = best.user_attrs[RUN_ID_ATTR]
     version = publish.registered_version(config.registered_model, run_id)
     if version is not None:
@@ -459,7 +397,7 @@ def _log_study_plots(study: optuna.Study, parent: tracking.StudyRun, reporter: R
     from optuna.visualization import matplotlib as optuna_plots
 
     plots = {"optimization_history.png": optuna_plots.plot_optimization_history}
-    if _count(study, TrialState.COMPLETE) >= 2:
+    if len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) >= 2:
         plots["param_importances.png"] = optuna_plots.plot_param_importances
     with warnings.catch_warnings():
         # Optuna flags its matplotlib plots experimental and warns on ties in importances.
@@ -469,10 +407,3 @@ def _log_study_plots(study: optuna.Study, parent: tracking.StudyRun, reporter: R
                 parent.log_figure(plot(study).figure, path)
             except Exception as err:  # noqa: BLE001 - a plot is not worth losing the study's model
                 reporter.warn(f"skipped the study plot {path}: {type(err).__name__}: {err}")
-
-
-def _trial_line(trial_cfg: TrialConfig) -> str:
-    """The sampled values, leaving out augmentations that stay off."""
-    shown = {**trial_cfg.model_dump(exclude_defaults=True), "freeze_depth": trial_cfg.freeze_depth}
-    shown.pop("seed", None)
-    return ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items())

@@ -150,6 +150,13 @@ class StudyRun:
             run_id = run.info.run_id
         return cls(mlflow_client, exp_id, run_id, study_name)
 
+    @classmethod
+    def attach(cls, study_name: str, run_id: str) -> StudyRun:
+        """The parent run another process (``ftsearch search``) opened, for a worker to add trials
+        under; its status stays that process's business."""
+        mlflow_client = client()
+        return cls(mlflow_client, experiment_id(mlflow_client, study_name), run_id, study_name)
+
     def start_trial(self, number: int, tags: dict[str, str]) -> TrialRun:
         run = self.mlflow_client.create_run(
             self.experiment_id,

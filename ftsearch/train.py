@@ -8,9 +8,11 @@ how a progress display follows it).
 from __future__ import annotations
 
 import math
+import os
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -36,6 +38,7 @@ class TrainSettings:
     maximize: bool = True
     device: str = "cpu"
     compile: bool = False  # torch.compile the model's forward (dynamic shapes: batches vary in length)
+    grad_accumulation: int = 1  # batches per optimiser step (the batch that fits times this = the effective batch)
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,7 @@ class FitResult:
     best_epoch: int | None = None
     best_state: dict[str, torch.Tensor] | None = None
     best_eval: Evaluation | None = None
+    resumed_from_epoch: int | None = None
 
     def best_value(self, metric: str) -> float | None:
         if self.best_epoch is None:
@@ -82,6 +86,9 @@ class FitResult:
 
 EpochCallback = Callable[[EpochMetrics], bool]
 """Called after each epoch; returning True stops training (for example when pruned)."""
+
+ResumeCallback = Callable[[list[EpochMetrics]], None]
+"""Called once when training resumes from a checkpoint, with the epochs it had already finished."""
 
 StepCallback = Callable[[int, int], None]
 """Called after each optimiser step with (step, total_steps): steps count from 1 across all epochs,
@@ -161,12 +168,19 @@ def fit(
     settings: TrainSettings,
     on_epoch_end: EpochCallback | None = None,
     on_step: StepCallback | None = None,
+    checkpoint: Path | None = None,
+    on_resume: ResumeCallback | None = None,
 ) -> FitResult:
     """Fine-tune ``model`` with AdamW, linear warm-up and decay, gradient clipping.
 
     Stops early when ``on_epoch_end`` returns True, and with status ``diverged`` on a non-finite
     loss. The best epoch (by ``settings.metric``) is kept, not the last. ``on_step`` hears of every
     optimiser step (see ``StepCallback``).
+
+    With ``checkpoint``, everything needed to go on (weights, optimiser, scheduler, every random
+    stream, the history and the best epoch) is written there after each epoch; a call that finds
+    that file resumes after its epoch, as if never interrupted (``result.resumed_from_epoch``,
+    ``on_resume`` hears of the restored epochs). The caller deletes the file when it is done.
     """
     seed_everything(settings.seed)
     device = torch.device(settings.device)
@@ -178,13 +192,21 @@ def fit(
     optimizer = torch.optim.AdamW(
         _param_groups(model, settings.weight_decay), lr=settings.lr, fused=device.type == "cuda"
     )
-    total_steps = settings.epochs * len(train_loader)
+    accumulation = max(1, settings.grad_accumulation)
+    steps_per_epoch = math.ceil(len(train_loader) / accumulation)
+    total_steps = settings.epochs * steps_per_epoch
     scheduler = linear_warmup_decay(optimizer, int(settings.warmup_ratio * total_steps), total_steps)
     trainable = [p for p in model.parameters() if p.requires_grad]
     result = FitResult(status="completed")
-    done = 0
+    first_epoch = 1
+    if checkpoint is not None and checkpoint.is_file():
+        first_epoch = _restore(checkpoint, model, optimizer, scheduler, train_loader, result) + 1
+        result.resumed_from_epoch = first_epoch - 1
+        if on_resume is not None:
+            on_resume(list(result.history))
+    done = (first_epoch - 1) * steps_per_epoch
 
-    for epoch in range(1, settings.epochs + 1):
+    for epoch in range(first_epoch, settings.epochs + 1):
         model.train()
         loss_sum, batches = 0.0, 0
         for step, batch in enumerate(train_loader, start=1):
@@ -194,13 +216,15 @@ def fit(
                 result.status = "diverged"
                 result.reason = f"non-finite loss ({loss.item()}) at epoch {epoch}, step {step}"
                 return result
-            loss.backward()
+            (loss / accumulation).backward()
+            loss_sum += loss.item()
+            batches += 1
+            if step % accumulation and step != len(train_loader):
+                continue
             nn.utils.clip_grad_norm_(trainable, settings.grad_clip)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.item()
-            batches += 1
             done += 1
             if on_step is not None:
                 on_step(done, total_steps)
@@ -212,10 +236,91 @@ def fit(
             result.best_epoch = epoch
             result.best_eval = evaluation
             result.best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        if checkpoint is not None:
+            _save(checkpoint, epoch, model, optimizer, scheduler, train_loader, result)
         if on_epoch_end is not None and on_epoch_end(metrics):
             result.status = "stopped"
             return result
     return result
+
+
+def _loader_parts(loader: DataLoader) -> dict:
+    # The parts of a loader that keep their own randomness between epochs (the length-grouped
+    # batch order, the augmentation stream) expose state_dict(); a DataLoader generator is torch's.
+    parts = {name: getattr(loader, name, None) for name in ("batch_sampler", "collate_fn")}
+    return {name: part for name, part in parts.items() if hasattr(part, "state_dict")}
+
+
+def _rng_state() -> dict:
+    numpy_state = np.random.get_state(legacy=False)
+    numpy_state["state"]["key"] = torch.from_numpy(numpy_state["state"]["key"].astype(np.int64))
+    return {
+        "python": random.getstate(),
+        "numpy": numpy_state,
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    numpy_state = state["numpy"]
+    numpy_state["state"]["key"] = numpy_state["state"]["key"].numpy().astype(np.uint32)
+    np.random.set_state(numpy_state)
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _save(path: Path, epoch: int, model, optimizer, scheduler, loader: DataLoader, result: FitResult) -> None:
+    best = result.best_eval
+    state = {
+        "epoch": epoch,
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": _rng_state(),
+        "loader": {name: part.state_dict() for name, part in _loader_parts(loader).items()}
+        | ({"generator": loader.generator.get_state()} if loader.generator is not None else {}),
+        "history": [asdict(m) for m in result.history],
+        "best_epoch": result.best_epoch,
+        # The best epoch's weights, unless they are this epoch's (then they are "model").
+        "best_state": None if result.best_epoch == epoch else result.best_state,
+        "best_eval": None if best is None else {
+            "accuracy": best.accuracy, "f1": best.f1,
+            "y_true": torch.from_numpy(best.y_true), "y_pred": torch.from_numpy(best.y_pred),
+        },
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    torch.save(state, partial)
+    os.replace(partial, path)  # a kill while writing leaves the previous epoch's file whole
+
+
+def _restore(path: Path, model, optimizer, scheduler, loader: DataLoader, result: FitResult) -> int:
+    """Load a checkpoint written by ``_save`` into the live objects; returns its epoch."""
+    try:
+        # weights_only: a restricted unpickler, so a tampered file cannot run code.
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - a truncated or foreign file: start over, say why
+        raise FtsearchError(f"cannot resume from the checkpoint {path}: {err}; delete it to start the trial over") from None
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    _set_rng_state(state["rng"])
+    loader_state = dict(state["loader"])
+    if "generator" in loader_state and loader.generator is not None:
+        loader.generator.set_state(loader_state.pop("generator"))
+    for name, part in _loader_parts(loader).items():
+        if name in loader_state:
+            part.load_state_dict(loader_state[name])
+    result.history = [EpochMetrics(**m) for m in state["history"]]
+    result.best_epoch = state["best_epoch"]
+    result.best_state = state["best_state"] if state["best_state"] is not None else state["model"]
+    best = state["best_eval"]
+    if best is not None:
+        result.best_eval = Evaluation(best["accuracy"], best["f1"], best["y_true"].numpy(), best["y_pred"].numpy())
+    return int(state["epoch"])
 
 
 def _improves(value: float, best: float | None, maximize: bool) -> bool:

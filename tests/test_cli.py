@@ -9,7 +9,7 @@ from ftsearch.cli import main
 
 
 def assert_nothing_created(state_dir):
-    assert not (state_dir / "optuna.db").exists()
+    assert not (state_dir / "optuna.journal").exists()
     assert not (state_dir / "mlflow.db").exists()
 
 

@@ -12,6 +12,7 @@ import torch
 import yaml
 from mlflow import MlflowClient
 
+from ftsearch.storage import open_storage
 from ftsearch import settings
 from ftsearch.cli import main
 from ftsearch.config import DataConfig
@@ -104,7 +105,7 @@ def test_image_search_end_to_end(write_image_study, tiny_images, capsys):
     for child in children:
         assert {"crop_scale", "hflip", "auto_augment", "mixup_alpha", "cutmix_alpha"} <= set(child.data.params)
         assert len(client.get_metric_history(child.info.run_id, "val_accuracy")) == 4
-    study = optuna.load_study(study_name="shapes", storage=settings.optuna_storage_url())
+    study = optuna.load_study(study_name="shapes", storage=open_storage())
     assert max(t.value for t in study.trials) >= 0.8
     version = client.get_model_version_by_alias("tiny-shapes", "candidate")
     assert float(version.tags["test_accuracy"]) >= 0.7
@@ -267,7 +268,7 @@ def test_bad_image_folders(tmp_path, tiny_cnn, breakage, expected, capsys, state
     path.write_text(yaml.safe_dump(image_study(root, tiny_cnn)))
     assert main(["search", str(path)]) == 2
     assert expected in capsys.readouterr().err
-    assert not (state_dir / "mlflow.db").exists() and not (state_dir / "optuna.db").exists()
+    assert not (state_dir / "mlflow.db").exists() and not (state_dir / "optuna.journal").exists()
 
 
 def test_unknown_vision_backbone(write_image_study, capsys, state_dir):

@@ -134,14 +134,14 @@ def test_live_reporter_updates_the_best_and_counts_after_a_trial():
 
 
 def test_live_display_is_stopped_when_the_search_is_interrupted(write_study, monkeypatch):
-    import ftsearch.study as study_module
+    import ftsearch.trials as trials_module
     from ftsearch.study import SearchOptions, run_search
 
-    def interrupted_fit(model, train_loader, val_loader, settings, on_epoch_end=None, on_step=None):
+    def interrupted_fit(model, train_loader, val_loader, settings, on_epoch_end=None, on_step=None, **kwargs):
         on_step(1, 10)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(study_module, "fit", interrupted_fit)
+    monkeypatch.setattr(trials_module, "fit", interrupted_fit)
     reporter, out = live_reporter()
     stdout, stderr = sys.stdout, sys.stderr
     with pytest.raises(KeyboardInterrupt):

@@ -17,6 +17,7 @@ import yaml
 from conftest import tiny_study
 from mlflow import MlflowClient
 
+from ftsearch.storage import open_storage
 from ftsearch import report, settings
 from ftsearch.cli import main
 from ftsearch.config import load_study
@@ -48,9 +49,10 @@ def reported(tmp_path_factory, tiny_bert, tiny_reviews):
         warnings.simplefilter("ignore", UserWarning)  # the enqueued lr 0.9 is outside the searched range
         mp.setenv("FTSEARCH_STATE_DIR", str(root / "mlruns"))
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        from ftsearch.storage import open_storage
         from ftsearch.study import open_study
 
-        study = open_study(load_study(str(study_file), cpu=True), None, fresh=False)
+        study = open_study(load_study(str(study_file), cpu=True), open_storage(), fresh=False)
         for lr in (8e-3, 5e-3, 0.9):  # 0.9 cannot learn: the median pruner stops it (or its loss blows up)
             study.enqueue_trial({"lr": lr})
         assert main(["search", str(study_file), "--quiet"]) == 0
@@ -68,7 +70,7 @@ def in_reported(reported, monkeypatch):
 
 
 def optuna_study() -> optuna.Study:
-    return optuna.load_study(study_name="tiny", storage=settings.optuna_storage_url())
+    return optuna.load_study(study_name="tiny", storage=open_storage())
 
 
 def expected_value(trial: optuna.trial.FrozenTrial) -> float:
@@ -182,14 +184,15 @@ def test_unknown_study_names_the_studies_that_exist(in_reported, write_study, ca
 def test_report_before_any_search_creates_nothing(write_study, state_dir, capsys):
     assert main(["report", str(write_study())]) == 2
     assert "studies there: none" in capsys.readouterr().err
-    assert not (state_dir / "optuna.db").exists()
+    assert not (state_dir / "optuna.journal").exists()
 
 
 def test_a_study_without_trials_is_reported_in_sentences(write_study, state_dir, capsys):
+    from ftsearch.storage import open_storage
     from ftsearch.study import open_study
 
     path = write_study()
-    open_study(load_study(str(path), cpu=True), None, fresh=False)  # created, never run
+    open_study(load_study(str(path), cpu=True), open_storage(), fresh=False)  # created, never run
     assert main(["report", str(path)]) == 0
     printed = capsys.readouterr().out
     assert "No trial has run yet" in printed and "no registered model 'tiny-sentiment'" in printed

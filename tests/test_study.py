@@ -15,6 +15,7 @@ from mlflow import MlflowClient
 from ftsearch import settings
 from ftsearch.cli import main
 from ftsearch.config import load_study
+from ftsearch.storage import open_storage
 from ftsearch.study import open_study
 
 PARENT = "mlflow.parentRunId"
@@ -36,7 +37,7 @@ def runs(experiment: str) -> tuple[list, list]:
 
 
 def optuna_study(name: str) -> optuna.Study:
-    return optuna.load_study(study_name=name, storage=settings.optuna_storage_url())
+    return optuna.load_study(study_name=name, storage=open_storage())
 
 
 @pytest.fixture(scope="module")
@@ -143,9 +144,9 @@ def test_rerunning_a_finished_study_runs_nothing_new(in_searched, capsys):
 
 
 def test_interrupted_study_resumes_under_the_same_parent(write_study, monkeypatch, capsys):
-    import ftsearch.study as study_module
+    import ftsearch.trials as trials_module
 
-    real_fit, calls = study_module.fit, []
+    real_fit, calls = trials_module.fit, []
 
     def interrupt_second_trial(*args, **kwargs):
         calls.append(1)
@@ -153,7 +154,7 @@ def test_interrupted_study_resumes_under_the_same_parent(write_study, monkeypatc
             raise KeyboardInterrupt
         return real_fit(*args, **kwargs)
 
-    monkeypatch.setattr(study_module, "fit", interrupt_second_trial)
+    monkeypatch.setattr(trials_module, "fit", interrupt_second_trial)
     path = str(write_study())
     assert main(["search", path]) == 130
     assert "run the same command again to resume" in capsys.readouterr().err
@@ -192,7 +193,7 @@ def test_resuming_with_a_changed_search_space_is_refused(write_study, capsys):
 def test_a_bad_trial_is_pruned_and_its_run_finished_with_the_pruned_tag(write_study):
     path = write_study(pruner={"name": "median", "min_epochs": 1, "startup_trials": 1})
     config = load_study(str(path), cpu=True)
-    study = open_study(config, None, fresh=False)
+    study = open_study(config, open_storage(), fresh=False)
     study.enqueue_trial({"lr": 8e-3})
     study.enqueue_trial({"lr": 0.9})  # absurd: it cannot learn anything in its first epoch
     assert main(["search", str(path)]) == 0
@@ -256,9 +257,9 @@ def test_trial_config_artifact_is_the_sampled_config(in_searched):
 
 
 def test_a_trial_that_raises_fails_its_run_and_the_study_goes_on(write_study, monkeypatch, capsys):
-    import ftsearch.study as study_module
+    import ftsearch.trials as trials_module
 
-    real_fit, calls = study_module.fit, []
+    real_fit, calls = trials_module.fit, []
 
     def broken_first_trial(*args, **kwargs):
         calls.append(1)
@@ -266,7 +267,7 @@ def test_a_trial_that_raises_fails_its_run_and_the_study_goes_on(write_study, mo
             raise RuntimeError("disk on fire")
         return real_fit(*args, **kwargs)
 
-    monkeypatch.setattr(study_module, "fit", broken_first_trial)
+    monkeypatch.setattr(trials_module, "fit", broken_first_trial)
     assert main(["search", str(write_study(n_trials=1))]) == 0
     trials = optuna_study("tiny").trials
     assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]
@@ -276,12 +277,12 @@ def test_a_trial_that_raises_fails_its_run_and_the_study_goes_on(write_study, mo
 
 
 def test_when_every_trial_fails_the_search_says_why(write_study, monkeypatch, capsys):
-    import ftsearch.study as study_module
+    import ftsearch.trials as trials_module
 
     def always_broken(*args, **kwargs):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(study_module, "fit", always_broken)
+    monkeypatch.setattr(trials_module, "fit", always_broken)
     assert main(["search", str(write_study(n_trials=1))]) == 2
     captured = capsys.readouterr()
     assert "stopping: 3 trials failed in a row" in captured.out

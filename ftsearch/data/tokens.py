@@ -92,6 +92,13 @@ class LengthGroupedBatches(Sampler[list[int]]):
     def __len__(self) -> int:
         return math.ceil(len(self.lengths) / self.batch_size)
 
+    def state_dict(self) -> dict:
+        """How many epochs were drawn (each epoch's order depends on it), for checkpoints."""
+        return {"epoch": self.epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch = int(state["epoch"])
+
     def __iter__(self):
         if not self.shuffle:
             order = np.argsort(-self.lengths, kind="stable")
@@ -131,13 +138,24 @@ class PadCollator:
         self._rngs: dict[int, np.random.Generator] = {}
 
     def _rng(self) -> np.random.Generator:
-        # Each DataLoader worker holds a copy of this collator: a stream per worker keeps the
-        # workers from drawing the same augmentation for different batches.
+        # Each DataLoader worker holds a fresh copy of this collator every epoch: its stream comes
+        # from the worker's torch seed, which differs per worker and per epoch (and follows the
+        # torch RNG, so a resumed run draws what the uninterrupted one would have).
         info = get_worker_info()
         worker = info.id if info is not None else -1
         if worker not in self._rngs:
-            self._rngs[worker] = np.random.default_rng((self.seed, worker + 1))
+            self._rngs[worker] = np.random.default_rng(self.seed if info is None else (self.seed, info.seed))
         return self._rngs[worker]
+
+    def state_dict(self) -> dict:
+        """The in-process augmentation stream, for checkpoints."""
+        return {"main": self._rngs[-1].bit_generator.state} if -1 in self._rngs else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "main" in state:
+            rng = np.random.default_rng(self.seed)
+            rng.bit_generator.state = state["main"]
+            self._rngs[-1] = rng
 
     def __call__(self, batch: list[tuple[np.ndarray, int]]) -> dict[str, torch.Tensor]:
         rng = self._rng() if self.augment is not None and self.augment.active else None

@@ -1,0 +1,181 @@
+"""The worker loop: claim a trial slot, run it under a heartbeat, record how it ended, repeat.
+
+A study holds exactly ``n_trials`` slots: waiting trials enqueued when the study starts. A
+worker claims one with a single storage transaction (WAITING -> RUNNING), so two workers never
+run the same trial and the study never runs more trials than asked for, however many workers
+join. A trial that fails gives its slot back as a fresh waiting trial; one whose worker died
+(no heartbeat) or was interrupted is enqueued again with its parameters once, and resumes from
+its last finished epoch.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import optuna
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.storages import BaseStorage
+from optuna.trial import FrozenTrial, TrialState
+
+from ftsearch import storage as storages
+from ftsearch import tracking
+from ftsearch.generations import RETRIES_ATTR, RETRY_OF_ATTR, RUN_ID_ATTR, WORKER_ATTR
+
+MAX_RETRIES = 1
+MAX_FAILURES_IN_A_ROW = 3
+COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+Objective = Callable[[optuna.Trial], float]
+AfterTrial = Callable[[optuna.Study, FrozenTrial], None]
+
+
+def worker_name() -> str:
+    """``host:pid``: which process ran a trial (a trial user attribute, shown in the report)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def ensure_slots(study: optuna.Study, n_trials: int) -> int:
+    """Enqueue waiting trials until the study's finished, running and waiting trials make
+    ``n_trials`` (failed ones do not count). Returns how many were added."""
+    trials = study.get_trials(deepcopy=False, states=(*COUNTED, TrialState.RUNNING, TrialState.WAITING))
+    missing = max(0, n_trials - len(trials))
+    for _ in range(missing):
+        study.enqueue_trial({})
+    return missing
+
+
+def requeue(study: optuna.Study, trial: FrozenTrial) -> str:
+    """Give the slot of a trial that ended FAIL back: the same parameters once more (resuming from
+    its checkpoint) when its process died or was interrupted, else a fresh sample. Returns what
+    was done, for the log."""
+    retries = int(trial.user_attrs.get(RETRIES_ATTR, 0))
+    if retries < MAX_RETRIES and trial.params:
+        origin = int(trial.user_attrs.get(RETRY_OF_ATTR, trial.number))
+        study.enqueue_trial(trial.params, user_attrs={RETRY_OF_ATTR: origin, RETRIES_ATTR: retries + 1})
+        return f"trial {trial.number} will be retried with the same parameters"
+    study.enqueue_trial({})
+    return f"trial {trial.number} was already retried; a new trial takes its place"
+
+
+def end_stale_trial(study: optuna.Study, trial: FrozenTrial) -> None:
+    """Storage callback for a trial found dead (no heartbeat): end its MLflow run FAILED with the
+    reason and retry it once. Runs in whichever process noticed, exactly once per trial."""
+    reason = f"its worker ({trial.user_attrs.get(WORKER_ATTR, 'unknown')}) stopped sending heartbeats: killed, out of memory or lost"
+    run_id = trial.user_attrs.get(RUN_ID_ATTR)
+    if run_id:
+        tracking.TrialRun(tracking.client(), run_id).finish("FAIL", reason)
+    requeue(study, trial)
+
+
+def claim(study: optuna.Study, storage: BaseStorage) -> int | None:
+    """Atomically move the oldest waiting trial to RUNNING; its trial id, or None if none is left."""
+    study_id = storage.get_study_id_from_name(study.study_name)
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+        try:
+            if storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):
+                return trial_id
+        except UpdateFinishedTrialError:
+            continue
+    return None
+
+
+@contextmanager
+def heartbeat(study: optuna.Study, storage: BaseStorage, trial_id: int):
+    """Beat for ``trial_id`` while the block runs, and meanwhile fail other workers' dead trials
+    (so a kill is noticed within two intervals even when no worker is between trials)."""
+    interval = storage.get_heartbeat_interval()
+    stop = threading.Event()
+
+    def beat() -> None:
+        while True:
+            storage.record_heartbeat(trial_id)
+            storages.fail_stale_trials(study)
+            if stop.wait(interval):
+                return
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-{trial_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+@dataclass
+class WorkerResult:
+    """What one worker did."""
+
+    ran: int = 0
+    stopped_early: str = ""  # why it stopped with trials left (not the timeout: that is asked for)
+
+
+def work(
+    study_name: str,
+    storage: BaseStorage,
+    open_study: Callable[[], optuna.Study],
+    objective: Objective,
+    after_trial: AfterTrial,
+    *,
+    timeout: float | None = None,
+    idle_poll: float = 2.0,
+    warn: Callable[[str], None] = print,
+) -> WorkerResult:
+    """Run trial slots of ``study_name`` until none is waiting and none runs elsewhere (a running
+    trial may still die and come back as a retry), the timeout, or repeated failures.
+
+    ``open_study`` gives a fresh Study object per trial, so the sampler sees every trial that
+    finished since (Optuna caches the trial list per study object)."""
+    result = WorkerResult()
+    deadline = None if timeout is None else time.monotonic() + timeout
+    failures_in_a_row = 0
+    while deadline is None or time.monotonic() < deadline:
+        study = open_study()
+        storages.fail_stale_trials(study)
+        trial_id = claim(study, storage)
+        if trial_id is None:
+            if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
+                return result
+            time.sleep(idle_poll)
+            continue
+        trial = optuna.Trial(study, trial_id)
+        trial.set_user_attr(WORKER_ATTR, worker_name())
+        state, value = TrialState.FAIL, None
+        interrupted = False
+        try:
+            with heartbeat(study, storage, trial_id):
+                value = objective(trial)
+            state = TrialState.COMPLETE
+        except optuna.TrialPruned:
+            state = TrialState.PRUNED
+        except KeyboardInterrupt:
+            interrupted = True
+            raise
+        except Exception as err:  # noqa: BLE001 - the runner recorded the reason; the study goes on
+            warn(f"trial {trial.number} failed: {type(err).__name__}: {err}")
+        finally:
+            if storage.get_trial(trial_id).state.is_finished():
+                # Judged dead by another worker while it ran (a stall longer than two heartbeats):
+                # that worker ended it and gave its slot back already.
+                frozen = storage.get_trial(trial_id)
+            else:
+                frozen = study.tell(trial, value if state == TrialState.COMPLETE else None, state=state, skip_if_finished=True)
+                if state == TrialState.FAIL:
+                    requeue(study, frozen) if interrupted else study.enqueue_trial({})
+            result.ran += 1
+            if not interrupted:
+                after_trial(study, frozen)
+            gc.collect()
+        failures_in_a_row = failures_in_a_row + 1 if state == TrialState.FAIL else 0
+        if failures_in_a_row >= MAX_FAILURES_IN_A_ROW:
+            result.stopped_early = f"{failures_in_a_row} trials failed in a row"
+            return result
+    return result
