@@ -83,7 +83,7 @@ def run_ftsearch(spec: dict, probe: Probe) -> dict:
     """
     import optuna
 
-    from ftsearch import settings
+    from ftsearch.storage import open_storage
     from ftsearch.study import SearchOptions, run_search
 
     _time_mlflow(probe)
@@ -94,7 +94,7 @@ def run_ftsearch(spec: dict, probe: Probe) -> dict:
     )
     summary = run_search(options)
     t_end = time.time()
-    study = optuna.load_study(study_name=summary.study_name, storage=settings.optuna_storage_url())
+    study = optuna.load_study(study_name=summary.study_name, storage=open_storage())
     # ftsearch seeds trial n with seed + n.
     trials = _trial_records(study, ("lr", "batch_size"), lambda number: spec["sampler_seed"] + number)
     return {

@@ -74,6 +74,8 @@ def register_best(
         # register_model prints its own progress to stderr; ftsearch reports the version itself.
         with contextlib.redirect_stderr(io.StringIO()):
             version = mlflow.register_model(info.model_uri, registered_name, tags=tags)
+        if version.status != "READY":  # register_model waits for it; a store may still say no
+            raise FtsearchError(f"{registered_name} v{version.version} did not become ready ({version.status}); nothing was registered")
         mlflow_client.set_registered_model_alias(registered_name, CANDIDATE, version.version)
         mlflow_client.set_model_version_tag(registered_name, version.version, COMPLETE_TAG, "complete")
     except BaseException:
@@ -120,6 +122,12 @@ def promote(registered_name: str, metric: str, maximize: bool, force: bool = Fal
         raise FtsearchError(
             f"registered model {registered_name!r} has no {CANDIDATE!r} version: run the search first "
             "(a search registers its best model as the candidate when it ends)"
+        )
+    if candidate.status != "READY" or candidate.tags.get(COMPLETE_TAG) != "complete" or key not in candidate.tags:
+        raise FtsearchError(
+            f"{registered_name} v{candidate.version} is not completely registered (status {candidate.status}, "
+            f"{key} {'logged' if key in candidate.tags else 'missing'}): the champion stays where it is; "
+            "run the search again to register the best model completely"
         )
     champion = _by_alias(registered_name, CHAMPION)
     cand_score = float(candidate.tags[key])

@@ -93,18 +93,32 @@ def open_storage(url: str | None = None, on_stale: StaleCallback | None = None) 
     try:
         if is_journal(url):
             return HeartbeatJournalStorage(Path(url), interval, on_stale)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats
-            return optuna.storages.RDBStorage(
-                url,
-                heartbeat_interval=interval,
-                grace_period=2 * interval,
-                heartbeat_stale_trial_callback=on_stale,
-                # SQLite waits for a busy database instead of failing at once.
-                engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite:") else None,
-            )
+        return _rdb_storage(url, interval, on_stale)
     except Exception as err:  # noqa: BLE001 - bad URL, unreachable server, missing driver
         raise FtsearchError(f"cannot open Optuna storage {url!r}: {str(err).splitlines()[0]}") from None
+
+
+def _rdb_storage(url: str, interval: int, on_stale: StaleCallback | None) -> BaseStorage:
+    # Workers starting together on an empty database race to create its tables: the loser sees
+    # a duplicate-object error, and the tables exist when it tries again.
+    attempts = 3 if url.startswith(("postgresql", "mysql")) else 1
+    for attempt in range(attempts):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats
+                return optuna.storages.RDBStorage(
+                    url,
+                    heartbeat_interval=interval,
+                    grace_period=2 * interval,
+                    heartbeat_stale_trial_callback=on_stale,
+                    # SQLite waits for a busy database instead of failing at once.
+                    engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite:") else None,
+                )
+        except Exception:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(1 + attempt)
+    raise AssertionError("unreachable")
 
 
 def study_names(url: str | None = None) -> list[str]:

@@ -27,7 +27,7 @@ from ftsearch.progress import Reporter
 from ftsearch.tasks import make_task
 from ftsearch.tasks.base import Task
 from ftsearch.train import evaluate, resolve_device
-from ftsearch.trials import TrialRunner, best_info, best_trial, trial_counts
+from ftsearch.trials import WEIGHTS_ARTIFACT, TrialRunner, best_info, best_trial, trial_counts
 
 JOIN_POLL_SECONDS = 2.0
 
@@ -205,7 +205,9 @@ def _join_study(config: StudyConfig, optuna_storage: BaseStorage, wait: float, r
 
 
 def _study_opener(config: StudyConfig, optuna_storage: BaseStorage, name: str, salt: int = 0):
-    trials_so_far = len(optuna.load_study(study_name=name, storage=optuna_storage).trials)
+    # Offset by the trials already run, so a resumed study does not replay its first samples.
+    trials_so_far = len(optuna.load_study(study_name=name, storage=optuna_storage).get_trials(
+        deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)))
     # One sampler for the worker's life (its random stream goes on); a fresh Study object per
     # trial, so the sampler sees the trials other workers finished since.
     sampler, pruner = make_sampler(config, trials_so_far + salt), make_pruner(config)
@@ -340,6 +342,9 @@ def finish_study(study: optuna.Study, prepared: Prepared, parent: tracking.Study
         runner.reporter.info(f"best trial {best.number} is already registered as {config.registered_model} v{version.version}")
         return summary
     folder = runner.checkpoints / f"trial-{best.number}"
+    if not folder.is_dir() and tracking.is_shared():
+        # Trained by a worker on another machine: it uploaded the weights when they became the best.
+        _download_weights(parent, run_id, folder)
     if not folder.is_dir():
         raise FtsearchError(f"the best trial's weights are missing from {folder}; rerun with --fresh")
     runner.reporter.info(f"scoring best trial {best.number} on the test split and registering it as {config.registered_model}")
@@ -357,6 +362,22 @@ def finish_study(study: optuna.Study, prepared: Prepared, parent: tracking.Study
     summary.model_version = version.version
     shutil.rmtree(runner.checkpoints, ignore_errors=True)  # the weights now live in the registry
     return summary
+
+
+def _download_weights(parent: tracking.StudyRun, run_id: str, folder: Path) -> None:
+    import mlflow
+
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=WEIGHTS_ARTIFACT, dst_path=str(partial),
+                                            tracking_uri=parent.mlflow_client.tracking_uri)
+    except Exception as err:  # noqa: BLE001 - said below, with what to do
+        shutil.rmtree(partial, ignore_errors=True)
+        raise FtsearchError(f"cannot download the best trial's weights from run {run_id}: {err}") from None
+    (partial / WEIGHTS_ARTIFACT).rename(folder)
+    shutil.rmtree(partial, ignore_errors=True)
 
 
 def _log_baseline(task: Task, parent: tracking.StudyRun, metric: str, reporter: Reporter) -> None:

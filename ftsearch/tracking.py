@@ -41,6 +41,12 @@ def client() -> MlflowClient:
     return MlflowClient(uri, registry_uri=uri)
 
 
+def is_shared() -> bool:
+    """Whether tracking goes to a server that workers on other machines share (then each new
+    best trial's weights are uploaded, since its worker's disk is not the search process's)."""
+    return settings.tracking_uri().startswith(("http://", "https://"))
+
+
 def experiment_id(mlflow_client: MlflowClient, name: str) -> str:
     """The study's experiment, created on first use (artifacts under the state dir when local)."""
     experiment = mlflow_client.get_experiment_by_name(name)

@@ -19,6 +19,7 @@ from ftsearch.tasks.base import Task
 from ftsearch.train import EpochMetrics, FitResult, TrainSettings, fit, seed_everything
 
 OOM_TAG = "ftsearch.oom_retry"
+WEIGHTS_ARTIFACT = "weights"  # a new best trial's weights, on a shared tracking server
 
 
 class TrialOutOfMemory(RuntimeError):
@@ -215,6 +216,9 @@ class TrialRunner:
                 shutil.rmtree(folder, ignore_errors=True)
         if best is not None and best.number == trial.number:
             self.parent.log_best(self.config.metric, best.value, best.number, best.params)
+            folder = self.checkpoints / f"trial-{trial.number}"
+            if tracking.is_shared() and folder.is_dir():
+                self.parent.mlflow_client.log_artifacts(trial.user_attrs[RUN_ID_ATTR], str(folder), WEIGHTS_ARTIFACT)
 
 
 def _trial_line(trial_cfg: TrialConfig) -> str:

@@ -181,3 +181,36 @@ def chromium() -> str:
             pytest.fail(f"FTSEARCH_REQUIRE_BROWSER is set but {reason}")
         pytest.skip(reason)
     return path
+
+
+# Reading back what a search left: the MLflow store and the Optuna storage of the test's state dir.
+PARENT = "mlflow.parentRunId"
+
+
+def store():
+    """An MLflow client on the test's tracking store."""
+    from mlflow import MlflowClient
+
+    from ftsearch import settings
+
+    uri = settings.tracking_uri()
+    return MlflowClient(uri, registry_uri=uri)
+
+
+def runs(experiment: str) -> tuple[list, list]:
+    """(parent runs, child runs) of an experiment."""
+    client = store()
+    exp = client.get_experiment_by_name(experiment)
+    everything = client.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in everything if PARENT not in r.data.tags]
+    children = [r for r in everything if PARENT in r.data.tags]
+    return parents, children
+
+
+def optuna_study(name: str):
+    """The Optuna study ``name`` in the test's state dir."""
+    import optuna
+
+    from ftsearch.storage import open_storage
+
+    return optuna.load_study(study_name=name, storage=open_storage())

@@ -12,13 +12,13 @@ import torch
 import yaml
 from mlflow import MlflowClient
 
-from ftsearch.storage import open_storage
 from ftsearch import settings
 from ftsearch.cli import main
 from ftsearch.config import DataConfig
 from ftsearch.data.images import load_image_splits
 from ftsearch.errors import FtsearchError
 from ftsearch.space import TrialConfig
+from ftsearch.storage import open_storage
 
 
 def image_study(tiny_images: Path, tiny_cnn: Path, **changes) -> dict:

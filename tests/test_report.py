@@ -17,10 +17,10 @@ import yaml
 from conftest import tiny_study
 from mlflow import MlflowClient
 
-from ftsearch.storage import open_storage
 from ftsearch import report, settings
 from ftsearch.cli import main
 from ftsearch.config import load_study
+from ftsearch.storage import open_storage
 
 ROW = re.compile(r"^\s*(\d+)\s+(COMPLETE|PRUNED(?: at epoch \d+)?|FAIL|RUNNING)\s+(\S+)\s+(\d+)\s+(.*)$")
 

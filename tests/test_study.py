@@ -9,35 +9,12 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-from conftest import tiny_study
-from mlflow import MlflowClient
+from conftest import PARENT, optuna_study, runs, store, tiny_study
 
-from ftsearch import settings
 from ftsearch.cli import main
 from ftsearch.config import load_study
 from ftsearch.storage import open_storage
 from ftsearch.study import open_study
-
-PARENT = "mlflow.parentRunId"
-
-
-def store() -> MlflowClient:
-    uri = settings.tracking_uri()
-    return MlflowClient(uri, registry_uri=uri)
-
-
-def runs(experiment: str) -> tuple[list, list]:
-    """(parent runs, child runs) of an experiment."""
-    client = store()
-    exp = client.get_experiment_by_name(experiment)
-    everything = client.search_runs([exp.experiment_id], max_results=1000)
-    parents = [r for r in everything if PARENT not in r.data.tags]
-    children = [r for r in everything if PARENT in r.data.tags]
-    return parents, children
-
-
-def optuna_study(name: str) -> optuna.Study:
-    return optuna.load_study(study_name=name, storage=open_storage())
 
 
 @pytest.fixture(scope="module")

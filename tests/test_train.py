@@ -101,3 +101,72 @@ def test_compiled_training_learns_the_same_and_keeps_plain_state_dict_keys(tiny_
     compiled = fit(compiled_model, *loaders, TrainSettings(lr=8e-3, epochs=2, warmup_ratio=0.1, compile=True))
     assert [m.train_loss for m in compiled.history] == pytest.approx([m.train_loss for m in eager.history], rel=0.05)
     assert set(compiled.best_state) == set(eager.best_state)  # no "_orig_mod." prefix: it saves as usual
+
+
+def augmented_loaders(tiny_bert, tmp_path, batch_size=16):
+    from ftsearch.augment import TokenAugment
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+
+    def frame(n, seed):
+        data = make_reviews(n, seed)
+        return pd.DataFrame({"text": data["review"], "label": (data["sentiment"] == "pos").astype(int)})
+
+    train = tokenize_cached(tokenizer, frame(160, 1), 32, tmp_path)
+    val = tokenize_cached(tokenizer, frame(60, 3), 32, tmp_path)
+    augment = TokenAugment(mask_prob=0.1, delete_prob=0.05, mask_id=tokenizer.mask_token_id)
+    return (make_loader(train, batch_size, 0, shuffle=True, seed=7, augment=augment),
+            make_loader(val, 64, 0, shuffle=False))
+
+
+def test_a_run_resumed_from_its_checkpoint_ends_exactly_like_an_uninterrupted_one(tiny_bert, tmp_path):
+    # Dropout, shuffling and token augmentation all draw random numbers: every stream must be
+    # restored for the resumed run to match bit for bit.
+    settings = TrainSettings(lr=5e-3, epochs=3, warmup_ratio=0.2, seed=3)
+    whole = fit(model(tiny_bert), *augmented_loaders(tiny_bert, tmp_path), settings)
+
+    checkpoint = tmp_path / "resume" / "trial-0.pt"
+
+    def killed_after_epoch_2(metrics):
+        if metrics.epoch == 2:
+            raise KeyboardInterrupt  # the process dies after the epoch's checkpoint was written
+        return False
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(model(tiny_bert), *augmented_loaders(tiny_bert, tmp_path), settings, killed_after_epoch_2, checkpoint=checkpoint)
+    assert checkpoint.is_file() and not list(checkpoint.parent.glob(".*partial"))
+
+    restored = []
+    # A new process: a freshly built model and loaders (epoch counters at 0), the same seed.
+    resumed = fit(
+        model(tiny_bert), *augmented_loaders(tiny_bert, tmp_path), settings,
+        checkpoint=checkpoint, on_resume=restored.extend,
+    )
+    assert resumed.resumed_from_epoch == 2 and [m.epoch for m in restored] == [1, 2]
+    assert resumed.history == whole.history
+    assert resumed.best_epoch == whole.best_epoch
+    for key, value in whole.best_state.items():
+        assert torch.equal(value, resumed.best_state[key]), key
+    assert np.array_equal(resumed.best_eval.y_pred, whole.best_eval.y_pred)
+
+
+def test_a_corrupt_checkpoint_is_an_error_that_says_what_to_do(tiny_bert, loaders, tmp_path):
+    from ftsearch.errors import FtsearchError
+
+    broken = tmp_path / "trial-0.pt"
+    broken.write_bytes(b"not a checkpoint")
+    with pytest.raises(FtsearchError, match="delete it to start the trial over"):
+        fit(model(tiny_bert), *loaders, TrainSettings(lr=5e-3, epochs=1), checkpoint=broken)
+
+
+def test_gradient_accumulation_takes_one_step_per_group_of_batches(tiny_bert, tmp_path):
+    # Half the batch, twice the accumulation: the optimiser steps as often as at the full batch.
+    steps = {}
+    for batch_size, accumulation in ((16, 1), (8, 2)):
+        seen = []
+        settings = TrainSettings(lr=8e-3, epochs=4, warmup_ratio=0.1, seed=3, grad_accumulation=accumulation)
+        train, val = augmented_loaders(tiny_bert, tmp_path, batch_size)
+        result = fit(model(tiny_bert), train, val, settings, on_step=lambda s, t, seen=seen: seen.append(t))
+        steps[batch_size] = (len(seen), seen[-1])
+        assert max(m.val_accuracy for m in result.history) >= 0.8  # it learns either way
+    assert steps[16] == steps[8] == (40, 40)

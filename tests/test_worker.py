@@ -1,0 +1,256 @@
+"""Workers sharing a study: the journal storage under several processes, heartbeats, retries of
+dead trials resuming from their checkpoint, the out-of-memory retry, memory across trials."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from conftest import PARENT, optuna_study, runs, store
+from optuna.trial import TrialState
+
+from ftsearch import storage, tracking, worker
+from ftsearch.cli import main
+from ftsearch.generations import RESUMED_ATTR, RETRY_OF_ATTR, RUN_ID_ATTR, WORKER_ATTR
+
+ROOT = Path(__file__).resolve().parents[1]
+
+HAMMER = textwrap.dedent(
+    """
+    import random, sys, optuna
+    from ftsearch import storage, worker
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    store = storage.open_storage(sys.argv[1])
+    open_study = lambda: optuna.load_study(study_name="hammer", storage=store, sampler=optuna.samplers.RandomSampler())
+    def objective(trial):
+        return trial.suggest_float("x", 0, 1) + random.random() * 1e-3
+    done = worker.work("hammer", store, open_study, objective, lambda study, trial: None, idle_poll=0.05)
+    print(done.ran)
+    """
+)
+
+
+def test_four_processes_share_the_journal_storage_without_losing_or_doubling_a_trial(tmp_path):
+    # What SQLite fails at ("database is locked", optuna#820): processes claiming, reporting and
+    # finishing trials on one storage at once. Every slot is run exactly once.
+    journal = tmp_path / "optuna.journal"
+    study = optuna.create_study(study_name="hammer", storage=storage.open_storage(str(journal)))
+    worker.ensure_slots(study, 120)
+    processes = [
+        subprocess.Popen([sys.executable, "-c", HAMMER, str(journal)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(4)
+    ]
+    outputs = [p.communicate(timeout=300) for p in processes]
+    assert all(p.returncode == 0 for p in processes), [err[-2000:] for _, err in outputs]
+    assert not any("locked" in err for _, err in outputs)
+    ran = [int(out.split()[-1]) for out, _ in outputs]
+    trials = optuna.load_study(study_name="hammer", storage=storage.open_storage(str(journal))).trials
+    assert sum(ran) == len(trials) == 120
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    assert sorted(t.number for t in trials) == list(range(120))
+    assert sum(n > 0 for n in ran) >= 2  # they really ran side by side
+
+
+def test_a_sqlite_storage_is_refused_for_several_workers(write_study, tmp_path, capsys):
+    assert main(["search", str(write_study()), "--workers", "2", "--storage", f"sqlite:///{tmp_path}/o.db"]) == 2
+    err = capsys.readouterr().err
+    assert "database is locked" in err and "use PostgreSQL" in err
+
+
+def _claimed_trial_with_a_run(study, storage_, params) -> tuple[int, str]:
+    study.enqueue_trial(params)
+    trial_id = worker.claim(study, storage_)
+    trial = optuna.Trial(study, trial_id)
+    trial.suggest_float("lr", 1e-4, 1e-2, log=True)
+    parent = tracking.StudyRun.open("stale", None, tags={})
+    run = parent.start_trial(trial.number, tags={})
+    trial.set_user_attr(RUN_ID_ATTR, run.run_id)
+    trial.set_user_attr(WORKER_ATTR, "elsewhere:1")
+    return trial_id, run.run_id
+
+
+def test_a_trial_without_heartbeats_is_failed_within_two_intervals_and_retried_once(monkeypatch):
+    monkeypatch.setenv(storage.HEARTBEAT_ENV, "1")
+    storage_ = storage.open_storage(on_stale=worker.end_stale_trial)
+    study = optuna.create_study(study_name="stale", storage=storage_)
+    dead_id, dead_run = _claimed_trial_with_a_run(study, storage_, {"lr": 1e-3})
+    storage_.record_heartbeat(dead_id)  # its last sign of life
+    last_beat = time.time()
+    alive_id, _ = _claimed_trial_with_a_run(study, storage_, {"lr": 2e-3})
+
+    # The live trial's heartbeat thread also watches for dead ones: nobody else needs to look.
+    failed_at = None
+    with worker.heartbeat(study, storage_, alive_id):
+        while time.time() - last_beat < 6:
+            if storage_.get_trial(dead_id).state == TrialState.FAIL:
+                failed_at = time.time()
+                break
+            time.sleep(0.1)
+    assert failed_at is not None and 2 <= failed_at - last_beat <= 3.5
+    assert not [t for t in threading.enumerate() if t.name.startswith("heartbeat-")]  # ended with its trial
+    assert storage_.get_trial(alive_id).state == TrialState.RUNNING
+
+    run = store().get_run(dead_run)
+    assert run.info.status == "FAILED" and "stopped sending heartbeats" in run.data.tags["ftsearch.reason"]
+    waiting = study.get_trials(states=(TrialState.WAITING,))
+    assert len(waiting) == 1 and waiting[0].system_attrs["fixed_params"] == {"lr": 1e-3}
+    assert waiting[0].user_attrs[RETRY_OF_ATTR] == 0
+
+    # The retry dies too: its slot goes to a fresh trial, not a second retry.
+    worker.claim(study, storage_)
+    retry = study.get_trials(states=(TrialState.RUNNING,))[-1]
+    assert retry.number == 2
+    time.sleep(2.2)
+    storage.fail_stale_trials(study)
+    again = study.get_trials(states=(TrialState.WAITING,))
+    assert len(again) == 1 and again[0].system_attrs["fixed_params"] == {}
+
+
+def _checkpoint(state_dir: Path) -> Path:
+    return state_dir / "checkpoints" / "tiny" / "resume" / "trial-0.pt"
+
+
+def test_a_killed_search_resumes_its_trial_from_the_last_epoch(write_study, state_dir, monkeypatch, capsys):
+    monkeypatch.setenv(storage.HEARTBEAT_ENV, "1")
+    path = write_study(n_trials=1, **{"search.epochs": {"low": 6, "high": 6}})
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ftsearch.cli", "search", str(path), "--quiet"],
+        cwd=ROOT, env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + 180
+    while not _checkpoint(state_dir).is_file():
+        assert process.poll() is None, process.stderr.read()
+        assert time.monotonic() < deadline, "no checkpoint written"
+        time.sleep(0.05)
+    time.sleep(0.5)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+    time.sleep(2.5)  # two heartbeats missed
+    assert main(["search", str(path)]) == 0
+    trials = optuna_study("tiny").trials
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
+    killed, retry = trials
+    assert retry.params == killed.params and retry.user_attrs[RETRY_OF_ATTR] == 0
+    resumed = retry.user_attrs[RESUMED_ATTR]
+    assert 1 <= resumed < 6
+    assert sorted(retry.intermediate_values) == list(range(1, 7))  # its curve is whole
+
+    parents, children = runs("tiny")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    by_id = {c.info.run_id: c for c in children}
+    dead, good = by_id[killed.user_attrs[RUN_ID_ATTR]], by_id[retry.user_attrs[RUN_ID_ATTR]]
+    assert dead.info.status == "FAILED" and "stopped sending heartbeats" in dead.data.tags["ftsearch.reason"]
+    assert good.info.status == "FINISHED" and good.data.params[RESUMED_ATTR] == str(resumed)
+    assert good.data.params["seed"] == dead.data.params["seed"]
+    history = store().get_metric_history(good.info.run_id, "val_accuracy")
+    assert sorted(m.step for m in history) == list(range(1, 7))
+    versions = store().search_model_versions("name = 'tiny-sentiment'")
+    assert len(versions) == 1 and versions[0].tags["trial_number"] == "1"
+    # The trial ended: no resume state is left behind (the registered model has the weights).
+    assert not _checkpoint(state_dir).exists()
+
+
+class _OutOfMemoryAbove:
+    """Wraps a model: a forward pass over more than ``limit`` examples raises CUDA's error."""
+
+    def __init__(self, limit: int):
+        self.limit, self.batches = limit, []
+
+    def install(self, monkeypatch):
+        from ftsearch.tasks.text import TextTask
+
+        real_build = TextTask.build
+
+        def build(task, trial):
+            setup = real_build(task, trial)
+            real_forward = setup.model.forward
+
+            def forward(**batch):
+                if not setup.model.training:  # evaluation runs without gradients, at its own size
+                    return real_forward(**batch)
+                self.batches.append(len(batch["labels"]))
+                if len(batch["labels"]) > self.limit:
+                    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+                return real_forward(**batch)
+
+            setup.model.forward = forward
+            return setup
+
+        monkeypatch.setattr(TextTask, "build", build)
+
+
+def test_out_of_memory_retries_at_half_the_batch_with_twice_the_accumulation(write_study, monkeypatch):
+    oom = _OutOfMemoryAbove(8)
+    oom.install(monkeypatch)
+    assert main(["search", str(write_study(n_trials=1))]) == 0
+    (trial,) = optuna_study("tiny").trials
+    assert trial.state == TrialState.COMPLETE and trial.params["batch_size"] == 16
+    assert oom.batches[0] == 16 and max(oom.batches[1:]) == 8
+    run = store().get_run(trial.user_attrs[RUN_ID_ATTR])
+    assert run.data.tags["ftsearch.oom_retry"] == "batch size 16 -> 8, gradient accumulation 2"
+    assert [m.step for m in store().get_metric_history(run.info.run_id, "val_accuracy")] == [1, 2, 3, 4]
+
+
+def test_a_trial_out_of_memory_at_half_the_batch_fails_with_that_batch_size(write_study, monkeypatch, capsys):
+    _OutOfMemoryAbove(4).install(monkeypatch)
+    assert main(["search", str(write_study(n_trials=1))]) == 2  # every trial fails the same way
+    trials = optuna_study("tiny").trials
+    assert len(trials) == 4 and [t.state for t in trials[:3]] == [TrialState.FAIL] * 3  # then it stops
+    reason = trials[0].user_attrs["reason"]
+    assert reason == "TrialOutOfMemory: out of memory at batch size 8 (and at 16 before)"
+    assert "first reason: TrialOutOfMemory: out of memory at batch size 8" in capsys.readouterr().err
+    assert all(c.info.status == "FAILED" for c in runs("tiny")[1])
+
+
+def test_resident_memory_after_ten_trials_is_back_to_its_level_after_the_first(write_study, monkeypatch):
+    psutil = pytest.importorskip("psutil")
+    from ftsearch.progress import PlainReporter
+    from ftsearch.study import SearchOptions, run_search
+
+    process, after_trial = psutil.Process(), []
+
+    class Measuring(PlainReporter):
+        def trials_updated(self, counts, best):
+            super().trials_updated(counts, best)
+            after_trial.append(process.memory_info().rss)
+            if torch.cuda.is_available():
+                after_trial[-1] += torch.cuda.memory_allocated()
+
+    path = write_study(n_trials=10, **{"search.epochs": {"low": 2, "high": 2}})
+    run_search(SearchOptions(str(path), device="cpu"), Measuring())
+    assert len(after_trial) == 10
+    first, last = after_trial[0], after_trial[-1]
+    print(f"RSS after trial 1: {first / 2**20:.0f} MiB, after trial 10: {last / 2**20:.0f} MiB")
+    assert last <= 1.10 * first, [f"{r / 2**20:.0f}" for r in after_trial]
+
+
+def test_two_local_workers_share_one_study_and_one_parent_run(write_study, capsys):
+    path = write_study(n_trials=4, **{"search.epochs": {"low": 2, "high": 2}})
+    assert main(["search", str(path), "--workers", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "[worker 0]" in out and "[worker 1]" in out
+    trials = optuna_study("tiny").trials
+    assert sorted(t.number for t in trials) == [0, 1, 2, 3]
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    assert len({t.user_attrs[WORKER_ATTR] for t in trials}) == 2
+    parents, children = runs("tiny")
+    assert len(parents) == 1 and len(children) == 4
+    assert {c.data.tags[PARENT] for c in children} == {parents[0].info.run_id}
+    assert sorted(c.info.run_id for c in children) == sorted(t.user_attrs[RUN_ID_ATTR] for t in trials)
+    assert len(store().search_model_versions("name = 'tiny-sentiment'")) == 1
+
+
+def test_a_worker_waits_for_the_search_to_start_the_study_then_says_what_to_run(write_study, capsys):
+    assert main(["worker", str(write_study()), "--wait", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "was not started within 0 s" in err and "run `ftsearch search tiny`" in err
