@@ -1,5 +1,5 @@
 # ftsearch: every target creates the virtual environment first if it is missing.
-#   make search STUDY=imdb ARGS="--n-trials 8"     run or resume a study
+#   make search STUDY=imdb ARGS="--n-trials 8"     run or resume a study (ARGS="--workers 2": in parallel)
 #   make ui                                         MLflow UI on 127.0.0.1:$(PORT)
 #   make dashboard                                  optuna-dashboard on 127.0.0.1:$(DASHBOARD_PORT)
 #   make promote STUDY=imdb ARGS=--force            move the champion alias
@@ -42,10 +42,10 @@ ui: $(STAMP)
 	$(BIN)/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(STATE)/mlflow.db}" \
 		--host $(HOST) --port $(PORT)
 
-# STORAGE= points it at another Optuna storage (the URL given to --storage).
+# STORAGE= points it at another Optuna storage (what was given to --storage).
 dashboard: $(STAMP)
 	@echo "Optuna dashboard: http://$(HOST):$(DASHBOARD_PORT)/dashboard/"
-	$(BIN)/optuna-dashboard "$${STORAGE:-sqlite:///$(STATE)/optuna.db}" --host $(HOST) --port $(DASHBOARD_PORT)
+	$(BIN)/optuna-dashboard "$${STORAGE:-$(STATE)/optuna.journal}" --host $(HOST) --port $(DASHBOARD_PORT)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(ARGS)

@@ -18,7 +18,7 @@ import math
 import os
 import tempfile
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -177,7 +177,12 @@ def collect(config: StudyConfig, storage_url: str | None = None) -> StudyReport:
                 notes.append(f"the MLflow run {run_id} of trial {trial.number} no longer exists")
             elif curve:
                 curves[trial.number] = curve
-        rows.append(_row(trial, curves.get(trial.number), maximize))
+        row = _row(trial, curves.get(trial.number), maximize)
+        if row.state == "FAIL" and not row.reason and run_id:
+            # A worker that died could not say why; whoever noticed wrote it on the run.
+            run = _get_run(client, run_id)
+            row = replace(row, reason=run.data.tags.get(tracking.REASON_TAG, "") if run is not None else "")
+        rows.append(row)
     # The best trial is Optuna's (the one the search registered), also when others tie with it.
     best_number = _best_trial_number(study)
     rows.sort(key=lambda r: _rank_key(r, maximize, best_number))

@@ -7,6 +7,7 @@ how a progress display follows it).
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import random
@@ -103,6 +104,13 @@ def resolve_device(requested: str) -> torch.device:
     if requested == "cuda" and not torch.cuda.is_available():
         raise FtsearchError("--device cuda was asked for but no CUDA GPU is visible; use --device auto or cpu")
     return torch.device(requested)
+
+
+def free_memory() -> None:
+    """Return what a finished (or failed) fit held to the allocator, and CUDA's cache to the driver."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def seed_everything(seed: int) -> None:

@@ -3,7 +3,6 @@ track in MLflow, keep the best trial's weights on disk."""
 
 from __future__ import annotations
 
-import gc
 import shutil
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from ftsearch.generations import REASON_ATTR, RESUMED_ATTR, RETRY_OF_ATTR, RUN_I
 from ftsearch.progress import BestTrial, Reporter, TrialCounts
 from ftsearch.space import TrialConfig, sample_trial
 from ftsearch.tasks.base import Task
-from ftsearch.train import EpochMetrics, FitResult, TrainSettings, fit, seed_everything
+from ftsearch.train import EpochMetrics, FitResult, TrainSettings, fit, free_memory, seed_everything
 
 OOM_TAG = "ftsearch.oom_retry"
 WEIGHTS_ARTIFACT = "weights"  # a new best trial's weights, on a shared tracking server
@@ -24,13 +23,6 @@ WEIGHTS_ARTIFACT = "weights"  # a new best trial's weights, on a shared tracking
 
 class TrialOutOfMemory(RuntimeError):
     """A trial that ran out of accelerator memory even at half its batch size."""
-
-
-def free_memory() -> None:
-    """Return what the last trial held to the allocator (and CUDA's cache to the driver)."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def best_trial(study: optuna.Study) -> FrozenTrial | None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import gc
 import os
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -96,8 +97,15 @@ def heartbeat(study: optuna.Study, storage: BaseStorage, trial_id: int):
 
     def beat() -> None:
         while True:
-            storage.record_heartbeat(trial_id)
-            storages.fail_stale_trials(study)
+            started = time.monotonic()
+            try:
+                storage.record_heartbeat(trial_id)
+                # A beat that had to wait (a stalled storage) means the other workers could not
+                # beat either: judge them only once they had a chance to.
+                if time.monotonic() - started < interval / 2:
+                    storages.fail_stale_trials(study)
+            except Exception as err:  # noqa: BLE001 - a lost beat must not end the beating
+                print(f"warning: heartbeat of trial id {trial_id} failed: {type(err).__name__}: {err}", file=sys.stderr)
             if stop.wait(interval):
                 return
 
