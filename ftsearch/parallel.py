@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +24,7 @@ from ftsearch.progress import Reporter
 
 MAX_RESTARTS = 3  # per worker: a worker that keeps getting killed points at a real problem
 STOP_GRACE_SECONDS = 30
+POLL_SECONDS = 3.0
 
 
 @dataclass
@@ -50,16 +52,21 @@ def worker_env(index: int, count: int) -> dict[str, str]:
     return env
 
 
-def run_workers(count: int, arguments: list[str], reporter: Reporter) -> None:
+def run_workers(count: int, arguments: list[str], reporter: Reporter, on_poll: Callable[[], None] | None = None) -> None:
     """Run ``count`` ``ftsearch worker`` processes with ``arguments`` until all have exited,
-    relaying their output line by line, prefixed with the worker's number."""
+    relaying their output line by line, prefixed with the worker's number; ``on_poll`` is called
+    every few seconds meanwhile (to follow the study's progress)."""
     workers = [_Worker(i, worker_env(i, count)) for i in range(count)]
     reporter.info(f"starting {count} worker processes")
     for w in workers:
         _start(w, arguments, reporter)
     failed = []
+    polled = time.monotonic()
     try:
         while any(w.process is not None for w in workers):
+            if on_poll is not None and time.monotonic() - polled > POLL_SECONDS:
+                on_poll()
+                polled = time.monotonic()
             for w in workers:
                 if w.process is None or (code := w.process.poll()) is None:
                     continue

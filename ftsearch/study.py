@@ -136,7 +136,10 @@ def _run_search(options: SearchOptions, reporter: Reporter) -> SearchSummary:
         )
         runner = TrialRunner(prepared.task, config, prepared.device, parent, _checkpoint_root(study), reporter, prepared.compile)
         if options.workers > 1:
-            parallel.run_workers(options.workers, _worker_arguments(options, url), reporter)
+            def follow() -> None:
+                reporter.trials_updated(trial_counts(study.get_trials(deepcopy=False)), best_info(best_trial(study)))
+
+            parallel.run_workers(options.workers, _worker_arguments(options, url), reporter, on_poll=follow)
         else:
             done = worker.work(
                 study.study_name, optuna_storage, _study_opener(config, optuna_storage, study.study_name),

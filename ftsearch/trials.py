@@ -90,6 +90,11 @@ class TrialRunner:
             return value
         except optuna.TrialPruned:
             raise
+        except optuna.exceptions.UpdateFinishedTrialError:
+            # Judged dead by another worker while it ran (it missed two heartbeats): that worker
+            # ended the run and queued the retry, which resumes from this trial's checkpoint.
+            state = "ABANDONED"
+            raise
         except KeyboardInterrupt:
             state, reason = "KILLED", "interrupted (Ctrl-C or SIGTERM); it resumes from its last epoch when the search goes on"
             raise
@@ -97,12 +102,13 @@ class TrialRunner:
             reason = f"{type(err).__name__}: {err}"
             raise
         finally:
-            if state != "KILLED":  # an interrupted trial is retried from its checkpoint
-                self.resume_file(trial).unlink(missing_ok=True)
-            if reason:
-                trial.set_user_attr(REASON_ATTR, reason)
-            run.finish(state, reason)
-            self.reporter.trial_ended(trial.number, state, reason, value)
+            if state != "ABANDONED":
+                if state != "KILLED":  # an interrupted trial is retried from its checkpoint
+                    self.resume_file(trial).unlink(missing_ok=True)
+                if reason:
+                    trial.set_user_attr(REASON_ATTR, reason)
+                run.finish(state, reason)
+            self.reporter.trial_ended(trial.number, "FAIL" if state == "ABANDONED" else state, reason, value)
 
     def _fit_in_memory(self, trial: optuna.Trial, trial_cfg: TrialConfig, run: tracking.TrialRun) -> FitResult:
         """Fit; on an out-of-memory error, once more at half the batch and twice the gradient

@@ -167,6 +167,8 @@ def work(
         except KeyboardInterrupt:
             interrupted = True
             raise
+        except UpdateFinishedTrialError:
+            warn(f"trial {trial.number} was judged dead by another worker (two heartbeats missed); its retry takes over")
         except Exception as err:  # noqa: BLE001 - the runner recorded the reason; the study goes on
             warn(f"trial {trial.number} failed: {type(err).__name__}: {err}")
         finally:

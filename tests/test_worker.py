@@ -276,3 +276,37 @@ def test_a_worker_waits_for_the_search_to_start_the_study_then_says_what_to_run(
     assert main(["worker", str(write_study()), "--wait", "0"]) == 2
     err = capsys.readouterr().err
     assert "was not started within 0 s" in err and "run `ftsearch search tiny`" in err
+
+
+def test_a_trial_judged_dead_while_alive_stops_and_leaves_its_checkpoint_to_the_retry(write_study, monkeypatch, capsys):
+    # A worker stalled for longer than two heartbeats (here: it never beats) is judged dead by
+    # another; when it wakes, it must not overwrite what that worker recorded, nor delete the
+    # checkpoint its retry resumes from.
+    import contextlib
+
+    import ftsearch.trials as trials_module
+
+    monkeypatch.setenv(storage.HEARTBEAT_ENV, "1")
+    monkeypatch.setattr(worker, "heartbeat", lambda *args: contextlib.nullcontext())
+    real_fit, judged = trials_module.fit, []
+
+    def fit_judged_dead_after_epoch_2(model, train, val, settings, on_epoch_end, **kwargs):
+        def on_epoch(metrics):
+            if metrics.epoch == 2 and not judged:
+                time.sleep(2.2)
+                other = optuna.load_study(study_name="tiny", storage=storage.open_storage(on_stale=worker.end_stale_trial))
+                storage.fail_stale_trials(other)  # what another worker's watch does
+                judged.append(1)
+            return on_epoch_end(metrics)
+
+        return real_fit(model, train, val, settings, on_epoch, **kwargs)
+
+    monkeypatch.setattr(trials_module, "fit", fit_judged_dead_after_epoch_2)
+    assert main(["search", str(write_study(n_trials=1))]) == 0
+    printed = capsys.readouterr()
+    assert "was judged dead by another worker" in printed.out + printed.err
+    dead, retry = optuna_study("tiny").trials
+    assert dead.state == TrialState.FAIL and retry.state == TrialState.COMPLETE
+    assert retry.user_attrs[RESUMED_ATTR] == 2  # the zombie left the checkpoint alone
+    run = store().get_run(dead.user_attrs[RUN_ID_ATTR])
+    assert run.info.status == "FAILED" and "stopped sending heartbeats" in run.data.tags["ftsearch.reason"]
