@@ -65,12 +65,16 @@ def run_workers(count: int, arguments: list[str], reporter: Reporter, on_poll: C
     try:
         while any(w.process is not None for w in workers):
             if on_poll is not None and time.monotonic() - polled > POLL_SECONDS:
-                on_poll()
+                try:
+                    on_poll()
+                except Exception as err:  # noqa: BLE001 - progress is not worth stopping the workers
+                    reporter.warn(f"could not read the study's progress: {type(err).__name__}: {err}")
                 polled = time.monotonic()
             for w in workers:
                 if w.process is None or (code := w.process.poll()) is None:
                     continue
-                w.relay.join()
+                # Loader or compiler subprocesses of a killed worker may hold its pipe open.
+                w.relay.join(timeout=5)
                 w.process = None
                 if code < 0 and w.restarts < MAX_RESTARTS:
                     w.restarts += 1
@@ -91,7 +95,7 @@ def run_workers(count: int, arguments: list[str], reporter: Reporter, on_poll: C
 def _start(w: _Worker, arguments: list[str], reporter: Reporter) -> None:
     w.process = subprocess.Popen(
         [sys.executable, "-m", "ftsearch.cli", *arguments],
-        env=w.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+        env=w.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace", bufsize=1,
         start_new_session=True,  # Ctrl-C reaches the coordinator, which stops the workers in order
     )
     w.relay = threading.Thread(target=_relay, args=(w.process, w.index, reporter), daemon=True)

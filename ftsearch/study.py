@@ -104,11 +104,8 @@ def _run_search(options: SearchOptions, reporter: Reporter) -> SearchSummary:
     prepared = prepare(options, reporter)
     config = prepared.config
     url = settings.optuna_storage_url(options.storage)
-    if options.workers > 1 and url.startswith("sqlite:"):
-        raise FtsearchError(
-            f"--workers {options.workers} cannot share the SQLite storage {url}: SQLite fails with "
-            "'database is locked' under several writers; leave --storage out (a journal file) or use PostgreSQL"
-        )
+    if options.workers > 1:
+        _refuse_sqlite(url, f"--workers {options.workers}")
     optuna_storage = storage.open_storage(url, on_stale=worker.end_stale_trial)
     study = open_study(config, optuna_storage, options.fresh)
     storage.fail_stale_trials(study)  # trials of a process that died while nobody was watching
@@ -168,7 +165,9 @@ def run_worker(options: SearchOptions, reporter: Reporter | None = None, wait: f
     try:
         prepared = prepare(options, reporter)
         config = prepared.config
-        optuna_storage = storage.open_storage(settings.optuna_storage_url(options.storage), on_stale=worker.end_stale_trial)
+        url = settings.optuna_storage_url(options.storage)
+        _refuse_sqlite(url, "a worker")
+        optuna_storage = storage.open_storage(url, on_stale=worker.end_stale_trial)
         study = _join_study(config, optuna_storage, wait, reporter)
         parent = tracking.StudyRun.attach(config.name, study.user_attrs[PARENT_RUN_ATTR])
         runner = TrialRunner(prepared.task, config, prepared.device, parent, _checkpoint_root(study), reporter, prepared.compile)
@@ -184,19 +183,38 @@ def run_worker(options: SearchOptions, reporter: Reporter | None = None, wait: f
         reporter.close()
 
 
+def _refuse_sqlite(url: str, who: str) -> None:
+    if url.startswith("sqlite:"):
+        raise FtsearchError(
+            f"{who} cannot share the SQLite storage {url}: SQLite fails with 'database is locked' under "
+            "several writers; leave --storage out (a journal file) or use PostgreSQL"
+        )
+
+
 def _join_study(config: StudyConfig, optuna_storage: BaseStorage, wait: float, reporter: Reporter) -> optuna.Study:
-    """The study's latest generation, once its search process has set it up."""
+    """The study's latest generation, once its search process has set it up and it has trials
+    to run. A worker started before the search (or before a --fresh one) waits for it."""
     deadline = time.monotonic() + wait
-    said = False
+    said, problem = False, ""
     while True:
         names = [s.study_name for s in optuna.study.get_all_study_summaries(optuna_storage, include_best_trial=False)]
         found = generations(names, config.name)
-        if found:
-            study = optuna.load_study(study_name=found[max(found)], storage=optuna_storage)
-            _check_identity(study, config)
-            if PARENT_RUN_ATTR in study.user_attrs:
-                return study
-        if time.monotonic() > deadline:
+        study = optuna.load_study(study_name=found[max(found)], storage=optuna_storage) if found else None
+        problem, ready = "", False
+        if study is not None:
+            try:
+                _check_identity(study, config)
+            except FtsearchError as err:
+                problem = str(err)  # maybe a --fresh generation is on its way
+            else:
+                ready = PARENT_RUN_ATTR in study.user_attrs
+                if ready and study.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING)):
+                    return study
+        if time.monotonic() >= deadline:
+            if ready:
+                return study  # set up, but nothing left to run: the worker has nothing to do
+            if problem:
+                raise FtsearchError(problem)
             raise FtsearchError(
                 f"study {config.name!r} was not started within {wait:.0f} s: run `ftsearch search {config.name}` "
                 "with the same --storage (and MLFLOW_TRACKING_URI) first; workers join it"
@@ -218,7 +236,9 @@ def _study_opener(config: StudyConfig, optuna_storage: BaseStorage, name: str, s
 
 
 def _worker_arguments(options: SearchOptions, url: str) -> list[str]:
-    args = ["worker", options.study, "--storage", url, "--device", options.device]
+    # --wait 0: the study is set up before any local worker starts; a restarted one with nothing
+    # left to run exits at once.
+    args = ["worker", options.study, "--storage", url, "--device", options.device, "--wait", "0"]
     for override in options.overrides:
         args += ["--set", override]
     if options.timeout is not None:
@@ -236,7 +256,7 @@ def _wait_for_other_workers(study: optuna.Study, reporter: Reporter) -> None:
         if not said:
             reporter.info(f"waiting for {len(running)} trial(s) still running in other workers")
             said = True
-        storage.fail_stale_trials(study)
+        worker.judge(study)
         time.sleep(JOIN_POLL_SECONDS)
 
 

@@ -33,6 +33,12 @@ def best_trial(study: optuna.Study) -> FrozenTrial | None:
         return None
 
 
+def _judged_dead(trial: optuna.Trial) -> bool:
+    """Whether another worker failed this trial for missing heartbeats while it still ran."""
+    finished = trial.study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+    return any(t.number == trial.number for t in finished)
+
+
 def trial_counts(trials: list[FrozenTrial]) -> TrialCounts:
     states = [t.state for t in trials]
     return TrialCounts(states.count(TrialState.COMPLETE), states.count(TrialState.PRUNED), states.count(TrialState.FAIL))
@@ -87,6 +93,7 @@ class TrialRunner:
                 reason = f"pruned by the {self.config.pruner.name} pruner after epoch {len(result.history)}"
                 raise optuna.TrialPruned(reason)
             state, value = "COMPLETE", float(result.best_value(self.config.metric))
+            self._share_if_best(trial, value, run)
             return value
         except optuna.TrialPruned:
             raise
@@ -102,6 +109,8 @@ class TrialRunner:
             reason = f"{type(err).__name__}: {err}"
             raise
         finally:
+            if state != "ABANDONED" and _judged_dead(trial):
+                state = "ABANDONED"  # after its last report: the judging worker ended its run
             if state != "ABANDONED":
                 if state != "KILLED":  # an interrupted trial is retried from its checkpoint
                     self.resume_file(trial).unlink(missing_ok=True)
@@ -214,9 +223,17 @@ class TrialRunner:
                 shutil.rmtree(folder, ignore_errors=True)
         if best is not None and best.number == trial.number:
             self.parent.log_best(self.config.metric, best.value, best.number, best.params)
-            folder = self.checkpoints / f"trial-{trial.number}"
-            if tracking.is_shared() and folder.is_dir():
-                self.parent.mlflow_client.log_artifacts(trial.user_attrs[RUN_ID_ATTR], str(folder), WEIGHTS_ARTIFACT)
+
+    def _share_if_best(self, trial: optuna.Trial, value: float, run: tracking.TrialRun) -> None:
+        """With a shared tracking server, upload the weights of a trial that beats (or ties) the
+        best so far, before the trial is told complete: the search process, maybe on another
+        machine, registers the best trial from them."""
+        if not tracking.is_shared():
+            return
+        best = best_trial(trial.study)
+        maximize = self.config.direction == "maximize"
+        if best is None or (value >= best.value if maximize else value <= best.value):
+            run.mlflow_client.log_artifacts(run.run_id, str(self.checkpoints / f"trial-{trial.number}"), WEIGHTS_ARTIFACT)
 
 
 def _trial_line(trial_cfg: TrialConfig) -> str:

@@ -11,6 +11,7 @@ its last finished epoch.
 from __future__ import annotations
 
 import gc
+import math
 import os
 import socket
 import sys
@@ -31,6 +32,7 @@ from ftsearch.generations import RETRIES_ATTR, RETRY_OF_ATTR, RUN_ID_ATTR, WORKE
 
 MAX_RETRIES = 1
 MAX_FAILURES_IN_A_ROW = 3
+IDLE_RECHECK_SECONDS = 0.5
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 Objective = Callable[[optuna.Trial], float]
@@ -66,13 +68,16 @@ def requeue(study: optuna.Study, trial: FrozenTrial) -> str:
 
 
 def end_stale_trial(study: optuna.Study, trial: FrozenTrial) -> None:
-    """Storage callback for a trial found dead (no heartbeat): end its MLflow run FAILED with the
-    reason and retry it once. Runs in whichever process noticed, exactly once per trial."""
+    """Storage callback for a trial found dead (no heartbeat): retry it once and end its MLflow run
+    FAILED with the reason. Runs in whichever process noticed, exactly once per trial."""
+    requeue(study, trial)  # first: the slot must be back before anyone sees the study idle
     reason = f"its worker ({trial.user_attrs.get(WORKER_ATTR, 'unknown')}) stopped sending heartbeats: killed, out of memory or lost"
     run_id = trial.user_attrs.get(RUN_ID_ATTR)
     if run_id:
-        tracking.TrialRun(tracking.client(), run_id).finish("FAIL", reason)
-    requeue(study, trial)
+        try:
+            tracking.TrialRun(tracking.client(), run_id).finish("FAIL", reason)
+        except Exception as err:  # noqa: BLE001 - the tracking server may be down; the study goes on
+            print(f"warning: could not end the MLflow run {run_id} of dead trial {trial.number}: {err}", file=sys.stderr)
 
 
 def claim(study: optuna.Study, storage: BaseStorage) -> int | None:
@@ -88,6 +93,23 @@ def claim(study: optuna.Study, storage: BaseStorage) -> int | None:
     return None
 
 
+_last_trouble = -math.inf  # when this process last found the storage slow or failing
+
+
+def _storage_trouble(when: float) -> None:
+    global _last_trouble
+    _last_trouble = max(_last_trouble, when)
+
+
+def judge(study: optuna.Study) -> None:
+    """Fail the trials of dead workers, unless this process itself could not reach the storage
+    in the last two heartbeat intervals: then the other workers could not beat either, and their
+    silence says nothing yet."""
+    interval = storages.heartbeat_seconds()
+    if time.monotonic() - _last_trouble > 2 * interval:
+        storages.fail_stale_trials(study)
+
+
 @contextmanager
 def heartbeat(study: optuna.Study, storage: BaseStorage, trial_id: int):
     """Beat for ``trial_id`` while the block runs, and meanwhile fail other workers' dead trials
@@ -100,11 +122,11 @@ def heartbeat(study: optuna.Study, storage: BaseStorage, trial_id: int):
             started = time.monotonic()
             try:
                 storage.record_heartbeat(trial_id)
-                # A beat that had to wait (a stalled storage) means the other workers could not
-                # beat either: judge them only once they had a chance to.
-                if time.monotonic() - started < interval / 2:
-                    storages.fail_stale_trials(study)
+                if time.monotonic() - started > interval / 2:
+                    _storage_trouble(started)
+                judge(study)
             except Exception as err:  # noqa: BLE001 - a lost beat must not end the beating
+                _storage_trouble(started)
                 print(f"warning: heartbeat of trial id {trial_id} failed: {type(err).__name__}: {err}", file=sys.stderr)
             if stop.wait(interval):
                 return
@@ -116,6 +138,26 @@ def heartbeat(study: optuna.Study, storage: BaseStorage, trial_id: int):
     finally:
         stop.set()
         thread.join()
+
+
+def _record_end(
+    study: optuna.Study, storage: BaseStorage, trial: optuna.Trial, trial_id: int,
+    state: TrialState, value: float | None, interrupted: bool,
+) -> FrozenTrial | None:
+    """Tell the storage how the trial ended; None when another worker had already judged it dead
+    (it ended the trial and gave its slot back)."""
+    try:
+        if state != TrialState.FAIL:
+            return study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
+        # FAIL through the storage: the transition succeeds for exactly one process, so the
+        # slot is given back exactly once (a judging worker requeues only if it won instead).
+        if not storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
+            return None
+    except UpdateFinishedTrialError:
+        return None
+    frozen = storage.get_trial(trial_id)
+    requeue(study, frozen) if interrupted else study.enqueue_trial({})
+    return frozen
 
 
 @dataclass
@@ -145,15 +187,22 @@ def work(
     result = WorkerResult()
     deadline = None if timeout is None else time.monotonic() + timeout
     failures_in_a_row = 0
+    idle_checks = 0
     while deadline is None or time.monotonic() < deadline:
         study = open_study()
-        storages.fail_stale_trials(study)
+        judge(study)
         trial_id = claim(study, storage)
         if trial_id is None:
-            if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
+            busy = study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING))
+            # Seen idle twice, a poll apart: a trial that just failed elsewhere has had its slot
+            # given back by then.
+            idle_checks = 0 if busy else idle_checks + 1
+            if idle_checks >= 2:
                 return result
-            time.sleep(idle_poll)
+            time.sleep(idle_poll if busy else IDLE_RECHECK_SECONDS)
             continue
+        idle_checks = 0
+        storage.record_heartbeat(trial_id)  # at once: a trial that never beat is never judged dead
         trial = optuna.Trial(study, trial_id)
         trial.set_user_attr(WORKER_ATTR, worker_name())
         state, value = TrialState.FAIL, None
@@ -172,20 +221,17 @@ def work(
         except Exception as err:  # noqa: BLE001 - the runner recorded the reason; the study goes on
             warn(f"trial {trial.number} failed: {type(err).__name__}: {err}")
         finally:
-            if storage.get_trial(trial_id).state.is_finished():
-                # Judged dead by another worker while it ran (a stall longer than two heartbeats):
-                # that worker ended it and gave its slot back already.
-                frozen = storage.get_trial(trial_id)
-            else:
-                frozen = study.tell(trial, value if state == TrialState.COMPLETE else None, state=state, skip_if_finished=True)
-                if state == TrialState.FAIL:
-                    requeue(study, frozen) if interrupted else study.enqueue_trial({})
+            frozen = _record_end(study, storage, trial, trial_id, state, value, interrupted)
             result.ran += 1
-            if not interrupted:
-                after_trial(study, frozen)
+            if frozen is not None and not interrupted:
+                try:
+                    after_trial(study, frozen)
+                except Exception as err:  # noqa: BLE001 - housekeeping must not stop the worker
+                    warn(f"after trial {trial.number}: {type(err).__name__}: {err}")
             gc.collect()
         failures_in_a_row = failures_in_a_row + 1 if state == TrialState.FAIL else 0
         if failures_in_a_row >= MAX_FAILURES_IN_A_ROW:
             result.stopped_early = f"{failures_in_a_row} trials failed in a row"
             return result
+    return result
     return result

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 KILLS = 5
-N_TRIALS = 10
+N_TRIALS = 12
 EPOCHS = 6
 
 
@@ -103,12 +103,15 @@ def test_three_workers_killed_five_times_lose_nothing(write_study, state_dir, mo
     # Every killed trial failed, and its parameters were tried again (once at most).
     assert 1 <= len(failed) <= len(kills)
     for dead in failed:
+        if not dead.params:  # killed before it sampled anything (its trial had just ended): a fresh slot
+            continue
         again = [t for t in retries if t.user_attrs[RETRY_OF_ATTR] == dead.user_attrs.get(RETRY_OF_ATTR, dead.number)]
         assert again, f"trial {dead.number} was not retried"
         assert all(t.params == dead.params for t in again)
         if RETRY_OF_ATTR not in dead.user_attrs:  # a first death: the retry resumes, never starts over
             first_retry = min(again, key=lambda t: t.number)
-            assert first_retry.user_attrs.get(RESUMED_ATTR, 0) >= len(dead.intermediate_values) >= 1, dead.number
+            assert first_retry.user_attrs.get(RESUMED_ATTR, 0) >= len(dead.intermediate_values), dead.number
+    assert resumed, "no retry resumed from a checkpoint"
 
     # MLflow: one run per trial, none RUNNING; killed ones FAILED with the reason; metrics present.
     parents, children = runs("tiny")

@@ -138,9 +138,10 @@ class PadCollator:
         self._rngs: dict[int, np.random.Generator] = {}
 
     def _rng(self) -> np.random.Generator:
-        # Each DataLoader worker holds a fresh copy of this collator every epoch: its stream comes
-        # from the worker's torch seed, which differs per worker and per epoch (and follows the
-        # torch RNG, so a resumed run draws what the uninterrupted one would have).
+        # Each DataLoader worker holds its own copy of this collator: its stream comes from the
+        # worker's torch seed, which differs per worker (and per epoch unless the workers
+        # persist). Only the in-process stream is checkpointed: with loader workers (on a GPU) a
+        # resumed run draws different, equally random, augmentations.
         info = get_worker_info()
         worker = info.id if info is not None else -1
         if worker not in self._rngs:
