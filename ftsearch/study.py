@@ -114,6 +114,7 @@ def _run_search(options: SearchOptions, reporter: Reporter) -> SearchSummary:
     )
     start = time.monotonic()
     try:
+        study.set_user_attr(PARENT_RUN_ATTR, parent.run_id)
         if "config.json" not in _artifact_names(parent):
             parent.log_dict(config.model_dump(), "config.json")
         for path, data in prepared.task.parent_artifacts().items():
@@ -123,9 +124,8 @@ def _run_search(options: SearchOptions, reporter: Reporter) -> SearchSummary:
         _log_baseline(prepared.task, parent, config.metric, reporter)
         # Failed trials do not count: the study runs until n_trials trials completed or were
         # pruned (each failure gives its slot back), the timeout, or too many failures in a row.
+        # Workers join once there are slots to run.
         worker.ensure_slots(study, config.n_trials)
-        # Workers join once the parent run is known: it is the last thing a study gets.
-        study.set_user_attr(PARENT_RUN_ATTR, parent.run_id)
         trials = study.get_trials(deepcopy=False)
         reporter.study_started(
             study.study_name, n_trials=config.n_trials, metric=f"val {config.metric}", counts=trial_counts(trials),
