@@ -11,6 +11,7 @@ import torch
 from optuna.trial import FrozenTrial, TrialState
 
 from ftsearch import progress, tracking
+from ftsearch.config import StudyConfig
 from ftsearch.generations import REASON_ATTR, RESUMED_ATTR, RETRY_OF_ATTR, RUN_ID_ATTR
 from ftsearch.progress import BestTrial, Reporter, TrialCounts
 from ftsearch.space import TrialConfig, sample_trial
@@ -54,7 +55,7 @@ class TrialRunner:
     def __init__(
         self,
         task: Task,
-        config,
+        config: StudyConfig,
         device: torch.device,
         parent: tracking.StudyRun,
         checkpoints: Path,

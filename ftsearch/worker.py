@@ -44,27 +44,23 @@ def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def ensure_slots(study: optuna.Study, n_trials: int) -> int:
+def ensure_slots(study: optuna.Study, n_trials: int) -> None:
     """Enqueue waiting trials until the study's finished, running and waiting trials make
-    ``n_trials`` (failed ones do not count). Returns how many were added."""
+    ``n_trials`` (failed ones do not count)."""
     trials = study.get_trials(deepcopy=False, states=(*COUNTED, TrialState.RUNNING, TrialState.WAITING))
-    missing = max(0, n_trials - len(trials))
-    for _ in range(missing):
+    for _ in range(n_trials - len(trials)):
         study.enqueue_trial({})
-    return missing
 
 
-def requeue(study: optuna.Study, trial: FrozenTrial) -> str:
+def requeue(study: optuna.Study, trial: FrozenTrial) -> None:
     """Give the slot of a trial that ended FAIL back: the same parameters once more (resuming from
-    its checkpoint) when its process died or was interrupted, else a fresh sample. Returns what
-    was done, for the log."""
+    its checkpoint) when its process died or was interrupted, else a fresh sample."""
     retries = int(trial.user_attrs.get(RETRIES_ATTR, 0))
     if retries < MAX_RETRIES and trial.params:
         origin = int(trial.user_attrs.get(RETRY_OF_ATTR, trial.number))
         study.enqueue_trial(trial.params, user_attrs={RETRY_OF_ATTR: origin, RETRIES_ATTR: retries + 1})
-        return f"trial {trial.number} will be retried with the same parameters"
-    study.enqueue_trial({})
-    return f"trial {trial.number} was already retried; a new trial takes its place"
+    else:
+        study.enqueue_trial({})
 
 
 def end_stale_trial(study: optuna.Study, trial: FrozenTrial) -> None:
