@@ -122,38 +122,49 @@ def open_storage(url: str | None = None, on_stale: StaleCallback | None = None) 
 
 
 def _rdb_storage(url: str, interval: int, on_stale: StaleCallback | None) -> BaseStorage:
+    def connect() -> BaseStorage:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats
+            return optuna.storages.RDBStorage(
+                url,
+                heartbeat_interval=interval,
+                grace_period=2 * interval,
+                heartbeat_stale_trial_callback=on_stale,
+                # SQLite waits for a busy database instead of failing at once.
+                engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite:") else None,
+            )
+
     # Workers starting together on an empty database race to create its tables: the loser sees
     # a duplicate-object error, and the tables exist when it tries again.
-    attempts = 3 if url.startswith(("postgresql", "mysql")) else 1
-    for attempt in range(attempts):
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats
-                return optuna.storages.RDBStorage(
-                    url,
-                    heartbeat_interval=interval,
-                    grace_period=2 * interval,
-                    heartbeat_stale_trial_callback=on_stale,
-                    # SQLite waits for a busy database instead of failing at once.
-                    engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite:") else None,
-                )
-        except Exception:
-            if attempt == attempts - 1:
-                raise
-            time.sleep(1 + attempt)
-    raise AssertionError("unreachable")
+    if url.startswith(("postgresql", "mysql")):
+        for attempt in range(2):
+            try:
+                return connect()
+            except Exception:  # noqa: BLE001 - the last attempt below raises what is wrong
+                time.sleep(1 + attempt)
+    return connect()
+
+
+def names_in(storage: BaseStorage) -> list[str]:
+    """Names of the studies in an open storage."""
+    return [s.study_name for s in optuna.study.get_all_study_summaries(storage, include_best_trial=False)]
 
 
 def study_names(url: str | None = None) -> list[str]:
     """Names of the studies in a storage; a storage that does not exist yet has none (and is not
     created by asking)."""
     url = settings.optuna_storage_url(url)
-    local = Path(url) if is_journal(url) else Path(url.removeprefix("sqlite:///")) if url.startswith("sqlite:///") else None
+    if is_journal(url):
+        local = Path(url)
+    elif url.startswith("sqlite:///"):
+        local = Path(url.removeprefix("sqlite:///"))
+    else:
+        local = None
     if local is not None and not local.exists():
         return []
     storage = open_storage(url)
     try:
-        return [s.study_name for s in optuna.study.get_all_study_summaries(storage, include_best_trial=False)]
+        return names_in(storage)
     except Exception as err:  # noqa: BLE001 - unreachable server, broken file
         raise FtsearchError(f"cannot read Optuna storage {url!r}: {str(err).splitlines()[0]}") from None
 

@@ -197,8 +197,7 @@ def _join_study(config: StudyConfig, optuna_storage: BaseStorage, wait: float, r
     deadline = time.monotonic() + wait
     said, problem = False, ""
     while True:
-        names = [s.study_name for s in optuna.study.get_all_study_summaries(optuna_storage, include_best_trial=False)]
-        found = generations(names, config.name)
+        found = generations(storage.names_in(optuna_storage), config.name)
         study = optuna.load_study(study_name=found[max(found)], storage=optuna_storage) if found else None
         problem, ready = "", False
         if study is not None:
@@ -265,8 +264,7 @@ def open_study(config: StudyConfig, optuna_storage: BaseStorage, fresh: bool) ->
 
     Generations are named ``<name>``, ``<name>.2``, ... so that ``--fresh`` loses no history.
     """
-    names = [summary.study_name for summary in optuna.study.get_all_study_summaries(optuna_storage, include_best_trial=False)]
-    found = generations(names, config.name)
+    found = generations(storage.names_in(optuna_storage), config.name)
     latest = found[max(found)] if found else None
     if latest is not None and not fresh:
         _check_identity(optuna.load_study(study_name=latest, storage=optuna_storage), config)
