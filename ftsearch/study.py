@@ -145,6 +145,7 @@ def _run_search(options: SearchOptions, reporter: Reporter) -> SearchSummary:
             if done.stopped_early:
                 reporter.warn(f"stopping: {done.stopped_early}")
         _wait_for_other_workers(study, reporter)
+        runner.drop_resume_files(study)
         trials = study.get_trials(deepcopy=False)
         reporter.study_ended(trial_counts(trials), best_info(best_trial(study)))
         summary = finish_study(study, prepared, parent, runner)
@@ -381,7 +382,7 @@ def finish_study(study: optuna.Study, prepared: Prepared, parent: tracking.Study
     task = prepared.task
     version = publish.register_best(config.registered_model, folder, run_id, tags, task.entry_file, task.input_example())
     summary.model_version = version.version
-    shutil.rmtree(runner.checkpoints, ignore_errors=True)  # the weights now live in the registry
+    runner.drop_weights()  # they now live in the registry
     return summary
 
 

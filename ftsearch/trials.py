@@ -67,7 +67,7 @@ class TrialRunner:
         self.parent = parent
         self.checkpoints = checkpoints
 
-    def resume_file(self, trial: optuna.Trial) -> Path:
+    def resume_file(self, trial: optuna.Trial | FrozenTrial) -> Path:
         """Per-epoch training state, named after the trial a retry repeats so it finds it."""
         origin = trial.user_attrs.get(RETRY_OF_ATTR, trial.number)
         return self.checkpoints / "resume" / f"trial-{origin}.pt"
@@ -113,8 +113,8 @@ class TrialRunner:
             if state != "ABANDONED" and _judged_dead(trial):
                 state = "ABANDONED"  # after its last report: the judging worker ended its run
             if state != "ABANDONED":
-                if state != "KILLED":  # an interrupted trial is retried from its checkpoint
-                    self.resume_file(trial).unlink(missing_ok=True)
+                # The resume file stays until the trial's end is recorded (after_trial): a worker
+                # killed before that leaves a retry that needs it, even after the last epoch.
                 if reason:
                     trial.set_user_attr(REASON_ATTR, reason)
                 run.finish(state, reason)
@@ -211,8 +211,10 @@ class TrialRunner:
             self.reporter.warn(f"could not draw the trial's figures: {type(err).__name__}: {err}")
 
     def after_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        """Delete the weights of finished trials that are not the best (never those of a trial
-        still running in another worker) and keep the parent run's best up to date."""
+        """Once ``trial``'s end is recorded: delete its resume file, the weights of finished trials
+        that are not the best (never those of a trial still running in another worker), and keep
+        the parent run's best up to date."""
+        self.resume_file(trial).unlink(missing_ok=True)
         trials = study.get_trials(deepcopy=False)
         # Read after the snapshot: a trial finished in it that is not the best now never will be.
         best = best_trial(study)
@@ -224,6 +226,20 @@ class TrialRunner:
                 shutil.rmtree(folder, ignore_errors=True)
         if best is not None and best.number == trial.number:
             self.parent.log_best(self.config.metric, best.value, best.number, best.params)
+
+    def drop_resume_files(self, study: optuna.Study) -> None:
+        """Delete the resume files left by workers killed between recording a trial's end and
+        deleting its file, once no trial is waiting or running to resume from them."""
+        if not study.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING)):
+            shutil.rmtree(self.checkpoints / "resume", ignore_errors=True)
+
+    def drop_weights(self) -> None:
+        """Delete every trial's weights (once the best is registered), and the study's checkpoint
+        folder unless resume files are left in it for trials still to run."""
+        for folder in self.checkpoints.glob("trial-*"):
+            shutil.rmtree(folder, ignore_errors=True)
+        if not any(self.checkpoints.glob("resume/*")):
+            shutil.rmtree(self.checkpoints, ignore_errors=True)
 
     def _share_if_best(self, trial: optuna.Trial, value: float, run: tracking.TrialRun) -> None:
         """With a shared tracking server, upload the weights of a trial that beats (or ties) the

@@ -230,4 +230,3 @@ def work(
             result.stopped_early = f"{failures_in_a_row} trials failed in a row"
             return result
     return result
-    return result

@@ -180,6 +180,51 @@ def test_a_killed_search_resumes_its_trial_from_the_last_epoch(write_study, stat
     assert "trial 0 failed: its worker" in capsys.readouterr().out  # why, though it could not say
 
 
+DIE_BEFORE_RECORDING = textwrap.dedent(
+    """
+    import os, signal, sys
+    from ftsearch import worker
+    from ftsearch.cli import main
+    # The worst moment: the trial trained to its end, its end is not recorded yet.
+    worker._record_end = lambda *args: os.kill(os.getpid(), signal.SIGKILL)
+    sys.exit(main(["search", sys.argv[1], "--quiet"]))
+    """
+)
+
+
+def test_a_worker_killed_after_training_before_recording_the_end_leaves_a_retry_with_nothing_to_train(
+    write_study, state_dir, monkeypatch
+):
+    monkeypatch.setenv(storage.HEARTBEAT_ENV, "1")
+    path = write_study(n_trials=1, **{"search.epochs": {"low": 3, "high": 3}})
+    died = subprocess.run([sys.executable, "-c", DIE_BEFORE_RECORDING, str(path)], cwd=ROOT, capture_output=True, text=True)
+    assert died.returncode == -signal.SIGKILL, died.stderr
+    assert _checkpoint(state_dir).is_file()  # kept until the end is recorded
+
+    time.sleep(2.5)  # two heartbeats missed
+    assert main(["search", str(path)]) == 0
+    dead, retry = optuna_study("tiny").trials
+    assert dead.state == TrialState.FAIL and retry.state == TrialState.COMPLETE
+    assert retry.user_attrs[RESUMED_ATTR] == 3  # every epoch was kept: the retry trains none again
+    assert retry.intermediate_values == dead.intermediate_values
+    assert not _checkpoint(state_dir).exists()
+
+
+def test_registration_keeps_the_resume_files_of_trials_still_to_run(tmp_path):
+    from ftsearch.trials import TrialRunner
+
+    folder = tmp_path / "tiny"
+    runner = TrialRunner(task=None, config=None, device=None, parent=None, checkpoints=folder)
+    (folder / "trial-3").mkdir(parents=True)
+    (folder / "resume").mkdir()
+    (folder / "resume" / "trial-5.pt").write_bytes(b"state")  # a retry left waiting by the timeout
+    runner.drop_weights()
+    assert sorted(p.name for p in folder.rglob("*")) == ["resume", "trial-5.pt"]
+    (folder / "resume" / "trial-5.pt").unlink()
+    runner.drop_weights()
+    assert not folder.exists()
+
+
 class _OutOfMemoryAbove:
     """Wraps a model: a forward pass over more than ``limit`` examples raises CUDA's error."""
 
