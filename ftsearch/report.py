@@ -138,7 +138,11 @@ def find_study(name: str, storage_url: str | None = None, search_hint: str | Non
     when there is none by that name, and the command that would create it (``search_hint``).
     """
     url = settings.optuna_storage_url(storage_url)
-    names = storage.study_names(url)
+    optuna_storage = storage.open_existing(url)
+    try:
+        names = storage.names_in(optuna_storage) if optuna_storage is not None else []
+    except Exception as err:  # noqa: BLE001 - unreachable server, broken file
+        raise FtsearchError(f"cannot read Optuna storage {url!r}: {str(err).splitlines()[0]}") from None
     found = generations(names, name)
     if not found:
         known = ", ".join(sorted(names)) or "none"
@@ -146,7 +150,7 @@ def find_study(name: str, storage_url: str | None = None, search_hint: str | Non
             f"no study {name!r} in the Optuna storage {url} (studies there: {known}); "
             f"run `{search_hint or f'ftsearch search {name}'}` first"
         )
-    return optuna.load_study(study_name=found[max(found)], storage=storage.open_storage(url)), url
+    return optuna.load_study(study_name=found[max(found)], storage=optuna_storage), url
 
 
 def study_argument(config: StudyConfig) -> str:

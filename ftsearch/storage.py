@@ -150,9 +150,9 @@ def names_in(storage: BaseStorage) -> list[str]:
     return [s.study_name for s in optuna.study.get_all_study_summaries(storage, include_best_trial=False)]
 
 
-def study_names(url: str | None = None) -> list[str]:
-    """Names of the studies in a storage; a storage that does not exist yet has none (and is not
-    created by asking)."""
+def open_existing(url: str | None = None) -> BaseStorage | None:
+    """The storage at ``url``, or None when it is a local file that does not exist yet (opening it
+    would create it)."""
     url = settings.optuna_storage_url(url)
     if is_journal(url):
         local = Path(url)
@@ -160,13 +160,7 @@ def study_names(url: str | None = None) -> list[str]:
         local = Path(url.removeprefix("sqlite:///"))
     else:
         local = None
-    if local is not None and not local.exists():
-        return []
-    storage = open_storage(url)
-    try:
-        return names_in(storage)
-    except Exception as err:  # noqa: BLE001 - unreachable server, broken file
-        raise FtsearchError(f"cannot read Optuna storage {url!r}: {str(err).splitlines()[0]}") from None
+    return None if local is not None and not local.exists() else open_storage(url)
 
 
 def fail_stale_trials(study: optuna.Study) -> None:

@@ -6,10 +6,10 @@ import json
 import os
 from pathlib import Path
 
-import optuna
 import pytest
 import torch
 import yaml
+from conftest import optuna_study
 from mlflow import MlflowClient
 
 from ftsearch import settings
@@ -18,7 +18,6 @@ from ftsearch.config import DataConfig
 from ftsearch.data.images import load_image_splits
 from ftsearch.errors import FtsearchError
 from ftsearch.space import TrialConfig
-from ftsearch.storage import open_storage
 
 
 def image_study(tiny_images: Path, tiny_cnn: Path, **changes) -> dict:
@@ -105,7 +104,7 @@ def test_image_search_end_to_end(write_image_study, tiny_images, capsys):
     for child in children:
         assert {"crop_scale", "hflip", "auto_augment", "mixup_alpha", "cutmix_alpha"} <= set(child.data.params)
         assert len(client.get_metric_history(child.info.run_id, "val_accuracy")) == 4
-    study = optuna.load_study(study_name="shapes", storage=open_storage())
+    study = optuna_study("shapes")
     assert max(t.value for t in study.trials) >= 0.8
     version = client.get_model_version_by_alias("tiny-shapes", "candidate")
     assert float(version.tags["test_accuracy"]) >= 0.7

@@ -14,7 +14,7 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-from conftest import tiny_study
+from conftest import optuna_study, tiny_study
 from mlflow import MlflowClient
 
 from ftsearch import report, settings
@@ -49,7 +49,6 @@ def reported(tmp_path_factory, tiny_bert, tiny_reviews):
         warnings.simplefilter("ignore", UserWarning)  # the enqueued lr 0.9 is outside the searched range
         mp.setenv("FTSEARCH_STATE_DIR", str(root / "mlruns"))
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        from ftsearch.storage import open_storage
         from ftsearch.study import open_study
 
         study = open_study(load_study(str(study_file), cpu=True), open_storage(), fresh=False)
@@ -69,10 +68,6 @@ def in_reported(reported, monkeypatch):
     return reported
 
 
-def optuna_study() -> optuna.Study:
-    return optuna.load_study(study_name="tiny", storage=open_storage())
-
-
 def expected_value(trial: optuna.trial.FrozenTrial) -> float:
     """The leaderboard's value: the objective, or for a pruned trial its best epoch."""
     if trial.state == optuna.trial.TrialState.COMPLETE:
@@ -81,13 +76,13 @@ def expected_value(trial: optuna.trial.FrozenTrial) -> float:
 
 
 def test_the_search_produced_what_the_report_is_about(in_reported):
-    states = [t.state.name for t in optuna_study().trials]
+    states = [t.state.name for t in optuna_study("tiny").trials]
     assert states == ["COMPLETE", "COMPLETE", "PRUNED"]
 
 
 def test_leaderboard_lists_every_trial_with_the_studys_values(in_reported):
     _, _, printed = in_reported
-    trials = optuna_study().trials
+    trials = optuna_study("tiny").trials
     ranked = sorted(trials, key=lambda t: (t.state.name != "COMPLETE", -expected_value(t), t.number))
     lines = [m for m in (ROW.match(line) for line in printed.splitlines()) if m]
     assert [int(m.group(1)) for m in lines] == [t.number for t in ranked]
@@ -112,7 +107,7 @@ def test_leaderboard_lists_every_trial_with_the_studys_values(in_reported):
 def test_terminal_shows_baseline_next_to_the_best_trial_and_the_champion(in_reported):
     _, _, printed = in_reported
     client = store()
-    study = optuna_study()
+    study = optuna_study("tiny")
     parent = client.get_run(study.user_attrs["mlflow_parent_run_id"])
     champion = client.get_model_version_by_alias("tiny-sentiment", "champion")
     baseline_line = next(line for line in printed.splitlines() if "classical baseline: TF-IDF" in line)
@@ -141,7 +136,7 @@ def test_html_report_has_every_section_and_needs_no_network(in_reported):
     assert not re.search(r"\b(?:src|href)\s*=\s*[\"']?(?:https?:)?//", markup, re.IGNORECASE)
     assert 'src="data:image/png;base64,' in markup  # the champion's test confusion matrix
 
-    study = optuna_study()
+    study = optuna_study("tiny")
     parent = store().get_run(study.user_attrs["mlflow_parent_run_id"])
     champion = store().get_model_version_by_alias("tiny-sentiment", "champion")
     assert "TF-IDF (1-2 grams) + logistic regression" in markup
@@ -156,7 +151,7 @@ def test_html_report_has_every_section_and_needs_no_network(in_reported):
 
 def test_report_is_logged_on_the_study_parent_run(in_reported):
     root, _, _ = in_reported
-    parent_id = optuna_study().user_attrs["mlflow_parent_run_id"]
+    parent_id = optuna_study("tiny").user_attrs["mlflow_parent_run_id"]
     assert report.REPORT_ARTIFACT in {a.path for a in store().list_artifacts(parent_id)}
     logged = store().download_artifacts(parent_id, report.REPORT_ARTIFACT, str(root / "downloaded"))
     assert Path(logged).read_bytes() == (root / "mlruns" / "reports" / "tiny.html").read_bytes()
@@ -188,7 +183,6 @@ def test_report_before_any_search_creates_nothing(write_study, state_dir, capsys
 
 
 def test_a_study_without_trials_is_reported_in_sentences(write_study, state_dir, capsys):
-    from ftsearch.storage import open_storage
     from ftsearch.study import open_study
 
     path = write_study()
