@@ -33,8 +33,11 @@ EPOCHS = 6
 
 def _running_workers(study_name: str, children: set[int]) -> list[int]:
     """Worker processes in the middle of a trial that has finished an epoch (so that every kill
-    loses work a retry must not redo)."""
-    running = optuna_study(study_name).get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    loses work a retry must not redo); none before the study exists."""
+    try:
+        running = optuna_study(study_name).get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    except (KeyError, ValueError):  # the study does not exist yet
+        return []
     pids = {int(t.user_attrs.get(WORKER_ATTR, ":0").rsplit(":", 1)[1]) for t in running if t.intermediate_values}
     return sorted(pids & children)
 
@@ -63,11 +66,11 @@ def test_three_workers_killed_five_times_lose_nothing(write_study, state_dir, mo
     kills = []
     try:
         while len(kills) < KILLS and search.poll() is None:
-            time.sleep(rng.uniform(0.5, 4.0))
-            try:
-                victims = _running_workers("tiny", _children(search.pid))
-            except (KeyError, ValueError):  # the study does not exist yet
-                continue
+            # A random moment, or the first one after it when a worker is mid-trial: waiting a
+            # whole new random delay each time none is could let the study end before 5 kills.
+            time.sleep(rng.uniform(0.5, 3.0))
+            while search.poll() is None and not (victims := _running_workers("tiny", _children(search.pid))):
+                time.sleep(0.2)
             if victims:
                 victim = rng.choice(victims)
                 os.kill(victim, signal.SIGKILL)
@@ -78,7 +81,7 @@ def test_three_workers_killed_five_times_lose_nothing(write_study, state_dir, mo
             search.kill()
     output = log.read_text()
     assert search.returncode == 0, output[-4000:]
-    assert len(kills) == KILLS, f"only {len(kills)} kills landed before the study ended; seed {seed}"
+    assert len(kills) == KILLS, f"only {len(kills)} kills landed before the study ended ({kills}); seed {seed}"
 
     trials = optuna_study("tiny").trials
     states = [t.state for t in trials]
