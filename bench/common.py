@@ -15,11 +15,12 @@ All times are ``time.time()`` (wall clock), so they line up with Optuna's trial 
 from __future__ import annotations
 
 import os
-import random
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
+
+# The smoke preset's tiny vocabulary, BERT and reviews are the tests' own: one definition for both.
+from tests.helpers import make_reviews
 
 FRAMEWORKS = ("ftsearch", "trainer", "bare")
 LABELS = ["negative", "positive"]
@@ -77,41 +78,12 @@ def sample_configs(space: Space, n_trials: int, seed: int, startup_trials: int) 
 
 # ---- smoke data and model ------------------------------------------------------------------
 
-POSITIVE = ["great", "wonderful", "superb", "loved", "brilliant", "moving", "delightful", "excellent"]
-NEGATIVE = ["awful", "boring", "terrible", "hated", "dull", "clumsy", "tedious", "dreadful"]
-NEUTRAL = ["the", "movie", "film", "plot", "actor", "scene", "was", "and", "a", "story", "ending", "music"]
-
-
 def synthetic_reviews(n: int, seed: int):
-    """Short reviews whose label (0 negative, 1 positive) is carried by two sentiment words."""
-    import pandas as pd
-
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        label = i % 2
-        words = [rng.choice(NEUTRAL) for _ in range(rng.randint(6, 14))]
-        for _ in range(2):
-            words.insert(rng.randrange(len(words) + 1), rng.choice(POSITIVE if label else NEGATIVE))
-        rows.append({"text": " ".join(words), "label": label})
-    return pd.DataFrame(rows)
-
-
-def build_tiny_bert(folder: Path) -> Path:
-    """A randomly initialised 2-block BERT (hidden 32) with a word-level vocabulary."""
-    import torch
-    from transformers import BertConfig, BertModel, BertTokenizer
-
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *POSITIVE, *NEGATIVE, *NEUTRAL]
-    BertTokenizer(vocab={word: i for i, word in enumerate(vocab)}).save_pretrained(folder)
-    config = BertConfig(
-        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    BertModel(config).save_pretrained(folder)
-    return folder
+    """Short reviews whose label (0 negative, 1 positive) is carried by two sentiment words: the
+    tests' synthetic reviews, under the column names the harness uses."""
+    frame = make_reviews(n, seed).rename(columns={"review": "text", "sentiment": "label"})
+    frame["label"] = (frame["label"] == "pos").astype(int)
+    return frame
 
 
 # ---- probes ----------------------------------------------------------------------------------

@@ -29,7 +29,8 @@ if str(REPO) not in sys.path:  # `python bench/run.py` as well as `python -m ben
     sys.path.insert(0, str(REPO))
 
 from bench import analyze
-from bench.common import FRAMEWORKS, LABELS, Space, build_tiny_bert, sample_configs, synthetic_reviews
+from bench.common import FRAMEWORKS, LABELS, Space, sample_configs, synthetic_reviews
+from tests.helpers import build_tiny_bert
 
 DEFAULT_RESULTS = REPO / "bench" / "results"
 SMOKE = {

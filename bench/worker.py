@@ -83,7 +83,7 @@ def run_ftsearch(spec: dict, probe: Probe) -> dict:
     """
     import optuna
 
-    from ftsearch.storage import open_storage
+    from ftsearch.distributed.storage import open_storage
     from ftsearch.study import SearchOptions, run_search
 
     _time_mlflow(probe)

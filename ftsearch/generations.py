@@ -1,7 +1,14 @@
-"""How a search names what it leaves in Optuna: study generations and the trial/study attributes
-that link them to MLflow. Kept free of torch so that readers (``ftsearch report``) load fast."""
+"""How a search names and reads what it leaves in Optuna: study generations, the trial/study
+attributes that link them to MLflow, and the few questions everyone asks of a study (its latest
+generation, its best trial, how many trials ended how). Kept free of torch so that readers
+(``ftsearch report``) load fast."""
 
 from __future__ import annotations
+
+from collections.abc import Iterable
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
 
 PARENT_RUN_ATTR = "mlflow_parent_run_id"  # study attribute: the MLflow parent run
 RUN_ID_ATTR = "mlflow_run_id"  # trial attribute: the trial's MLflow run
@@ -11,6 +18,10 @@ WORKER_ATTR = "ftsearch.worker"  # trial attribute: host:pid of the process that
 RETRY_OF_ATTR = "ftsearch.retry_of"  # trial attribute: the trial a retry repeats (its checkpoint, its seed)
 RETRIES_ATTR = "ftsearch.retries"  # trial attribute: how many times its parameters were retried
 RESUMED_ATTR = "resumed_from_epoch"  # trial attribute and run param: the epoch a retry resumed after
+
+# The order in which trial states are counted and shown everywhere.
+STATE_ORDER = ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")
+FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
 
 def generations(study_names: list[str], name: str) -> dict[int, str]:
@@ -25,3 +36,25 @@ def generations(study_names: list[str], name: str) -> dict[int, str]:
         elif base == name and suffix.isascii() and suffix.isdecimal() and not suffix.startswith("0"):
             found[int(suffix)] = study_name
     return found
+
+
+def latest_generation(study_names: list[str], name: str) -> str | None:
+    """The Optuna study name of the latest generation of ``name``, None when it has none."""
+    found = generations(study_names, name)
+    return found[max(found)] if found else None
+
+
+def best_trial(study: optuna.Study) -> FrozenTrial | None:
+    """The study's best completed trial (Optuna's choice, so every worker and the report agree on
+    it, ties included); None before any trial completed."""
+    try:
+        return study.best_trial
+    except ValueError:
+        return None
+
+
+def count_states(trials: Iterable[FrozenTrial], states: Iterable[str] = STATE_ORDER) -> dict[str, int]:
+    """Trials per state name, for ``states`` in that order (COMPLETE, PRUNED, FAIL, ...)."""
+    names = [t.state.name for t in trials]
+    return {state: names.count(state) for state in states}
+

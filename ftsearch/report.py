@@ -27,7 +27,8 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from optuna.trial import FrozenTrial, TrialState
 
-from ftsearch import settings, storage, tracking
+from ftsearch import settings, tracking
+from ftsearch.distributed import storage
 from ftsearch.config import STUDIES_DIR, StudyConfig
 from ftsearch.errors import FtsearchError
 from ftsearch.generations import PARENT_RUN_ATTR, REASON_ATTR, RUN_ID_ATTR, generations

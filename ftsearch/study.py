@@ -19,7 +19,8 @@ import torch
 from optuna.storages import BaseStorage
 from optuna.trial import TrialState
 
-from ftsearch import parallel, progress, publish, settings, storage, tracking, worker
+from ftsearch import progress, publish, settings, tracking
+from ftsearch.distributed import parallel, storage, worker
 from ftsearch.config import StudyConfig, load_study
 from ftsearch.errors import FtsearchError
 from ftsearch.generations import CONFIG_ATTR, PARENT_RUN_ATTR, REASON_ATTR, RUN_ID_ATTR, generations

@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny randomly initialised BERT, a tiny sentiment data set, study files.
+"""Shared fixtures: a tiny randomly initialised BERT, a tiny sentiment data set, study files (the
+helpers behind them are in ``tests/helpers.py``).
 
 Everything is built at test time in temporary folders, and every test gets its own state
 directory (MLflow store, Optuna storage), so tests never touch the project's mlruns/.
@@ -13,36 +14,17 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 
-import random
 from pathlib import Path
 
-import pandas as pd
 import pytest
 import yaml
 
-# The benchmark's smoke preset uses the same tiny vocabulary and BERT: one definition for both.
-from bench.common import NEGATIVE, NEUTRAL, POSITIVE
-
-
-def make_reviews(n: int, seed: int) -> pd.DataFrame:
-    """Short synthetic reviews whose label is carried by a few sentiment words."""
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        label = i % 2
-        cue = POSITIVE if label else NEGATIVE
-        words = [rng.choice(NEUTRAL) for _ in range(rng.randint(6, 14))]
-        for _ in range(2):
-            words.insert(rng.randrange(len(words) + 1), rng.choice(cue))
-        rows.append({"review": " ".join(words), "sentiment": ["neg", "pos"][label]})
-    return pd.DataFrame(rows)
+from tests.helpers import build_tiny_bert, draw_shapes, make_reviews, tiny_study
 
 
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> Path:
     """A 2-layer BERT (hidden 32) with a word-level vocabulary, saved with save_pretrained."""
-    from bench.common import build_tiny_bert
-
     return build_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
 
 
@@ -67,42 +49,6 @@ def state_dir(tmp_path, monkeypatch):
     os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
-def tiny_study(tiny_bert: Path, reviews: dict[str, Path], **changes) -> dict:
-    """A study mapping over the tiny data and BERT: 2 trials of 4 short epochs."""
-    study = {
-        "data": {
-            "dataset": str(reviews["train"]),
-            "test_file": str(reviews["test"]),
-            "text_column": "review",
-            "label_column": "sentiment",
-            "labels": ["neg", "pos"],
-            "val_fraction": 0.25,
-        },
-        "metric": "accuracy",
-        "backbones": [str(tiny_bert)],
-        "search": {
-            "lr": {"low": 4.0e-3, "high": 1.0e-2, "log": True},
-            "batch_size": [16],
-            "freeze_depth": {"low": 0, "high": 0},
-            "epochs": {"low": 4, "high": 4},
-            "warmup_ratio": {"low": 0.1, "high": 0.1},
-            "max_length": [32],
-            "augment": {"token_mask": {"low": 0.0, "high": 0.1}},
-        },
-        "sampler": {"name": "tpe", "seed": 0, "startup_trials": 2},
-        "pruner": {"name": "none"},
-        "n_trials": 2,
-        "registered_model": "tiny-sentiment",
-    }
-    for key, value in changes.items():
-        node = study
-        *parents, last = key.split(".")
-        for part in parents:
-            node = node[part]
-        node[last] = value
-    return study
-
-
 @pytest.fixture
 def write_study(tmp_path, tiny_bert, tiny_reviews):
     """Write a tiny study file (with dotted-key changes) and return its path."""
@@ -113,28 +59,6 @@ def write_study(tmp_path, tiny_bert, tiny_reviews):
         return path
 
     return write
-
-
-def draw_shapes(folder: Path, per_class: int, seed: int) -> None:
-    """folder/circle/*.png and folder/square/*.png: a filled shape on a noisy dark background."""
-    import numpy as np
-    from PIL import Image, ImageDraw
-
-    rng = np.random.default_rng(seed)
-    for shape in ("circle", "square"):
-        (folder / shape).mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            background = rng.integers(0, 80, size=(48, 48, 3), dtype=np.uint8)
-            image = Image.fromarray(background)
-            draw = ImageDraw.Draw(image)
-            x, y = (int(v) for v in rng.integers(12, 36, size=2))
-            r = int(rng.integers(7, 11))
-            # Circles are reddish and squares bluish, so a tiny CNN learns them in a few epochs.
-            bright, dim = int(rng.integers(180, 256)), int(rng.integers(0, 90))
-            colour = (bright, dim, dim) if shape == "circle" else (dim, dim, bright)
-            box = (x - r, y - r, x + r, y + r)
-            draw.ellipse(box, fill=colour) if shape == "circle" else draw.rectangle(box, fill=colour)
-            image.save(folder / shape / f"{i}.png")
 
 
 @pytest.fixture(scope="session")
@@ -181,36 +105,3 @@ def chromium() -> str:
             pytest.fail(f"FTSEARCH_REQUIRE_BROWSER is set but {reason}")
         pytest.skip(reason)
     return path
-
-
-# Reading back what a search left: the MLflow store and the Optuna storage of the test's state dir.
-PARENT = "mlflow.parentRunId"
-
-
-def store():
-    """An MLflow client on the test's tracking store."""
-    from mlflow import MlflowClient
-
-    from ftsearch import settings
-
-    uri = settings.tracking_uri()
-    return MlflowClient(uri, registry_uri=uri)
-
-
-def runs(experiment: str) -> tuple[list, list]:
-    """(parent runs, child runs) of an experiment."""
-    client = store()
-    exp = client.get_experiment_by_name(experiment)
-    everything = client.search_runs([exp.experiment_id], max_results=1000)
-    parents = [r for r in everything if PARENT not in r.data.tags]
-    children = [r for r in everything if PARENT in r.data.tags]
-    return parents, children
-
-
-def optuna_study(name: str):
-    """The Optuna study ``name`` in the test's state dir."""
-    import optuna
-
-    from ftsearch.storage import open_storage
-
-    return optuna.load_study(study_name=name, storage=open_storage())

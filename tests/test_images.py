@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import optuna_study
+from tests.helpers import optuna_study
 from mlflow import MlflowClient
 
 from ftsearch import settings
@@ -250,7 +250,7 @@ def test_efficientnet_lite0_weights_are_real_imagenet_weights():
 def test_bad_image_folders(tmp_path, tiny_cnn, breakage, expected, capsys, state_dir):
     import shutil
 
-    from conftest import draw_shapes
+    from tests.helpers import draw_shapes
 
     root = tmp_path / "imgs"
     draw_shapes(root / "train", 3, seed=1)

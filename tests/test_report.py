@@ -14,13 +14,13 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-from conftest import optuna_study, tiny_study
+from tests.helpers import optuna_study, tiny_study
 from mlflow import MlflowClient
 
 from ftsearch import report, settings
 from ftsearch.cli import main
 from ftsearch.config import load_study
-from ftsearch.storage import open_storage
+from ftsearch.distributed.storage import open_storage
 
 ROW = re.compile(r"^\s*(\d+)\s+(COMPLETE|PRUNED(?: at epoch \d+)?|FAIL|RUNNING)\s+(\S+)\s+(\d+)\s+(.*)$")
 

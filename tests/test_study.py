@@ -9,11 +9,11 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-from conftest import PARENT, optuna_study, runs, store, tiny_study
+from tests.helpers import PARENT, optuna_study, runs, store, tiny_study
 
 from ftsearch.cli import main
 from ftsearch.config import load_study
-from ftsearch.storage import open_storage
+from ftsearch.distributed.storage import open_storage
 from ftsearch.study import open_study
 
 

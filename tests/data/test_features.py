@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import make_reviews
+from tests.helpers import make_reviews
 from transformers import AutoTokenizer
 
 from ftsearch.data.features import cache_root, feature_loader, prefix_features

@@ -26,7 +26,7 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
 
-from ftsearch import storage as storages
+from ftsearch.distributed import storage as storages
 from ftsearch import tracking
 from ftsearch.generations import RETRIES_ATTR, RETRY_OF_ATTR, RUN_ID_ATTR, WORKER_ATTR
 

@@ -17,15 +17,15 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import optuna_study, runs, store
+from tests.helpers import optuna_study, runs, store
 from optuna.trial import TrialState
 
-from ftsearch import storage
+from ftsearch.distributed import storage
 from ftsearch.generations import RESUMED_ATTR, RETRY_OF_ATTR, RUN_ID_ATTR, WORKER_ATTR
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 KILLS = 5
 N_TRIALS = 12
 EPOCHS = 6

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ftsearch import parallel
+from ftsearch.distributed import parallel
 
 
 def test_with_gpus_each_worker_sees_its_own_round_robin(monkeypatch):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import PARENT
+from tests.helpers import PARENT
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
@@ -27,7 +27,7 @@ from ftsearch.generations import RUN_ID_ATTR, WORKER_ATTR
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _free_port() -> int:

@@ -16,19 +16,20 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
-from conftest import PARENT, optuna_study, runs, store
+from tests.helpers import PARENT, optuna_study, runs, store
 from optuna.trial import TrialState
 
-from ftsearch import storage, tracking, worker
+from ftsearch import tracking
+from ftsearch.distributed import storage, worker
 from ftsearch.cli import main
 from ftsearch.generations import RESUMED_ATTR, RETRY_OF_ATTR, RUN_ID_ATTR, WORKER_ATTR
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 HAMMER = textwrap.dedent(
     """
     import random, sys, optuna
-    from ftsearch import storage, worker
+    from ftsearch.distributed import storage, worker
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     store = storage.open_storage(sys.argv[1])
     open_study = lambda: optuna.load_study(study_name="hammer", storage=store, sampler=optuna.samplers.RandomSampler())
@@ -65,7 +66,7 @@ def test_a_worker_killed_while_writing_does_not_block_the_journal(tmp_path):
     # their heartbeats; the kernel drops a dead process's flock at once.
     journal = tmp_path / "optuna.journal"
     holder = subprocess.Popen(
-        [sys.executable, "-c", ("import sys, time; from pathlib import Path; from ftsearch.storage import FlockLock; "
+        [sys.executable, "-c", ("import sys, time; from pathlib import Path; from ftsearch.distributed.storage import FlockLock; "
          "FlockLock(Path(sys.argv[1])).acquire(); print('held', flush=True); time.sleep(60)"), str(journal)],
         cwd=ROOT, stdout=subprocess.PIPE, text=True,
     )
@@ -183,7 +184,7 @@ def test_a_killed_search_resumes_its_trial_from_the_last_epoch(write_study, stat
 DIE_BEFORE_RECORDING = textwrap.dedent(
     """
     import os, signal, sys
-    from ftsearch import worker
+    from ftsearch.distributed import worker
     from ftsearch.cli import main
     # The worst moment: the trial trained to its end, its end is not recorded yet.
     worker._record_end = lambda *args: os.kill(os.getpid(), signal.SIGKILL)
