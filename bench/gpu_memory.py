@@ -23,6 +23,7 @@ import torch
 
 from ftsearch.data.tokens import TokenizedSplit, make_loader
 from ftsearch.models.text import load_classifier
+from ftsearch.problems import problem_type
 from ftsearch.train import TrainSettings, fit, free_memory
 
 GIB = 2**30
@@ -48,7 +49,7 @@ def _fit(backbone: Path, batch: int, examples: int, length: int, accumulation: i
     val = make_loader(_split(256, length, 1), 256, 0, shuffle=False)
     settings = TrainSettings(lr=2e-5, epochs=1, device="cuda", grad_accumulation=accumulation)
     try:
-        return fit(model, train, val, settings)
+        return fit(model, train, val, settings, scoring=problem_type("single-label-classification"))
     finally:
         del model
 
@@ -85,7 +86,7 @@ def out_of_memory(backbone: Path, length: int, fraction: float) -> dict:
         "cap_gib": round(cap / GIB, 2), "fitted_batches": fits, "oom_batch": batch, "oom_message": message,
         "allocated_before_gib": round(baseline / GIB, 3), "allocated_after_free_gib": round(after_free / GIB, 3),
         "retry_batch": batch // 2, "retry_accumulation": 2, "retry_status": result.status,
-        "retry_epoch_s": round(retry_s, 1), "retry_val_accuracy": result.history[-1].val_accuracy,
+        "retry_epoch_s": round(retry_s, 1), "retry_val_accuracy": result.history[-1].value("accuracy"),
     }
 
 

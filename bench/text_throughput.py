@@ -78,10 +78,16 @@ def _sync(device: torch.device) -> None:
 
 
 def run_config(spec: str, splits, tokenizer, model_dir: str, target: float, peak: float, device: torch.device) -> dict:
+    from transformers import set_seed
+
+    from ftsearch.adaptation import freeze_lowest_blocks
     from ftsearch.data.features import feature_loader, prefix_features
     from ftsearch.data.tokens import make_loader, tokenize_cached
-    from ftsearch.models.text import UpperBlocksClassifier, freeze_lowest_blocks, load_classifier
-    from ftsearch.train import TrainSettings, evaluate, fit, seed_everything
+    from ftsearch.models.text import UpperBlocksClassifier, load_classifier
+    from ftsearch.problems import problem_type
+    from ftsearch.train import TrainSettings, evaluate, fit
+
+    classification = problem_type("single-label-classification")
 
     depth, max_length, batch, lr, epochs, cache, *rest = spec.split(":")
     depth, max_length, batch, lr, epochs, cache = int(depth), int(max_length), int(batch), float(lr), int(epochs), cache == "on"
@@ -92,7 +98,7 @@ def run_config(spec: str, splits, tokenizer, model_dir: str, target: float, peak
     train_tokens = int(sum(len(x) for x in train_tok.ids))
     mean_len = train_tokens / len(train_tok.ids)
 
-    seed_everything(0)
+    set_seed(0)
     model = load_classifier(model_dir, ("negative", "positive"))
     freeze_lowest_blocks(model, depth)
     _sync(device)
@@ -118,19 +124,19 @@ def run_config(spec: str, splits, tokenizer, model_dir: str, target: float, peak
 
     def on_epoch_end(metrics) -> bool:
         _sync(device)
-        epoch_ends.append((time.perf_counter() - start, metrics.val_accuracy))
-        print(f"  [{spec}] epoch {metrics.epoch}: val accuracy {metrics.val_accuracy:.4f} at {epoch_ends[-1][0]:.1f} s", flush=True)
+        epoch_ends.append((time.perf_counter() - start, metrics.value("accuracy")))
+        print(f"  [{spec}] epoch {metrics.epoch}: val accuracy {metrics.value('accuracy'):.4f} at {epoch_ends[-1][0]:.1f} s", flush=True)
         return False
 
     settings = TrainSettings(lr=lr, epochs=epochs, weight_decay=0.01, warmup_ratio=0.06, device=device.type,
                              compile=compiled)
-    fit(net, train_loader, val_loader, settings, on_epoch_end)
+    fit(net, train_loader, val_loader, settings, on_epoch_end, scoring=classification)
     total = time.perf_counter() - start
 
     # Evaluation throughput on its own (inference mode, batch 256), warm.
     _sync(device)
     eval_start = time.perf_counter()
-    evaluate(net, val_loader, device)
+    evaluate(net, val_loader, device, classification)
     _sync(device)
     eval_seconds = time.perf_counter() - eval_start
 

@@ -52,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
         "--output", metavar="PATH",
         help="where to write the HTML report (default: <state dir>/reports/<optuna study>.html)",
     )
-    report.add_argument("--storage", help="Optuna storage URL (default: sqlite in mlruns/)")
+    report.add_argument("--storage", help="Optuna storage: a database URL or a journal file path (default: mlruns/optuna.journal)")
 
     predict = commands.add_parser("predict", help="predict with a registered model")
     predict.add_argument("model_uri", help="e.g. models:/ftsearch-imdb@champion")

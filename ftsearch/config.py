@@ -22,7 +22,9 @@ from pydantic import (
     model_validator,
 )
 
+from ftsearch.catalog import TASKS
 from ftsearch.errors import FtsearchError
+from ftsearch.problems import ProblemType, problem_type
 
 STUDIES_DIR = Path(__file__).resolve().parent.parent / "studies"
 STUDY_SUFFIXES = (".yaml", ".yml")
@@ -60,6 +62,12 @@ class IntRange(_Strict):
         if self.low > self.high:
             raise ValueError(f"low ({self.low}) is above high ({self.high})")
         return self
+
+
+def _one_of(choices) -> str:
+    """Pydantic's wording for a closed set of choices: 'a', 'b' or 'c'."""
+    quoted = [repr(c) for c in choices]
+    return quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
 
 
 def _check_within(value: FloatRange | IntRange | None, info: ValidationInfo, bounds: dict) -> Any:
@@ -157,6 +165,9 @@ class SearchSpace(_Strict):
     epochs: IntRange = IntRange(low=1, high=1)
     warmup_ratio: FloatRange = FloatRange(low=0.0, high=0.0)
     max_length: list[int] = Field([128], min_length=1)
+    scheduler: list[Literal["linear", "cosine", "constant_with_warmup"]] | None = Field(
+        None, min_length=1, description="learning-rate schedules to search among (left out: linear, not searched)"
+    )
     augment: AugmentSpace = AugmentSpace()
 
     @field_validator(*_SEARCH_BOUNDS)
@@ -194,10 +205,12 @@ class StudyConfig(_Strict):
     """A validated study: what to search, on which data, how, and where to register the winner."""
 
     name: str
-    task: Literal["text-classification", "image-classification"] = "text-classification"
+    task: str = Field("text-classification", description="a name in ftsearch.catalog.TASKS")
     data: DataConfig
-    metric: Literal["accuracy", "f1"] = "accuracy"
-    direction: Literal["maximize", "minimize"] = "maximize"
+    metric: str = Field("accuracy", description="the validation metric the search optimises (the task's metrics)")
+    direction: Literal["maximize", "minimize"] = Field(
+        "maximize", description="follows the metric when left out; if given it must agree with it"
+    )
     backbones: list[str] = Field(min_length=1)
     search: SearchSpace
     sampler: SamplerConfig = SamplerConfig()
@@ -217,7 +230,7 @@ class StudyConfig(_Strict):
     @model_validator(mode="after")
     def _fits_task(self) -> StudyConfig:
         # A key that the task would ignore is an error, like an unknown key.
-        image = self.task == "image-classification"
+        image = self.modality == "image"
         other_task = [f"search.augment.{k}" for k in sorted(self.search.augment.used() & _AUGMENTS[not image])]
         if image:
             other_task += [f"data.{k}" for k in sorted(self.data.model_fields_set & TEXT_ONLY_DATA)]
@@ -231,7 +244,7 @@ class StudyConfig(_Strict):
         if (augment.randaugment_ops or augment.randaugment_magnitude) and "randaugment" not in (augment.auto_augment or []):
             raise ValueError("search.augment.randaugment_ops / _magnitude need 'randaugment' in search.augment.auto_augment")
         if not image and self.data.labels is None:
-            raise ValueError("data.labels: required for text-classification (the class names, in label order)")
+            raise ValueError(f"data.labels: required for {self.task} (the class names, in label order)")
         return self
 
     @field_validator("name")
@@ -246,18 +259,62 @@ class StudyConfig(_Strict):
             raise ValueError(f"{value!r} is not a valid study name: it must not end in '.<number>'")
         return value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _direction_from_metric(cls, raw: Any) -> Any:
+        # Left out, the direction is the metric's own; given, it is checked against it below.
+        if isinstance(raw, dict) and "direction" not in raw:
+            defaults = cls.model_fields
+            task, metric = raw.get("task", defaults["task"].default), raw.get("metric", defaults["metric"].default)
+            spec = TASKS.get(task) if isinstance(task, str) else None  # a bad task is reported by its validator
+            metrics = problem_type(spec.problem).metrics if spec is not None else {}
+            if isinstance(metric, str) and metric in metrics:
+                raw = {**raw, "direction": "maximize" if metrics[metric] else "minimize"}
+        return raw
+
+    @field_validator("task")
+    @classmethod
+    def _registered_task(cls, value: str) -> str:
+        if value not in TASKS:
+            raise ValueError(f"Input should be {_one_of(TASKS)}")
+        return value
+
+    @field_validator("metric")
+    @classmethod
+    def _metric_fits_task(cls, value: str, info: ValidationInfo) -> str:
+        task = TASKS.get(info.data.get("task", ""))
+        if task is not None and value not in problem_type(task.problem).metrics:
+            metrics = problem_type(task.problem).metrics
+            raise ValueError(f"Input should be {_one_of(metrics)} (the metrics of {info.data['task']})")
+        return value
+
     @field_validator("direction")
     @classmethod
     def _direction_fits_metric(cls, value: str, info: ValidationInfo) -> str:
-        if value != "maximize":
-            raise ValueError(f"metric {info.data.get('metric')!r} is higher-is-better: use 'maximize'")
+        task, metric = TASKS.get(info.data.get("task", "")), info.data.get("metric")
+        if task is None or metric is None:
+            return value
+        expected = problem_type(task.problem).direction(metric)
+        if value != expected:
+            better = "higher" if expected == "maximize" else "lower"
+            raise ValueError(f"metric {metric!r} is {better}-is-better: use {expected!r} or leave direction out")
         return value
+
+    @property
+    def problem(self) -> ProblemType:
+        """The task's problem type: head, loss, metrics, baseline, figures, predictions."""
+        return problem_type(TASKS[self.task].problem)
+
+    @property
+    def modality(self) -> str:
+        """``text`` or ``image``: which data, backbones and model builders the task uses."""
+        return TASKS[self.task].modality
 
     def plan_summary(self) -> str:
         """One line telling the user what this (possibly CPU-planned) study will do."""
         d, s = self.data, self.search
         size = lambda n: "all" if n is None else str(n)
-        length = f"max length {s.max_length}, " if self.task == "text-classification" else ""
+        length = f"max length {s.max_length}, " if self.modality == "text" else ""
         return (
             f"{', '.join(self.backbones)}; data: train {size(d.train_size)} / val {size(d.val_size)} / "
             f"test {size(d.test_size)}, {length}epochs {s.epochs.low}-{s.epochs.high}, "

@@ -1,8 +1,9 @@
 """Fine-tuned classifiers saved as folders, their predictors and MLflow pyfunc wrappers.
 
 A text folder holds safetensors weights, the config, the tokenizer and ``ftsearch.json`` (maximum
-length and class names); an image folder safetensors weights and ``ftsearch.json`` (timm
-architecture, class names, preprocessing). Loading either never unpickles anything.
+length, class names, problem type); an image folder safetensors weights and ``ftsearch.json`` (timm
+architecture, class names, preprocessing, problem type). Loading either never unpickles anything.
+What a prediction returns is the problem type's (``ProblemType.prediction_table``).
 """
 
 from __future__ import annotations
@@ -14,19 +15,29 @@ import mlflow
 import pandas as pd
 import torch
 
+from ftsearch.problems import ProblemType, problem_type
+
 META_FILE = "ftsearch.json"
+# Models saved before problem types were recorded are single-label classifiers.
+DEFAULT_PROBLEM = "single-label-classification"
 
 
-def save_classifier(model, tokenizer, folder: Path, max_length: int, labels: tuple[str, ...]) -> None:
+def saved_problem(meta: dict) -> ProblemType:
+    """The problem type a saved model was trained for."""
+    return problem_type(meta.get("problem", DEFAULT_PROBLEM))
+
+
+def save_classifier(model, tokenizer, folder: Path, max_length: int, labels: tuple[str, ...], problem: str) -> None:
     """Write ``model`` and ``tokenizer`` to ``folder`` in the Hugging Face layout (safetensors)."""
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
-    (folder / META_FILE).write_text(json.dumps({"max_length": max_length, "labels": list(labels)}))
+    (folder / META_FILE).write_text(json.dumps({"max_length": max_length, "labels": list(labels), "problem": problem}))
 
 
 class TextClassifier:
-    """Predicts a label and class probabilities for texts, from a saved classifier folder."""
+    """Predicts for texts from a saved text model folder (a label and class probabilities, for a
+    classifier)."""
 
     def __init__(self, folder: str | Path, device: str = "cpu"):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -34,7 +45,8 @@ class TextClassifier:
         folder = Path(folder)
         meta = json.loads((folder / META_FILE).read_text())
         self.max_length = int(meta["max_length"])
-        self.labels = list(meta["labels"])
+        self.labels = tuple(meta["labels"])
+        self.problem = saved_problem(meta)
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
         self.model = AutoModelForSequenceClassification.from_pretrained(folder, use_safetensors=True)
         self.device = torch.device(device)
@@ -42,8 +54,8 @@ class TextClassifier:
 
     @torch.inference_mode()
     def predict(self, texts: list[str], batch_size: int = 32) -> pd.DataFrame:
-        """One row per text: ``label`` and ``prob_<class>`` for each class."""
-        probs = []
+        """One row per text, as the problem type's ``prediction_table`` says."""
+        outputs = []
         for start in range(0, len(texts), batch_size):
             batch = self.tokenizer(
                 texts[start : start + batch_size],
@@ -52,14 +64,8 @@ class TextClassifier:
                 padding=True,
                 return_tensors="pt",
             ).to(self.device)
-            probs.append(torch.softmax(self.model(**batch).logits.float(), dim=-1).cpu())
-        return _label_table(torch.cat(probs).numpy(), self.labels)
-
-
-def _label_table(probs, labels: list[str]) -> pd.DataFrame:
-    frame = pd.DataFrame(probs, columns=[f"prob_{name}" for name in labels])
-    frame.insert(0, "label", [labels[i] for i in probs.argmax(axis=1)])
-    return frame
+            outputs.append(self.model(**batch).logits.float().cpu())
+        return self.problem.prediction_table(torch.cat(outputs).numpy(), self.labels)
 
 
 class TextClassifierModel(mlflow.pyfunc.PythonModel):
@@ -77,32 +83,33 @@ class TextClassifierModel(mlflow.pyfunc.PythonModel):
 
 
 class ImagePredictor:
-    """Predicts a label and class probabilities for image files, from a saved image classifier."""
+    """Predicts for image files from a saved image model folder (a label and class probabilities,
+    for a classifier)."""
 
     def __init__(self, folder: str | Path, device: str = "cpu"):
         from ftsearch.augment import image_eval_transform
         from ftsearch.models.vision import load_image_classifier
 
         self.model, meta = load_image_classifier(Path(folder))
-        self.labels = list(meta["labels"])
+        self.labels = tuple(meta["labels"])
+        self.problem = saved_problem(meta)
         self.transform = image_eval_transform(meta["preprocessing"])
         self.device = torch.device(device)
         self.model.to(self.device)
 
     @torch.inference_mode()
     def predict(self, paths: list[str], batch_size: int = 32) -> pd.DataFrame:
-        """One row per image: ``label`` and ``prob_<class>`` for each class."""
+        """One row per image, as the problem type's ``prediction_table`` says."""
         from PIL import Image
 
-        probs = []
+        outputs = []
         for start in range(0, len(paths), batch_size):
             images = []
             for path in paths[start : start + batch_size]:
                 with Image.open(path) as image:
                     images.append(self.transform(image.convert("RGB")))
-            logits = self.model(torch.stack(images).to(self.device)).logits
-            probs.append(torch.softmax(logits.float(), dim=-1).cpu())
-        return _label_table(torch.cat(probs).numpy(), self.labels)
+            outputs.append(self.model(torch.stack(images).to(self.device)).logits.float().cpu())
+        return self.problem.prediction_table(torch.cat(outputs).numpy(), self.labels)
 
 
 class ImageClassifierModel(mlflow.pyfunc.PythonModel):

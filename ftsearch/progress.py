@@ -30,6 +30,8 @@ from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.text import Text
 
+from ftsearch.formatting import format_params, format_seconds
+
 
 @dataclass(frozen=True)
 class TrialCounts:
@@ -103,18 +105,6 @@ def is_terminal(stream: TextIO) -> bool:
         return False
 
 
-def format_params(params: Mapping[str, object]) -> str:
-    return ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in params.items())
-
-
-def _seconds(seconds: float) -> str:
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    minutes, seconds = divmod(round(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {seconds:02d} s"
-
-
 _STATE_STYLES = {"COMPLETE": "green", "PRUNED": "yellow", "FAIL": "red", "KILLED": "red"}
 
 
@@ -172,7 +162,7 @@ class _Reporter:
     def trial_ended(self, number: int, state: str, reason: str = "", value: float | None = None) -> None:
         text = f"trial {number}: {state}"
         if number == self.trial:
-            text += f" after {_seconds(time.monotonic() - self._trial_start)}"
+            text += f" after {format_seconds(time.monotonic() - self._trial_start, tenths=True)}"
         if value is not None:
             text += f", {self.metric} {value:.4f}"
         if reason:

@@ -15,6 +15,7 @@ import mlflow
 import pandas as pd
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
+from mlflow.models import Model, ModelSignature
 
 from ftsearch import tracking
 from ftsearch.errors import FtsearchError
@@ -44,29 +45,32 @@ def register_best(
     tags: dict[str, str],
     entry_file: Path,
     input_example: pd.DataFrame,
+    signature: ModelSignature,
 ) -> ModelVersion:
-    """Log ``model_folder`` as an MLflow model in ``run_id`` and register it with alias ``candidate``.
+    """Log ``model_folder`` as an MLflow model of ``run_id`` and register it with alias ``candidate``.
 
     ``tags`` (study, trial number, test metrics...) go on the model version; they must already
     be final, because the alias is set only once everything else has succeeded, and the version
     is marked complete last. A version left incomplete by a crash is removed by the next call.
+    ``signature``: the modality's inputs and the problem type's outputs.
     """
     discard_incomplete(registered_name, run_id)
-    tracking.client()
-    mlflow.start_run(run_id=run_id)
-    try:
-        info = mlflow.pyfunc.log_model(
-            name="model",
-            python_model=str(entry_file),
-            artifacts={"model": str(model_folder)},
-            input_example=input_example,
-            # The package travels with the model, so it loads where ftsearch is not installed.
-            code_paths=[str(PACKAGE_DIR)],
-            pip_requirements=_requirements(),
-        )
-    finally:
-        # The trial's run was FINISHED before and stays so, whatever happened while logging.
-        mlflow.end_run("FINISHED")
+    tracking.client()  # points MLflow's model logging at the configured store
+    # Logged to the trial's run by its id (a LoggedModel whose source is that run); the run is
+    # never reopened, so it stays FINISHED whatever happens here.
+    info = Model.log(
+        artifact_path=None,  # MLflow 3 names a model by ``name``; the old argument is still required
+        name="model",
+        flavor=mlflow.pyfunc,
+        run_id=run_id,
+        python_model=str(entry_file),
+        artifacts={"model": str(model_folder)},
+        input_example=input_example,
+        signature=signature,
+        # The package travels with the model, so it loads where ftsearch is not installed.
+        code_paths=[str(PACKAGE_DIR)],
+        pip_requirements=_requirements(),
+    )
 
     mlflow_client = tracking.client()
     version = None

@@ -25,6 +25,7 @@ class TrialConfig(BaseModel):
     weight_decay: float
     epochs: int
     warmup_ratio: float
+    scheduler: str = "linear"
     seed: int = 0
     # text
     max_length: int = 0
@@ -65,7 +66,9 @@ def sample_trial(trial: optuna.Trial, study: StudyConfig, blocks: dict[str, int]
         # A retry keeps the seed of the trial it repeats (it resumes that trial's checkpoint).
         "seed": study.sampler.seed + int(trial.user_attrs.get(RETRY_OF_ATTR, trial.number)),
     }
-    if study.task == "text-classification":
+    if space.scheduler is not None:
+        values["scheduler"] = trial.suggest_categorical("scheduler", space.scheduler)
+    if study.modality == "text":
         values["max_length"] = trial.suggest_categorical("max_length", space.max_length)
     augment = space.augment
     if augment.auto_augment is not None:

@@ -8,27 +8,38 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import optuna
-import torch
+from mlflow.models import ModelSignature
 from optuna.storages import BaseStorage
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from ftsearch import progress, publish, settings, tracking
-from ftsearch.distributed import parallel, storage, worker
+from ftsearch.checkpoints import TrialCheckpoints
 from ftsearch.config import StudyConfig, load_study
+from ftsearch.distributed import parallel, storage, worker
 from ftsearch.errors import FtsearchError
-from ftsearch.generations import CONFIG_ATTR, PARENT_RUN_ATTR, REASON_ATTR, RUN_ID_ATTR, generations
+from ftsearch.generations import (
+    CONFIG_ATTR,
+    FINISHED_STATES,
+    PARENT_RUN_ATTR,
+    REASON_ATTR,
+    RUN_ID_ATTR,
+    best_trial,
+    count_states,
+    generations,
+    latest_generation,
+)
+from ftsearch.modalities import make_modality
+from ftsearch.modalities.base import Modality
+from ftsearch.outcomes import Outcome, end_run
 from ftsearch.progress import Reporter
-from ftsearch.tasks import make_task
-from ftsearch.tasks.base import Task
 from ftsearch.train import evaluate, resolve_device
-from ftsearch.trials import WEIGHTS_ARTIFACT, TrialRunner, best_info, best_trial, trial_counts
+from ftsearch.trial import Prepared, TrialRunner, best_info, trial_counts
 
 JOIN_POLL_SECONDS = 2.0
 
@@ -63,16 +74,6 @@ class SearchSummary:
     seconds: float = 0.0
 
 
-@dataclass(frozen=True)
-class Prepared:
-    """A checked study: config, device and its task (data and backbones), ready to search."""
-
-    config: StudyConfig
-    device: torch.device
-    task: Task
-    compile: bool = False
-
-
 def prepare(options: SearchOptions, reporter: Reporter | None = None) -> Prepared:
     """Validate everything the user supplied; raises FtsearchError, creates nothing."""
     reporter = reporter if reporter is not None else progress.make_reporter(options.quiet)
@@ -84,9 +85,9 @@ def prepare(options: SearchOptions, reporter: Reporter | None = None) -> Prepare
         overrides.append(f"timeout={options.timeout}")
     config = load_study(options.study, overrides, cpu=device.type == "cpu")
     reporter.info(f"study {config.name} on {device.type.upper()}: {config.plan_summary()}")
-    task = make_task(config, device)
-    reporter.info(task.describe())
-    return Prepared(config, device, task, options.compile)
+    modality = make_modality(config, device)
+    reporter.info(modality.describe())
+    return Prepared(config, device, modality, options.compile)
 
 
 def run_search(options: SearchOptions, reporter: Reporter | None = None) -> SearchSummary:
@@ -118,11 +119,11 @@ def _run_search(options: SearchOptions, reporter: Reporter) -> SearchSummary:
         study.set_user_attr(PARENT_RUN_ATTR, parent.run_id)
         if "config.json" not in _artifact_names(parent):
             parent.log_dict(config.model_dump(), "config.json")
-        for path, data in prepared.task.parent_artifacts().items():
+        for path, data in prepared.modality.parent_artifacts().items():
             parent.log_dict(data, path)  # rewritten on resume: the data may have changed since
             if path == "skipped_files.json":
                 reporter.warn(f"skipped {len(data)} unusable data file(s); they are listed in {path} on the MLflow parent run")
-        _log_baseline(prepared.task, parent, config.metric, reporter)
+        _log_baseline(prepared.modality, parent, config.metric, reporter)
         # Failed trials do not count: the study runs until n_trials trials completed or were
         # pruned (each failure gives its slot back), the timeout, or too many failures in a row.
         # Workers join once there are slots to run.
@@ -132,7 +133,7 @@ def _run_search(options: SearchOptions, reporter: Reporter) -> SearchSummary:
             study.study_name, n_trials=config.n_trials, metric=f"val {config.metric}", counts=trial_counts(trials),
             best=best_info(best_trial(study)), parent_run_id=parent.run_id,
         )
-        runner = TrialRunner(prepared.task, config, prepared.device, parent, _checkpoint_root(study), reporter, prepared.compile)
+        runner = TrialRunner(prepared, parent, TrialCheckpoints.of(study.study_name), reporter)
         if options.workers > 1:
             def follow() -> None:
                 reporter.trials_updated(trial_counts(study.get_trials(deepcopy=False)), best_info(best_trial(study)))
@@ -146,7 +147,7 @@ def _run_search(options: SearchOptions, reporter: Reporter) -> SearchSummary:
             if done.stopped_early:
                 reporter.warn(f"stopping: {done.stopped_early}")
         _wait_for_other_workers(study, reporter)
-        runner.drop_resume_files(study)
+        runner.checkpoints.drop_resume_files(study)
         trials = study.get_trials(deepcopy=False)
         reporter.study_ended(trial_counts(trials), best_info(best_trial(study)))
         summary = finish_study(study, prepared, parent, runner)
@@ -172,7 +173,7 @@ def run_worker(options: SearchOptions, reporter: Reporter | None = None, wait: f
         optuna_storage = storage.open_storage(url, on_stale=worker.end_stale_trial)
         study = _join_study(config, optuna_storage, wait, reporter)
         parent = tracking.StudyRun.attach(config.name, study.user_attrs[PARENT_RUN_ATTR])
-        runner = TrialRunner(prepared.task, config, prepared.device, parent, _checkpoint_root(study), reporter, prepared.compile)
+        runner = TrialRunner(prepared, parent, TrialCheckpoints.of(study.study_name), reporter)
         reporter.info(f"worker {worker.worker_name()} joined study {study.study_name}")
         # Different workers must not draw the same random samples: the process id joins the seed.
         done = worker.work(
@@ -199,8 +200,8 @@ def _join_study(config: StudyConfig, optuna_storage: BaseStorage, wait: float, r
     deadline = time.monotonic() + wait
     said, problem = False, ""
     while True:
-        found = generations(storage.names_in(optuna_storage), config.name)
-        study = optuna.load_study(study_name=found[max(found)], storage=optuna_storage) if found else None
+        latest = latest_generation(storage.names_in(optuna_storage), config.name)
+        study = optuna.load_study(study_name=latest, storage=optuna_storage) if latest else None
         problem, ready = "", False
         if study is not None:
             try:
@@ -229,7 +230,7 @@ def _join_study(config: StudyConfig, optuna_storage: BaseStorage, wait: float, r
 def _study_opener(config: StudyConfig, optuna_storage: BaseStorage, name: str, salt: int = 0):
     # Offset by the trials already run, so a resumed study does not replay its first samples.
     trials_so_far = len(optuna.load_study(study_name=name, storage=optuna_storage).get_trials(
-        deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)))
+        deepcopy=False, states=FINISHED_STATES))
     # One sampler for the worker's life (its random stream goes on); a fresh Study object per
     # trial, so the sampler sees the trials other workers finished since.
     sampler, pruner = make_sampler(config, trials_so_far + salt), make_pruner(config)
@@ -266,15 +267,15 @@ def open_study(config: StudyConfig, optuna_storage: BaseStorage, fresh: bool) ->
 
     Generations are named ``<name>``, ``<name>.2``, ... so that ``--fresh`` loses no history.
     """
-    found = generations(storage.names_in(optuna_storage), config.name)
-    latest = found[max(found)] if found else None
+    names = storage.names_in(optuna_storage)
+    latest = latest_generation(names, config.name)
     if latest is not None and not fresh:
         _check_identity(optuna.load_study(study_name=latest, storage=optuna_storage), config)
         name = latest
     elif latest is None:
         name = config.name
     else:
-        name = f"{config.name}.{max(found) + 1}"
+        name = f"{config.name}.{max(generations(names, config.name)) + 1}"
     study = optuna.create_study(
         study_name=name,
         storage=optuna_storage,
@@ -332,10 +333,6 @@ def make_pruner(config: StudyConfig) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-def _checkpoint_root(study: optuna.Study) -> Path:
-    return settings.checkpoint_dir() / study.study_name
-
-
 def _artifact_names(run: tracking.StudyRun) -> set[str]:
     return {f.path for f in run.mlflow_client.list_artifacts(run.run_id)}
 
@@ -343,18 +340,11 @@ def _artifact_names(run: tracking.StudyRun) -> set[str]:
 def finish_study(study: optuna.Study, prepared: Prepared, parent: tracking.StudyRun, runner: TrialRunner) -> SearchSummary:
     """Log the study's plots, score the best trial on the test split and register it."""
     config = prepared.config
-    trials = study.get_trials(deepcopy=False)
-    counts = {s.name: sum(t.state == s for t in trials) for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
+    counts = count_states(study.get_trials(deepcopy=False), ("COMPLETE", "PRUNED", "FAIL"))
     summary = SearchSummary(study.study_name, parent.run_id, counts)
     _end_orphaned_runs(study, parent)
     _log_study_plots(study, parent, runner.reporter)
-    best = best_trial(study)
-    if best is None:
-        reasons = [t.user_attrs.get(REASON_ATTR, "") for t in study.trials if t.user_attrs.get(REASON_ATTR)]
-        raise FtsearchError(
-            f"no trial completed ({', '.join(f'{n} {s.lower()}' for s, n in counts.items())}), so there is "
-            f"no model to register; first reason: {reasons[0] if reasons else 'none recorded'}"
-        )
+    best = _best_or_why_none(study, counts)
     summary.best_trial, summary.best_value = best.number, best.value
     parent.log_best(config.metric, best.value, best.number, best.params)  # workers may have raced on it
     run_id = best.user_attrs[RUN_ID_ATTR]
@@ -364,12 +354,7 @@ def finish_study(study: optuna.Study, prepared: Prepared, parent: tracking.Study
         summary.test_metrics = {k: float(v) for k, v in version.tags.items() if k.startswith("test_")}
         runner.reporter.info(f"best trial {best.number} is already registered as {config.registered_model} v{version.version}")
         return summary
-    folder = runner.checkpoints / f"trial-{best.number}"
-    if not folder.is_dir() and tracking.is_shared():
-        # Trained by a worker on another machine: it uploaded the weights when they became the best.
-        _download_weights(parent, run_id, folder)
-    if not folder.is_dir():
-        raise FtsearchError(f"the best trial's weights are missing from {folder}; rerun with --fresh")
+    folder = _best_weights(runner.checkpoints, best.number, run_id, parent)
     runner.reporter.info(f"scoring best trial {best.number} on the test split and registering it as {config.registered_model}")
     summary.test_metrics = score_on_test(folder, prepared, run_id)
     tags = {
@@ -380,60 +365,69 @@ def finish_study(study: optuna.Study, prepared: Prepared, parent: tracking.Study
         f"val_{config.metric}": f"{best.value:.6f}",
         **{k: f"{v:.6f}" for k, v in summary.test_metrics.items()},
     }
-    task = prepared.task
-    version = publish.register_best(config.registered_model, folder, run_id, tags, task.entry_file, task.input_example())
+    modality = prepared.modality
+    signature = ModelSignature(inputs=modality.input_schema(), outputs=modality.problem.output_schema(modality.labels))
+    version = publish.register_best(config.registered_model, folder, run_id, tags, modality.entry_file,
+                                    modality.input_example(), signature)
     summary.model_version = version.version
-    runner.drop_weights()  # they now live in the registry
+    runner.checkpoints.drop_weights()  # they now live in the registry
     return summary
 
 
-def _download_weights(parent: tracking.StudyRun, run_id: str, folder: Path) -> None:
-    import mlflow
-
-    partial = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    try:
-        mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=WEIGHTS_ARTIFACT, dst_path=str(partial),
-                                            tracking_uri=parent.mlflow_client.tracking_uri)
-    except Exception as err:  # noqa: BLE001 - said below, with what to do
-        shutil.rmtree(partial, ignore_errors=True)
-        raise FtsearchError(f"cannot download the best trial's weights from run {run_id}: {err}") from None
-    (partial / WEIGHTS_ARTIFACT).rename(folder)
-    shutil.rmtree(partial, ignore_errors=True)
+def _best_or_why_none(study: optuna.Study, counts: dict[str, int]) -> FrozenTrial:
+    best = best_trial(study)
+    if best is None:
+        reasons = [t.user_attrs.get(REASON_ATTR, "") for t in study.trials if t.user_attrs.get(REASON_ATTR)]
+        raise FtsearchError(
+            f"no trial completed ({', '.join(f'{n} {s.lower()}' for s, n in counts.items())}), so there is "
+            f"no model to register; first reason: {reasons[0] if reasons else 'none recorded'}"
+        )
+    return best
 
 
-def _log_baseline(task: Task, parent: tracking.StudyRun, metric: str, reporter: Reporter) -> None:
+def _best_weights(checkpoints: TrialCheckpoints, number: int, run_id: str, parent: tracking.StudyRun) -> Path:
+    folder = checkpoints.weights(number)
+    if not folder.is_dir() and tracking.is_shared():
+        # Trained by a worker on another machine: it uploaded the weights when they became the best.
+        checkpoints.download(run_id, number, parent.mlflow_client.tracking_uri)
+    if not folder.is_dir():
+        raise FtsearchError(f"the best trial's weights are missing from {folder}; rerun with --fresh")
+    return folder
+
+
+def _log_baseline(modality: Modality, parent: tracking.StudyRun, metric: str, reporter: Reporter) -> None:
     """Train the classical baseline once per study, for context next to the fine-tuned trials."""
     if f"baseline_val_{metric}" in parent.mlflow_client.get_run(parent.run_id).data.metrics:
         return
-    scores = task.baseline()
-    parent.mlflow_client.set_tag(parent.run_id, "baseline", task.baseline_name)
+    scores = modality.baseline()
+    parent.mlflow_client.set_tag(parent.run_id, "baseline", modality.baseline_name)
     for key, value in scores.items():
         parent.mlflow_client.log_metric(parent.run_id, key, value)
-    reporter.info(f"baseline ({task.baseline_name}): val {metric} {scores[f'baseline_val_{metric}']:.4f}, "
+    reporter.info(f"baseline ({modality.baseline_name}): val {metric} {scores[f'baseline_val_{metric}']:.4f}, "
                   f"test {metric} {scores[f'baseline_test_{metric}']:.4f}")
 
 
 def _end_orphaned_runs(study: optuna.Study, parent: tracking.StudyRun) -> None:
     """End the MLflow run of any finished trial whose process died before it could end the run."""
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)):
+    for trial in study.get_trials(deepcopy=False, states=FINISHED_STATES):
         run_id = trial.user_attrs.get(RUN_ID_ATTR)
         if run_id and parent.mlflow_client.get_run(run_id).info.status == "RUNNING":
-            tracking.TrialRun(parent.mlflow_client, run_id).finish(
-                trial.state.name, trial.user_attrs.get(REASON_ATTR, "its process stopped before ending the run")
-            )
+            reason = trial.user_attrs.get(REASON_ATTR, "its process stopped before ending the run")
+            end_run(tracking.TrialRun(parent.mlflow_client, run_id), Outcome(trial.state.name, reason))
 
 
 def score_on_test(folder: Path, prepared: Prepared, run_id: str) -> dict[str, float]:
-    """Score the saved model once on the held-out test split and log the metrics to its run."""
-    model, loader = prepared.task.test_setup(folder)
+    """Score the saved model once on the held-out test split and log its metrics (``test_<metric>``
+    for every metric of the problem type) and figures to its run."""
+    modality = prepared.modality
+    model, loader = modality.test_setup(folder)
     model.to(prepared.device)
-    evaluation = evaluate(model, loader, prepared.device)
-    metrics = {"test_accuracy": evaluation.accuracy, "test_f1": evaluation.f1}
+    evaluation = evaluate(model, loader, prepared.device, modality.problem)
+    metrics = {f"test_{name}": value for name, value in evaluation.metrics.items()}
     run = tracking.TrialRun(tracking.client(), run_id)
     run.log_metrics(metrics, step=0)
-    run.log_confusion_matrix(evaluation.y_true, evaluation.y_pred, prepared.task.labels, "test_confusion_matrix.png")
+    for path, figure in modality.problem.figures(evaluation, modality.labels).items():
+        run.log_figure(figure, f"test_{path}")
     return metrics
 
 

@@ -90,39 +90,15 @@ class TrialRun:
     def log_dict(self, data: dict[str, Any], path: str) -> None:
         self.mlflow_client.log_dict(self.run_id, data, path)
 
+    def set_tag(self, key: str, value: str) -> None:
+        self.mlflow_client.set_tag(self.run_id, key, value)
+
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
         self.mlflow_client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
-    def log_confusion_matrix(self, y_true, y_pred, labels: tuple[str, ...], path: str) -> None:
-        from sklearn.metrics import ConfusionMatrixDisplay
-
-        display = ConfusionMatrixDisplay.from_predictions(
-            y_true, y_pred, labels=list(range(len(labels))), display_labels=list(labels), colorbar=False
-        )
-        _figure_artifact(self.mlflow_client, self.run_id, display.figure_, path)
-
-    def log_image_grid(self, items: list[tuple[str, int, int]], labels: tuple[str, ...], path: str) -> None:
-        """A grid of (image path, true label, predicted label), titled "true -> predicted"."""
-        from PIL import Image
-
-        if not items:
-            return
-        columns = min(6, len(items))
-        rows = -(-len(items) // columns)
-        figure, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.4 * rows), squeeze=False)
-        try:
-            for ax in axes.flat:
-                ax.axis("off")
-            for ax, (image_path, truth, predicted) in zip(axes.flat, items, strict=False):
-                with Image.open(image_path) as image:
-                    image.thumbnail((256, 256))
-                    ax.imshow(image.convert("RGB"))
-                ax.set_title(f"{labels[truth]} -> {labels[predicted]}", fontsize=8)
-            figure.tight_layout()
-        except BaseException:
-            plt.close(figure)
-            raise
+    def log_figure(self, figure, path: str) -> None:
+        """Log a matplotlib figure as ``path`` and close it."""
         _figure_artifact(self.mlflow_client, self.run_id, figure, path)
 
     def finish(self, state: str, reason: str = "") -> None:

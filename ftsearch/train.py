@@ -1,8 +1,10 @@
-"""The training loop: fine-tune a classifier, evaluate each epoch, keep the best epoch's weights.
+"""The training loop: fine-tune a model, evaluate each epoch, keep the best epoch's weights.
 
 It knows nothing of Optuna, MLflow or the terminal: it reports each epoch to a callback, which
 may ask it to stop (that is how pruning reaches it), and each optimiser step to another (that is
-how a progress display follows it).
+how a progress display follows it). Nor does it know what is predicted: the problem type
+(``ftsearch.problems``) gives it the loss and the metrics, and the settings say which metric
+picks the best epoch.
 """
 
 from __future__ import annotations
@@ -14,15 +16,24 @@ import random
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 import numpy as np
 import torch
-from sklearn.metrics import accuracy_score, f1_score
 from torch import nn
 from torch.utils.data import DataLoader
+from transformers import get_scheduler, set_seed
 
 from ftsearch.errors import FtsearchError
+from ftsearch.problems.base import Evaluation
+
+
+class Scoring(Protocol):
+    """What the loop needs of a problem type (``ftsearch.problems.ProblemType`` is one)."""
+
+    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor: ...
+
+    def evaluation(self, y_true: np.ndarray, outputs: np.ndarray) -> Evaluation: ...
 
 
 @dataclass(frozen=True)
@@ -35,7 +46,8 @@ class TrainSettings:
     warmup_ratio: float = 0.0
     grad_clip: float = 1.0
     seed: int = 0
-    metric: Literal["accuracy", "f1"] = "accuracy"
+    scheduler: str = "linear"  # a transformers.get_scheduler name, with warm-up
+    metric: str = "accuracy"  # the validation metric that picks the best epoch
     maximize: bool = True
     device: str = "cpu"
     compile: bool = False  # torch.compile the model's forward (dynamic shapes: batches vary in length)
@@ -44,25 +56,14 @@ class TrainSettings:
 
 @dataclass(frozen=True)
 class EpochMetrics:
-    """What one epoch produced; ``val_f1`` is macro-averaged over classes."""
+    """What one epoch produced: its mean training loss and every validation metric."""
 
     epoch: int
     train_loss: float
-    val_accuracy: float
-    val_f1: float
+    metrics: dict[str, float]
 
     def value(self, metric: str) -> float:
-        return {"accuracy": self.val_accuracy, "f1": self.val_f1}[metric]
-
-
-@dataclass(frozen=True)
-class Evaluation:
-    """Accuracy, macro F1, and the labels and predictions they came from."""
-
-    accuracy: float
-    f1: float
-    y_true: np.ndarray
-    y_pred: np.ndarray
+        return self.metrics[metric]
 
 
 @dataclass
@@ -113,12 +114,6 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def _autocast(device: torch.device):
     # bf16 autocast needs no loss scaling; on the CPU it is slower than fp32, so CUDA only.
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -137,36 +132,25 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def linear_warmup_decay(optimizer: torch.optim.Optimizer, warmup: int, total: int):
-    """Learning rate rising linearly over ``warmup`` steps, then falling linearly to 0."""
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (total - step) / max(1, total - warmup))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+def make_scheduler(name: str, optimizer: torch.optim.Optimizer, warmup: int, total: int):
+    """``transformers.get_scheduler``'s ``name`` schedule (linear, cosine, constant_with_warmup):
+    ``warmup`` steps rising from 0, then the schedule's decay over the rest of ``total``."""
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total)
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> Evaluation:
-    """Accuracy and macro F1 of ``model`` over ``loader``."""
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, scoring: Scoring) -> Evaluation:
+    """``model``'s outputs over ``loader``, judged by the problem type's metrics."""
     model.eval()
-    y_true, y_pred = [], []
+    y_true, outputs = [], []
     for batch in loader:
         batch = _to(batch, device)
         labels = batch.pop("labels")
         with _autocast(device):
             logits = model(**batch).logits
         y_true.append(labels.cpu().numpy())
-        y_pred.append(logits.argmax(-1).cpu().numpy())
-    truth, pred = np.concatenate(y_true), np.concatenate(y_pred)
-    return Evaluation(
-        accuracy=float(accuracy_score(truth, pred)),
-        f1=float(f1_score(truth, pred, average="macro")),
-        y_true=truth,
-        y_pred=pred,
-    )
+        outputs.append(logits.float().cpu().numpy())
+    return scoring.evaluation(np.concatenate(y_true), np.concatenate(outputs))
 
 
 def fit(
@@ -178,8 +162,11 @@ def fit(
     on_step: StepCallback | None = None,
     checkpoint: Path | None = None,
     on_resume: ResumeCallback | None = None,
+    *,
+    scoring: Scoring,
 ) -> FitResult:
-    """Fine-tune ``model`` with AdamW, linear warm-up and decay, gradient clipping.
+    """Fine-tune ``model`` with AdamW, a warm-up + decay schedule, gradient clipping; the loss and
+    the validation metrics are ``scoring``'s (the problem type's).
 
     Stops early when ``on_epoch_end`` returns True, and with status ``diverged`` on a non-finite
     loss. The best epoch (by ``settings.metric``) is kept, not the last. ``on_step`` hears of every
@@ -190,66 +177,97 @@ def fit(
     that file resumes after its epoch, as if never interrupted (``result.resumed_from_epoch``,
     ``on_resume`` hears of the restored epochs). The caller deletes the file when it is done.
     """
-    seed_everything(settings.seed)
+    set_seed(settings.seed)
     device = torch.device(settings.device)
     model.to(device)
     if settings.compile:
         # In place, so the state dict keeps its keys; dynamic, so each new batch length does not
         # trigger a recompilation.
         model.compile(dynamic=True)
-    optimizer = torch.optim.AdamW(
-        _param_groups(model, settings.weight_decay), lr=settings.lr, fused=device.type == "cuda"
-    )
-    accumulation = max(1, settings.grad_accumulation)
-    steps_per_epoch = math.ceil(len(train_loader) / accumulation)
-    total_steps = settings.epochs * steps_per_epoch
-    scheduler = linear_warmup_decay(optimizer, int(settings.warmup_ratio * total_steps), total_steps)
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    steps = _Steps.start(model, settings, len(train_loader), scoring, on_step)
     result = FitResult(status="completed")
     first_epoch = 1
     if checkpoint is not None and checkpoint.is_file():
-        first_epoch = _restore(checkpoint, model, optimizer, scheduler, train_loader, result) + 1
+        first_epoch = _restore(checkpoint, model, steps.optimizer, steps.scheduler, train_loader, result) + 1
         result.resumed_from_epoch = first_epoch - 1
         if on_resume is not None:
             on_resume(list(result.history))
-    done = (first_epoch - 1) * steps_per_epoch
+    steps.done = (first_epoch - 1) * steps.per_epoch
 
     for epoch in range(first_epoch, settings.epochs + 1):
-        model.train()
-        loss_sum, batches = 0.0, 0
-        for step, batch in enumerate(train_loader, start=1):
-            with _autocast(device):
-                loss = model(**_to(batch, device)).loss
-            if not torch.isfinite(loss):
-                result.status = "diverged"
-                result.reason = f"non-finite loss ({loss.item()}) at epoch {epoch}, step {step}"
-                return result
-            (loss / accumulation).backward()
-            loss_sum += loss.item()
-            batches += 1
-            if step % accumulation and step != len(train_loader):
-                continue
-            nn.utils.clip_grad_norm_(trainable, settings.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            done += 1
-            if on_step is not None:
-                on_step(done, total_steps)
-
-        evaluation = evaluate(model, val_loader, device)
-        metrics = EpochMetrics(epoch, loss_sum / max(1, batches), evaluation.accuracy, evaluation.f1)
+        train_loss, result.reason = steps.train_epoch(model, train_loader, epoch)
+        if result.reason:
+            result.status = "diverged"
+            return result
+        evaluation = evaluate(model, val_loader, device, scoring)
+        metrics = EpochMetrics(epoch, train_loss, evaluation.metrics)
         result.history.append(metrics)
         if _improves(metrics.value(settings.metric), result.best_value(settings.metric), settings.maximize):
             result.best_epoch = epoch
             result.best_eval = evaluation
             result.best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         if checkpoint is not None:
-            _save(checkpoint, epoch, model, optimizer, scheduler, train_loader, result)
+            _save(checkpoint, epoch, model, steps.optimizer, steps.scheduler, train_loader, result)
         if on_epoch_end is not None and on_epoch_end(metrics):
             result.status = "stopped"
             return result
     return result
+
+
+@dataclass
+class _Steps:
+    """The optimiser side of a fit: AdamW, the schedule, gradient accumulation and clipping, and
+    the count of optimiser steps taken (across epochs, for ``on_step``)."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    trainable: list[nn.Parameter]
+    settings: TrainSettings
+    scoring: Scoring
+    on_step: StepCallback | None
+    per_epoch: int
+    total: int
+    done: int = 0
+
+    @classmethod
+    def start(cls, model: nn.Module, settings: TrainSettings, batches: int, scoring: Scoring,
+              on_step: StepCallback | None) -> _Steps:
+        device = torch.device(settings.device)
+        optimizer = torch.optim.AdamW(
+            _param_groups(model, settings.weight_decay), lr=settings.lr, fused=device.type == "cuda"
+        )
+        per_epoch = math.ceil(batches / max(1, settings.grad_accumulation))
+        total = settings.epochs * per_epoch
+        scheduler = make_scheduler(settings.scheduler, optimizer, int(settings.warmup_ratio * total), total)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        return cls(optimizer, scheduler, trainable, settings, scoring, on_step, per_epoch, total)
+
+    def train_epoch(self, model: nn.Module, loader: DataLoader, epoch: int) -> tuple[float, str]:
+        """One pass over ``loader``: ``(mean training loss, '')``, or ``(nan, why)`` when the loss
+        stopped being finite (nothing is trained on it)."""
+        device, accumulation = torch.device(self.settings.device), max(1, self.settings.grad_accumulation)
+        model.train()
+        loss_sum, batches = 0.0, 0
+        for step, batch in enumerate(loader, start=1):
+            batch = _to(batch, device)
+            targets = batch.pop("labels")
+            with _autocast(device):
+                loss = self.scoring.loss(model(**batch).logits, targets)
+            if not torch.isfinite(loss):
+                return math.nan, f"non-finite loss ({loss.item()}) at epoch {epoch}, step {step}"
+            (loss / accumulation).backward()
+            loss_sum += loss.item()
+            batches += 1
+            if step % accumulation and step != len(loader):
+                continue
+            nn.utils.clip_grad_norm_(self.trainable, self.settings.grad_clip)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.done += 1
+            if self.on_step is not None:
+                self.on_step(self.done, self.total)
+        return loss_sum / max(1, batches), ""
 
 
 def _loader_parts(loader: DataLoader) -> dict:
@@ -295,8 +313,7 @@ def _save(path: Path, epoch: int, model, optimizer, scheduler, loader: DataLoade
         # The best epoch's weights, unless they are this epoch's (then they are "model").
         "best_state": None if result.best_epoch == epoch else result.best_state,
         "best_eval": None if best is None else {
-            "accuracy": best.accuracy, "f1": best.f1,
-            "y_true": torch.from_numpy(best.y_true), "y_pred": torch.from_numpy(best.y_pred),
+            "metrics": best.metrics, "y_true": torch.from_numpy(best.y_true), "outputs": torch.from_numpy(best.outputs),
         },
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -312,6 +329,13 @@ def _restore(path: Path, model, optimizer, scheduler, loader: DataLoader, result
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - a truncated or foreign file: start over, say why
         raise FtsearchError(f"cannot resume from the checkpoint {path}: {err}; delete it to start the trial over") from None
+    try:
+        history = [EpochMetrics(**m) for m in state["history"]]
+        best = state["best_eval"]
+        best_eval = None if best is None else Evaluation(dict(best["metrics"]), best["y_true"].numpy(), best["outputs"].numpy())
+    except (KeyError, TypeError) as err:
+        raise FtsearchError(f"cannot resume from the checkpoint {path}: it was written by another version of "
+                            f"ftsearch ({type(err).__name__}: {err}); delete it to start the trial over") from None
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
@@ -322,12 +346,9 @@ def _restore(path: Path, model, optimizer, scheduler, loader: DataLoader, result
     for name, part in _loader_parts(loader).items():
         if name in loader_state:
             part.load_state_dict(loader_state[name])
-    result.history = [EpochMetrics(**m) for m in state["history"]]
+    result.history, result.best_eval = history, best_eval
     result.best_epoch = state["best_epoch"]
     result.best_state = state["best_state"] if state["best_state"] is not None else state["model"]
-    best = state["best_eval"]
-    if best is not None:
-        result.best_eval = Evaluation(best["accuracy"], best["f1"], best["y_true"].numpy(), best["y_pred"].numpy())
     return int(state["epoch"])
 
 

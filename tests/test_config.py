@@ -51,6 +51,10 @@ def test_overrides_are_typed_and_win_over_the_plan():
         (["search.augment.hflip={low: 0, high: 0.5}"], "search.augment.hflip does not apply to text-classification"),
         (["data.min_image_colors=10"], "data.min_image_colors does not apply to text-classification"),
         (["data.labels=null"], "data.labels: required for text-classification"),
+        (["task=text-regresion"], "task: Input should be 'text-classification' or 'image-classification'"),
+        (["metric=rmse"], "metric: Input should be 'accuracy' or 'f1' (the metrics of text-classification)"),
+        (["direction=minimize"], "direction: metric 'accuracy' is higher-is-better: use 'maximize' or leave direction out"),
+        (["search.scheduler=[linear, warmup_stable_decay]"], "search.scheduler.1: Input should be 'linear', 'cosine'"),
     ],
 )
 def test_bad_values_name_file_key_and_what_is_allowed(overrides, expected):
@@ -115,3 +119,16 @@ def test_parse_overrides_nests_and_parses_yaml():
 def test_missing_file_by_path(tmp_path):
     with pytest.raises(FtsearchError, match="does not exist"):
         resolve_study_path(str(Path(tmp_path) / "absent.yaml"))
+
+
+def test_direction_follows_the_metric_when_left_out(tmp_path):
+    import yaml
+
+    raw = yaml.safe_load((STUDIES_DIR / "imdb.yaml").read_text())
+    raw.pop("direction")
+    path = tmp_path / "imdb.yaml"
+    path.write_text(yaml.safe_dump({**raw, "metric": "f1"}))
+    config = load_study(str(path))
+    assert config.direction == "maximize" and config.problem.name == "single-label-classification"
+    # Left out or given, the same search: a study started before resumes under the same identity.
+    assert config.search_identity() == load_study("imdb", ["metric=f1"]).search_identity()

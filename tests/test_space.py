@@ -48,3 +48,18 @@ def test_image_space_samples_randaugment_settings_only_when_chosen():
         assert "max_length" not in trial.params and 0 <= cfg.hflip <= 0.5
         assert cfg.token_mask == 0.0
     assert chosen == {"none", "randaugment"}
+
+
+def test_the_schedule_is_searched_only_when_the_study_lists_schedules():
+    plain = load_study("imdb")
+    trial = optuna.create_study().ask()
+    assert sample_trial(trial, plain, {"minilm-l6": 6}).scheduler == "linear" and "scheduler" not in trial.params
+    searched = load_study("imdb", ["search.scheduler=[linear, cosine]"])
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    chosen = set()
+    for _ in range(12):
+        trial = study.ask()
+        chosen.add(sample_trial(trial, searched, {"minilm-l6": 6}).scheduler)
+        study.tell(trial, 0.5)
+        assert trial.params["scheduler"] in ("linear", "cosine")
+    assert chosen == {"linear", "cosine"}

@@ -9,12 +9,12 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-from tests.helpers import PARENT, optuna_study, runs, store, tiny_study
 
 from ftsearch.cli import main
 from ftsearch.config import load_study
 from ftsearch.distributed.storage import open_storage
 from ftsearch.study import open_study
+from tests.helpers import PARENT, optuna_study, runs, store, tiny_study
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +121,7 @@ def test_rerunning_a_finished_study_runs_nothing_new(in_searched, capsys):
 
 
 def test_interrupted_study_resumes_under_the_same_parent(write_study, monkeypatch, capsys):
-    import ftsearch.trials as trials_module
+    import ftsearch.trial as trials_module
 
     real_fit, calls = trials_module.fit, []
 
@@ -234,7 +234,7 @@ def test_trial_config_artifact_is_the_sampled_config(in_searched):
 
 
 def test_a_trial_that_raises_fails_its_run_and_the_study_goes_on(write_study, monkeypatch, capsys):
-    import ftsearch.trials as trials_module
+    import ftsearch.trial as trials_module
 
     real_fit, calls = trials_module.fit, []
 
@@ -254,7 +254,7 @@ def test_a_trial_that_raises_fails_its_run_and_the_study_goes_on(write_study, mo
 
 
 def test_when_every_trial_fails_the_search_says_why(write_study, monkeypatch, capsys):
-    import ftsearch.trials as trials_module
+    import ftsearch.trial as trials_module
 
     def always_broken(*args, **kwargs):
         raise RuntimeError("disk on fire")

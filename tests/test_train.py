@@ -1,15 +1,22 @@
 """The training loop on the tiny BERT: it learns, keeps the best epoch, stops when asked."""
 
+from functools import partial
+
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from tests.helpers import make_reviews
 from transformers import AutoTokenizer
 
 from ftsearch.data.tokens import make_loader, tokenize_cached
 from ftsearch.models.text import load_classifier
-from ftsearch.train import TrainSettings, evaluate, fit, linear_warmup_decay
+from ftsearch.problems import problem_type
+from ftsearch.train import TrainSettings, evaluate, make_scheduler
+from ftsearch.train import fit as train_fit
+from tests.helpers import make_reviews
+
+CLASSIFICATION = problem_type("single-label-classification")
+fit = partial(train_fit, scoring=CLASSIFICATION)  # every fit here trains a two-class classifier
 
 
 @pytest.fixture(scope="module")
@@ -39,11 +46,11 @@ def test_fit_learns_and_keeps_the_best_epoch(tiny_bert, loaders):
     # Every optimiser step is reported, counted across epochs, with the run's total.
     total = 4 * len(loaders[0])
     assert steps == [(step, total) for step in range(1, total + 1)]
-    accuracies = [m.val_accuracy for m in result.history]
+    accuracies = [m.value("accuracy") for m in result.history]
     assert max(accuracies) >= 0.9
     assert result.history[-1].train_loss < result.history[0].train_loss
     assert result.best_epoch == int(np.argmax(accuracies)) + 1
-    assert result.best_eval.accuracy == max(accuracies)
+    assert result.best_eval.metrics["accuracy"] == max(accuracies)
     assert all(t.device.type == "cpu" for t in result.best_state.values())
 
 
@@ -59,10 +66,10 @@ def test_best_state_is_the_best_epoch_not_the_last(tiny_bert, loaders):
         return False
 
     result = fit(m, *loaders, TrainSettings(lr=8e-3, epochs=4, warmup_ratio=0.1), spoil_after_epoch_3)
-    assert result.history[2].val_accuracy >= 0.9 and result.history[3].val_accuracy < 0.5
+    assert result.history[2].value("accuracy") >= 0.9 and result.history[3].value("accuracy") < 0.5
     assert result.best_epoch in (1, 2, 3)
     m.load_state_dict(result.best_state)
-    assert evaluate(m, loaders[1], torch.device("cpu")).accuracy == result.best_eval.accuracy >= 0.9
+    assert evaluate(m, loaders[1], torch.device("cpu"), CLASSIFICATION).metrics["accuracy"] == result.best_eval.metrics["accuracy"] >= 0.9
 
 
 def test_callback_can_stop_training(tiny_bert, loaders):
@@ -82,15 +89,21 @@ def test_non_finite_loss_is_reported_not_trained_on(tiny_bert, loaders):
     assert result.history == []
 
 
-def test_linear_warmup_then_decay():
+@pytest.mark.parametrize("name, expected", [
+    # transformers.get_scheduler's schedules: warm-up from 0, then the decay.
+    ("linear", [0.0, 0.5, 1.0, 0.75, 0.5, 0.25]),
+    ("cosine", [0.0, 0.5, 1.0, 0.8535534, 0.5, 0.1464466]),
+    ("constant_with_warmup", [0.0, 0.5, 1.0, 1.0, 1.0, 1.0]),
+])
+def test_warmup_then_the_schedule(name, expected):
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    sched = linear_warmup_decay(opt, warmup=2, total=6)
+    sched = make_scheduler(name, opt, warmup=2, total=6)
     lrs = []
     for _ in range(6):
         lrs.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
-    assert lrs == pytest.approx([0.5, 1.0, 1.0, 0.75, 0.5, 0.25])
+    assert lrs == pytest.approx(expected)
 
 
 @pytest.mark.slow
@@ -147,7 +160,7 @@ def test_a_run_resumed_from_its_checkpoint_ends_exactly_like_an_uninterrupted_on
     assert resumed.best_epoch == whole.best_epoch
     for key, value in whole.best_state.items():
         assert torch.equal(value, resumed.best_state[key]), key
-    assert np.array_equal(resumed.best_eval.y_pred, whole.best_eval.y_pred)
+    assert np.array_equal(resumed.best_eval.outputs, whole.best_eval.outputs)
 
 
 def test_a_corrupt_checkpoint_is_an_error_that_says_what_to_do(tiny_bert, loaders, tmp_path):
@@ -168,5 +181,5 @@ def test_gradient_accumulation_takes_one_step_per_group_of_batches(tiny_bert, tm
         train, val = augmented_loaders(tiny_bert, tmp_path, batch_size)
         result = fit(model(tiny_bert), train, val, settings, on_step=lambda s, t, seen=seen: seen.append(t))
         steps[batch_size] = (len(seen), seen[-1])
-        assert max(m.val_accuracy for m in result.history) >= 0.8  # it learns either way
+        assert max(m.value("accuracy") for m in result.history) >= 0.8  # it learns either way
     assert steps[16] == steps[8] == (40, 40)

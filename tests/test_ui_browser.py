@@ -30,6 +30,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from tests.helpers import tiny_study
 
 pytestmark = pytest.mark.slow  # about a minute: a search, a server start and a browser

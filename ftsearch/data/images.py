@@ -17,10 +17,10 @@ from sklearn.model_selection import train_test_split
 from torch.utils.data import Dataset
 
 from ftsearch import settings
+from ftsearch.catalog import IMAGE_FOLDERS
 from ftsearch.config import DataConfig
 from ftsearch.errors import FtsearchError
 
-IMAGE_FOLDERS = {"hymenoptera": "hymenoptera"}  # catalog name -> folder under the data directory
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 Sample = tuple[str, int]

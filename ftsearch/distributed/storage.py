@@ -18,11 +18,11 @@ from pathlib import Path
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import BaseStorage, JournalStorage
-from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
 from ftsearch import settings
+from ftsearch.distributed.optuna_private import HeartbeatMixin
 from ftsearch.errors import FtsearchError
 
 HEARTBEAT_ENV = "FTSEARCH_HEARTBEAT_SECONDS"
@@ -72,11 +72,13 @@ class FlockLock:
             os.close(fd)
 
 
-class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
+class HeartbeatJournalStorage(JournalStorage, HeartbeatMixin):
     """A journal-file storage with heartbeats, which Optuna only offers on RDB storages.
 
     A heartbeat is a timestamp in the trial's system attributes; trials on one journal file run
-    on one machine, so their clocks agree."""
+    on one machine, so their clocks agree. Optuna has no public way to add heartbeats to a
+    storage: the private base class this needs is fenced in
+    :mod:`ftsearch.distributed.optuna_private`."""
 
     def __init__(self, path: Path, interval: int, callback: StaleCallback | None):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -90,14 +92,16 @@ class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
         except UpdateFinishedTrialError:
             pass  # another worker already judged this trial dead; its own end will say so
 
-    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+    def stale_trial_ids(self, study_id: int) -> list[int]:
+        """Running trials with no heartbeat for two intervals (one that never beat: since it
+        started). ``optuna.storages.fail_stale_trials`` fails them."""
         cutoff = time.time() - 2 * self._interval
         stale = []
         for trial in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
             beat = trial.system_attrs.get(HEARTBEAT_ATTR)
             last = beat if beat is not None else trial.datetime_start.timestamp()
             if last < cutoff:
-                stale.append(trial._trial_id)
+                stale.append(self.get_trial_id_from_study_id_trial_number(study_id, trial.number))
         return stale
 
     def get_heartbeat_interval(self) -> int:

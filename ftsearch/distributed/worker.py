@@ -26,9 +26,10 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
 
-from ftsearch.distributed import storage as storages
 from ftsearch import tracking
+from ftsearch.distributed import storage as storages
 from ftsearch.generations import RETRIES_ATTR, RETRY_OF_ATTR, RUN_ID_ATTR, WORKER_ATTR
+from ftsearch.outcomes import Outcome, end_run, outcome_of
 
 MAX_RETRIES = 1
 MAX_FAILURES_IN_A_ROW = 3
@@ -71,7 +72,7 @@ def end_stale_trial(study: optuna.Study, trial: FrozenTrial) -> None:
     run_id = trial.user_attrs.get(RUN_ID_ATTR)
     if run_id:
         try:
-            tracking.TrialRun(tracking.client(), run_id).finish("FAIL", reason)
+            end_run(tracking.TrialRun(tracking.client(), run_id), Outcome("FAIL", reason))
         except Exception as err:  # noqa: BLE001 - the tracking server may be down; the study goes on
             print(f"warning: could not end the MLflow run {run_id} of dead trial {trial.number}: {err}", file=sys.stderr)
 
@@ -136,15 +137,19 @@ def heartbeat(study: optuna.Study, storage: BaseStorage, trial_id: int):
         thread.join()
 
 
+# How each outcome is stored: killed and abandoned trials failed (a killed one is retried).
+_TRIAL_STATE = {"COMPLETE": TrialState.COMPLETE, "PRUNED": TrialState.PRUNED}
+
+
 def _record_end(
-    study: optuna.Study, storage: BaseStorage, trial: optuna.Trial, trial_id: int,
-    state: TrialState, value: float | None, interrupted: bool,
+    study: optuna.Study, storage: BaseStorage, trial: optuna.Trial, trial_id: int, outcome: Outcome
 ) -> FrozenTrial | None:
     """Tell the storage how the trial ended; None when another worker had already judged it dead
     (it ended the trial and gave its slot back)."""
+    state = _TRIAL_STATE.get(outcome.state, TrialState.FAIL)
     try:
         if state != TrialState.FAIL:
-            return study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
+            return study.tell(trial, outcome.value if state == TrialState.COMPLETE else None, state=state)
         # FAIL through the storage: the transition succeeds for exactly one process, so the
         # slot is given back exactly once (a judging worker requeues only if it won instead).
         if not storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
@@ -152,8 +157,15 @@ def _record_end(
     except UpdateFinishedTrialError:
         return None
     frozen = storage.get_trial(trial_id)
-    requeue(study, frozen) if interrupted else study.enqueue_trial({})
+    requeue(study, frozen) if outcome.interrupted else study.enqueue_trial({})
     return frozen
+
+
+def _say(trial: optuna.Trial, outcome: Outcome, warn: Callable[[str], None]) -> None:
+    if outcome.state == "ABANDONED":
+        warn(f"trial {trial.number} was {outcome.reason}")
+    elif outcome.state == "FAIL":  # the runner recorded the reason on the run; the study goes on
+        warn(f"trial {trial.number} failed: {outcome.reason}")
 
 
 @dataclass
@@ -201,31 +213,25 @@ def work(
         storage.record_heartbeat(trial_id)  # at once: a trial that never beat is never judged dead
         trial = optuna.Trial(study, trial_id)
         trial.set_user_attr(WORKER_ATTR, worker_name())
-        state, value = TrialState.FAIL, None
-        interrupted = False
+        outcome = Outcome("FAIL")
         try:
             with heartbeat(study, storage, trial_id):
-                value = objective(trial)
-            state = TrialState.COMPLETE
-        except optuna.TrialPruned:
-            state = TrialState.PRUNED
-        except KeyboardInterrupt:
-            interrupted = True
-            raise
-        except UpdateFinishedTrialError:
-            warn(f"trial {trial.number} was judged dead by another worker (two heartbeats missed); its retry takes over")
-        except Exception as err:  # noqa: BLE001 - the runner recorded the reason; the study goes on
-            warn(f"trial {trial.number} failed: {type(err).__name__}: {err}")
+                outcome = Outcome("COMPLETE", value=objective(trial))
+        except BaseException as err:
+            outcome = outcome_of(err)
+            if not isinstance(err, Exception):  # Ctrl-C and the like: recorded, then on up
+                raise
+            _say(trial, outcome, warn)
         finally:
-            frozen = _record_end(study, storage, trial, trial_id, state, value, interrupted)
+            frozen = _record_end(study, storage, trial, trial_id, outcome)
             result.ran += 1
-            if frozen is not None and not interrupted:
+            if frozen is not None and not outcome.interrupted:
                 try:
                     after_trial(study, frozen)
                 except Exception as err:  # noqa: BLE001 - housekeeping must not stop the worker
                     warn(f"after trial {trial.number}: {type(err).__name__}: {err}")
             gc.collect()
-        failures_in_a_row = failures_in_a_row + 1 if state == TrialState.FAIL else 0
+        failures_in_a_row = failures_in_a_row + 1 if outcome.state in ("FAIL", "ABANDONED") else 0
         if failures_in_a_row >= MAX_FAILURES_IN_A_ROW:
             result.stopped_early = f"{failures_in_a_row} trials failed in a row"
             return result

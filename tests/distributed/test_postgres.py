@@ -19,11 +19,11 @@ from pathlib import Path
 
 import optuna
 import pytest
-from tests.helpers import PARENT
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from ftsearch.generations import RUN_ID_ATTR, WORKER_ATTR
+from tests.helpers import PARENT
 
 pytestmark = pytest.mark.slow
 

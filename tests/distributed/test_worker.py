@@ -16,13 +16,13 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
-from tests.helpers import PARENT, optuna_study, runs, store
 from optuna.trial import TrialState
 
 from ftsearch import tracking
-from ftsearch.distributed import storage, worker
 from ftsearch.cli import main
+from ftsearch.distributed import storage, worker
 from ftsearch.generations import RESUMED_ATTR, RETRY_OF_ATTR, RUN_ID_ATTR, WORKER_ATTR
+from tests.helpers import PARENT, optuna_study, runs, store
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -212,17 +212,17 @@ def test_a_worker_killed_after_training_before_recording_the_end_leaves_a_retry_
 
 
 def test_registration_keeps_the_resume_files_of_trials_still_to_run(tmp_path):
-    from ftsearch.trials import TrialRunner
+    from ftsearch.checkpoints import TrialCheckpoints
 
     folder = tmp_path / "tiny"
-    runner = TrialRunner(task=None, config=None, device=None, parent=None, checkpoints=folder)
+    checkpoints = TrialCheckpoints(folder)
     (folder / "trial-3").mkdir(parents=True)
     (folder / "resume").mkdir()
     (folder / "resume" / "trial-5.pt").write_bytes(b"state")  # a retry left waiting by the timeout
-    runner.drop_weights()
+    checkpoints.drop_weights()
     assert sorted(p.name for p in folder.rglob("*")) == ["resume", "trial-5.pt"]
     (folder / "resume" / "trial-5.pt").unlink()
-    runner.drop_weights()
+    checkpoints.drop_weights()
     assert not folder.exists()
 
 
@@ -233,9 +233,9 @@ class _OutOfMemoryAbove:
         self.limit, self.batches = limit, []
 
     def install(self, monkeypatch):
-        from ftsearch.tasks.text import TextTask
+        from ftsearch.modalities.text import TextModality
 
-        real_build = TextTask.build
+        real_build = TextModality.build
 
         def build(task, trial):
             setup = real_build(task, trial)
@@ -244,15 +244,15 @@ class _OutOfMemoryAbove:
             def forward(**batch):
                 if not setup.model.training:  # evaluation runs without gradients, at its own size
                     return real_forward(**batch)
-                self.batches.append(len(batch["labels"]))
-                if len(batch["labels"]) > self.limit:
+                self.batches.append(len(batch["input_ids"]))
+                if len(batch["input_ids"]) > self.limit:
                     raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
                 return real_forward(**batch)
 
             setup.model.forward = forward
             return setup
 
-        monkeypatch.setattr(TextTask, "build", build)
+        monkeypatch.setattr(TextModality, "build", build)
 
 
 def test_out_of_memory_retries_at_half_the_batch_with_twice_the_accumulation(write_study, monkeypatch):
@@ -333,7 +333,7 @@ def test_a_trial_judged_dead_while_alive_stops_and_leaves_its_checkpoint_to_the_
     # checkpoint its retry resumes from.
     import contextlib
 
-    import ftsearch.trials as trials_module
+    import ftsearch.trial as trials_module
 
     monkeypatch.setenv(storage.HEARTBEAT_ENV, "1")
     monkeypatch.setattr(worker, "heartbeat", lambda *args: contextlib.nullcontext())

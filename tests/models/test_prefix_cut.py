@@ -8,16 +8,16 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from ftsearch.adaptation import freeze_lowest_blocks
 from ftsearch.config import load_study
+from ftsearch.modalities.text import TextModality
 from ftsearch.models.text import (
     UpperBlocksClassifier,
-    freeze_lowest_blocks,
     load_classifier,
     prefix_hidden_states,
     trainable_inputs_of_prefix,
 )
 from ftsearch.space import TrialConfig
-from ftsearch.tasks.text import TextTask
 
 SMALL = {"hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 2, "intermediate_size": 64,
          "max_position_embeddings": 64}
@@ -87,7 +87,7 @@ def test_parameters_outside_the_blocks_that_feed_them_are_frozen_too(backbones, 
 @pytest.mark.parametrize("family, reason", [("electra", "cannot be cut"), ("distilbert", None), ("deberta-v2", None)])
 def test_a_trial_uses_the_cache_only_where_the_cut_is_exact(backbones, write_study, family, reason):
     path = write_study(backbones=[str(backbones[family])], **{"search.augment": {}})
-    task = TextTask(load_study(str(path)), torch.device("cpu"))
+    task = TextModality(load_study(str(path)), torch.device("cpu"))
     trial = TrialConfig(backbone=str(backbones[family]), freeze_depth=2, lr=1e-3, batch_size=16, weight_decay=0.0,
                         epochs=1, warmup_ratio=0.0, max_length=32)
     setup = task.build(trial)

@@ -2,8 +2,9 @@
 
 import pytest
 
+from ftsearch.adaptation import freeze_lowest_blocks
 from ftsearch.errors import FtsearchError
-from ftsearch.models.text import freeze_lowest_blocks, load_classifier, resolve_backbone, transformer_blocks
+from ftsearch.models.text import load_classifier, resolve_backbone, transformer_blocks
 
 
 def test_minilm_resolves_offline_to_the_packaged_weights():

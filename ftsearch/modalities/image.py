@@ -1,4 +1,4 @@
-"""Image classification: checks the image folders and backbones, builds each trial's model and loaders."""
+"""Images: checks the image folders and backbones, builds each trial's model and loaders."""
 
 from __future__ import annotations
 
@@ -8,18 +8,20 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, default_collate
 
+from ftsearch.adaptation import FreezeDepth
 from ftsearch.augment import batch_mixer, image_eval_transform, image_train_transform
-from ftsearch.baseline import linear_probe
+from ftsearch.baseline import pooled_features
 from ftsearch.config import StudyConfig
 from ftsearch.data.images import ImageDataset, ImageSplits, Sample, load_image_splits, loader_workers
+from ftsearch.modalities.base import EVAL_BATCH_SIZE, TrialSetup, count_params
 from ftsearch.models.vision import (
     build_classifier,
     load_image_classifier,
     resolve_vision_backbone,
     save_image_classifier,
 )
+from ftsearch.problems.base import Evaluation
 from ftsearch.space import TrialConfig
-from ftsearch.tasks.base import EVAL_BATCH_SIZE, TrialSetup, count_params
 
 ENTRY_FILE = Path(__file__).resolve().parent.parent / "pyfunc_entry_image.py"
 
@@ -37,7 +39,7 @@ class _BatchCollator:
         return {"pixel_values": images, "labels": labels}
 
 
-class ImageTask:
+class ImageModality:
     """Everything the search needs that depends on the data being images."""
 
     entry_file = ENTRY_FILE
@@ -48,7 +50,8 @@ class ImageTask:
 
     def __init__(self, config: StudyConfig, device: torch.device):
         """Scan and check the image folders and resolve the backbones; raises FtsearchError."""
-        self.config, self.device = config, device
+        self.config, self.device, self.problem = config, device, config.problem
+        self.adaptation = FreezeDepth()
         self.splits: ImageSplits = load_image_splits(config.data, Path(config.source).parent)
         self.labels = self.splits.labels
         self.backbones = {name: resolve_vision_backbone(name) for name in config.backbones}
@@ -68,7 +71,8 @@ class ImageTask:
             split: self._loader(getattr(self.splits, split), transform, EVAL_BATCH_SIZE)
             for split in ("train", "val", "test")
         }
-        return linear_probe(build_classifier(backbone, len(self.labels)).backbone, loaders)
+        features = pooled_features(build_classifier(backbone, self.problem.head_size(self.labels)).backbone, loaders)
+        return self.problem.baseline(features, inverse_regularisation=1.0, max_iter=5000)
 
     def parent_artifacts(self) -> dict[str, object]:
         return {"skipped_files.json": self.splits.skipped} if self.splits.skipped else {}
@@ -81,12 +85,13 @@ class ImageTask:
             shuffle=True, seed=trial.seed, collate=_BatchCollator(batch_mixer(trial, len(self.labels))),
         )
         val = self._loader(self.splits.val, image_eval_transform(backbone.preprocessing), EVAL_BATCH_SIZE)
-        model = build_classifier(backbone, len(self.labels))
-        trainable = model.freeze(trial.freeze_depth)
+        model = build_classifier(backbone, self.problem.head_size(self.labels))
+        trainable = self.adaptation.apply(model, trial.freeze_depth)
         return TrialSetup(model, train, val, trainable, count_params(model))
 
     def save(self, model: torch.nn.Module, trial: TrialConfig, folder: Path) -> None:
-        save_image_classifier(model, self.backbones[trial.backbone], folder, self.labels)
+        save_image_classifier(self.adaptation.serving_model(model), self.backbones[trial.backbone], folder, self.labels,
+                              self.problem.name)
 
     def test_setup(self, folder: Path) -> tuple[torch.nn.Module, DataLoader]:
         model, meta = load_image_classifier(folder)
@@ -95,10 +100,15 @@ class ImageTask:
     def input_example(self) -> pd.DataFrame:
         return pd.DataFrame({"path": [path for path, _ in self.splits.test[:2]]})
 
-    def log_misclassified(self, run, y_true, y_pred, path: str) -> None:
+    def input_schema(self):
+        from mlflow.types import ColSpec, Schema
+
+        return Schema([ColSpec("string", "path")])
+
+    def example_figures(self, evaluation: Evaluation) -> dict[str, object]:
         """A grid of the validation images the best epoch got wrong, with true and predicted labels."""
-        wrong = [(self.splits.val[i][0], int(t), int(p)) for i, (t, p) in enumerate(zip(y_true, y_pred, strict=True)) if t != p]
-        run.log_image_grid(wrong[:36], self.labels, path)
+        wrong = [(self.splits.val[i][0], t, p) for i, t, p in self.problem.mistakes(evaluation)]
+        return {"misclassified.png": image_grid(wrong[:36], self.labels)} if wrong else {}
 
     def _loader(self, samples: list[Sample], transform, batch_size: int, *, shuffle: bool = False, seed: int = 0,
                 collate=None) -> DataLoader:
@@ -113,3 +123,26 @@ class ImageTask:
             persistent_workers=False,
             pin_memory=self.device.type == "cuda",
         )
+
+
+def image_grid(items: list[tuple[str, int, int]], labels: tuple[str, ...]):
+    """A matplotlib grid of (image path, true label, predicted label), titled "true -> predicted"."""
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    columns = min(6, len(items))
+    rows = -(-len(items) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.4 * rows), squeeze=False)
+    try:
+        for ax in axes.flat:
+            ax.axis("off")
+        for ax, (image_path, truth, predicted) in zip(axes.flat, items, strict=False):
+            with Image.open(image_path) as image:
+                image.thumbnail((256, 256))
+                ax.imshow(image.convert("RGB"))
+            ax.set_title(f"{labels[truth]} -> {labels[predicted]}", fontsize=8)
+        figure.tight_layout()
+    except BaseException:
+        plt.close(figure)
+        raise
+    return figure

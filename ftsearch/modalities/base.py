@@ -1,0 +1,77 @@
+"""What every modality (text, images) gives the search: data and backbones checked up front, a
+model and loaders per trial, and a way to save, test and serve the winner.
+
+The modality is one axis of a study's ``task:``; the problem type (``ftsearch.problems``), the
+other, says what the model predicts and how it is judged. A modality asks its problem type for
+the head size, the baseline's estimator and the served outputs, and never branches on them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+
+from ftsearch.problems import ProblemType
+from ftsearch.problems.base import Evaluation
+from ftsearch.space import TrialConfig
+
+EVAL_BATCH_SIZE = 64
+
+
+@dataclass
+class TrialSetup:
+    """A trial's model (``model(**batch).logits``; the batch's ``labels`` are the targets) and its
+    loaders."""
+
+    model: torch.nn.Module
+    train_loader: DataLoader
+    val_loader: DataLoader
+    trainable_params: int
+    total_params: int
+    feature_cache: str = ""  # how the frozen prefix was served, for the trial's log
+
+
+class Modality(Protocol):
+    """The modality-specific half of a search."""
+
+    problem: ProblemType
+    labels: tuple[str, ...]
+    blocks: dict[str, int]  # backbone -> number of blocks that can be frozen
+    entry_file: Path  # MLflow model code of the registered model
+    baseline_name: str
+
+    def describe(self) -> str:
+        """One or more lines on the data and backbones, printed before the search."""
+
+    def build(self, trial: TrialConfig) -> TrialSetup:
+        """The trial's adapted model and its train / validation loaders."""
+
+    def save(self, model: torch.nn.Module, trial: TrialConfig, folder: Path) -> None:
+        """Save the trained model as a servable folder (no pickle)."""
+
+    def test_setup(self, folder: Path) -> tuple[torch.nn.Module, DataLoader]:
+        """A saved model and a loader over the held-out test split, prepared as it was trained."""
+
+    def input_example(self) -> pd.DataFrame:
+        """Two served inputs, for the registered model's example."""
+
+    def input_schema(self):
+        """The MLflow ``Schema`` of the served model's input columns."""
+
+    def parent_artifacts(self) -> dict[str, object]:
+        """JSON artifacts for the study's parent run (files skipped, ...)."""
+
+    def baseline(self) -> dict[str, float]:
+        """The classical baseline's ``baseline_<split>_<metric>`` scores on val and test."""
+
+    def example_figures(self, evaluation: Evaluation) -> dict[str, object]:
+        """Figures of the examples themselves (misclassified images, ...), by artifact name."""
+
+
+def count_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

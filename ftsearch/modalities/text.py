@@ -1,0 +1,119 @@
+"""Text: checks the study's data, backbones and tokenizers, builds each trial's model and loaders."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from ftsearch.adaptation import FreezeDepth, FrozenPrefixCache
+from ftsearch.augment import TokenAugment
+from ftsearch.baseline import tfidf_features
+from ftsearch.config import StudyConfig
+from ftsearch.data.text import TextSplits, load_text_splits
+from ftsearch.data.tokens import TokenizedSplit, make_loader, tokenize_cached
+from ftsearch.errors import FtsearchError
+from ftsearch.modalities.base import EVAL_BATCH_SIZE, TrialSetup, count_params
+from ftsearch.models.text import load_classifier, load_tokenizer, resolve_backbone
+from ftsearch.predictor import META_FILE, save_classifier
+from ftsearch.problems.base import Evaluation
+from ftsearch.space import TrialConfig
+
+ENTRY_FILE = Path(__file__).resolve().parent.parent / "pyfunc_entry.py"
+
+
+class TextModality:
+    """Everything the search needs that depends on the data being text."""
+
+    entry_file = ENTRY_FILE
+    baseline_name = "TF-IDF (1-2 grams) + logistic regression"
+
+    def __init__(self, config: StudyConfig, device: torch.device):
+        """Resolve backbones and tokenizers and load the data; raises FtsearchError, creates nothing."""
+        self.config, self.device, self.problem = config, device, config.problem
+        self.adaptation = FreezeDepth()
+        self.prefix_cache = FrozenPrefixCache(config.cache_frozen_prefix, device, EVAL_BATCH_SIZE)
+        self.backbones = {name: resolve_backbone(name, config.trust_remote_code) for name in config.backbones}
+        longest = max(config.search.max_length)
+        for backbone in self.backbones.values():
+            if backbone.max_positions is not None and longest > backbone.max_positions:
+                raise FtsearchError(
+                    f"{config.source}: search.max_length {longest} exceeds backbone {backbone.name!r}'s "
+                    f"{backbone.max_positions} positions; lower search.max_length"
+                )
+        self.tokenizers = {name: load_tokenizer(b, config.trust_remote_code) for name, b in self.backbones.items()}
+        self.splits: TextSplits = load_text_splits(config.data, Path(config.source).parent)
+        self.labels = self.splits.labels
+        self.blocks = {name: b.num_blocks for name, b in self.backbones.items()}
+        self._tokens: dict[tuple[str, int, str], TokenizedSplit] = {}
+
+    def describe(self) -> str:
+        names = ", ".join(f"{b.name} ({b.num_blocks} blocks)" for b in self.backbones.values())
+        return f"data: {self.splits.sizes()}; backbones: {names}"
+
+    def build(self, trial: TrialConfig) -> TrialSetup:
+        """The trial's adapted model (lowest blocks frozen) and its train / validation loaders.
+
+        When the frozen prefix's outputs can be cached (see ``ftsearch.adaptation``), the model is
+        wrapped to train from them and the loaders yield cached hidden states instead of tokens.
+        """
+        tokenizer = self.tokenizers[trial.backbone]
+        augment = TokenAugment(trial.token_mask, trial.token_delete, tokenizer.mask_token_id)
+        model = load_classifier(self.backbones[trial.backbone].source, self.labels, self.config.trust_remote_code,
+                                num_outputs=self.problem.head_size(self.labels))
+        trainable = self.adaptation.apply(model, trial.freeze_depth)
+        tokens = {split: self._tokenized(trial.backbone, split, trial.max_length) for split in ("train", "val")}
+        cached, note = self.prefix_cache.train_from_cache(
+            model, trial.backbone, trial.freeze_depth, tokens, max_length=trial.max_length,
+            pad_id=tokenizer.pad_token_id, batch_size=trial.batch_size, seed=trial.seed,
+            inputs_vary="token augmentation changes the inputs every epoch" if augment.active else "",
+        )
+        if cached is not None:
+            return TrialSetup(cached.model, cached.train_loader, cached.val_loader, trainable, count_params(model), note)
+        cuda = self.device.type == "cuda"
+        train = make_loader(tokens["train"], trial.batch_size, tokenizer.pad_token_id, shuffle=True, seed=trial.seed,
+                            augment=augment, pin_memory=cuda)
+        val = make_loader(tokens["val"], EVAL_BATCH_SIZE, tokenizer.pad_token_id, shuffle=False, pin_memory=cuda)
+        return TrialSetup(model, train, val, trainable, count_params(model), note)
+
+    def save(self, model: torch.nn.Module, trial: TrialConfig, folder: Path) -> None:
+        save_classifier(self.adaptation.serving_model(model), self.tokenizers[trial.backbone], folder,
+                        trial.max_length, self.labels, self.problem.name)
+
+    def test_setup(self, folder: Path) -> tuple[torch.nn.Module, torch.utils.data.DataLoader]:
+        """The saved model and a loader over the held-out test split, tokenised as it was trained."""
+        from transformers import AutoTokenizer
+
+        max_length = int(json.loads((folder / META_FILE).read_text())["max_length"])
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokens = tokenize_cached(tokenizer, self.splits.test, max_length)
+        model = load_classifier(folder, self.labels, num_outputs=self.problem.head_size(self.labels))
+        return model, make_loader(tokens, EVAL_BATCH_SIZE, tokenizer.pad_token_id, shuffle=False)
+
+    def baseline(self) -> dict[str, float]:
+        features = tfidf_features({"train": self.splits.train, "val": self.splits.val, "test": self.splits.test})
+        # Sparse bigram features want weak regularisation.
+        return self.problem.baseline(features, inverse_regularisation=4.0, max_iter=2000)
+
+    def parent_artifacts(self) -> dict[str, object]:
+        return {}
+
+    def example_figures(self, evaluation: Evaluation) -> dict[str, object]:
+        """Nothing to draw for text; the problem type's figures say it."""
+        return {}
+
+    def input_example(self) -> pd.DataFrame:
+        return pd.DataFrame({"text": self.splits.test["text"].head(2).str.slice(0, 500).tolist()})
+
+    def input_schema(self):
+        from mlflow.types import ColSpec, Schema
+
+        return Schema([ColSpec("string", "text")])
+
+    def _tokenized(self, backbone: str, split: str, max_length: int) -> TokenizedSplit:
+        key = (backbone, max_length, split)
+        if key not in self._tokens:
+            self._tokens[key] = tokenize_cached(self.tokenizers[backbone], getattr(self.splits, split), max_length)
+        return self._tokens[key]

@@ -1,0 +1,84 @@
+"""What every problem type gives the rest of ftsearch: the contract of the problem-type seam.
+
+A problem type says what a model predicts and how it is judged, whatever the data's modality:
+its head (how many outputs), its loss, its metrics and which way each is better, its classical
+baseline's estimator, its figures, and what a served model returns. The training loop, the
+trial, the study, the report and the registry ask it; none of them branches on accuracy, F1 or
+argmax.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import pandas as pd
+import torch
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """A model's outputs on a split (``outputs``: one row per example, as the head produced them,
+    in float32), the targets they are judged against, and the problem type's metrics of them."""
+
+    metrics: dict[str, float]
+    y_true: np.ndarray
+    outputs: np.ndarray
+
+
+class ProblemType(ABC):
+    """One kind of prediction problem; see the module docstring. Subclasses register themselves
+    in ``ftsearch.problems.PROBLEM_TYPES`` by ``name``."""
+
+    name: ClassVar[str]
+    # metric name -> True when higher is better; every metric is computed and logged each epoch.
+    metrics: ClassVar[dict[str, bool]]
+
+    def direction(self, metric: str) -> str:
+        """``maximize`` or ``minimize``, as Optuna and the registry's promotion read it."""
+        return "maximize" if self.metrics[metric] else "minimize"
+
+    def better(self, metric: str, value: float, than: float) -> bool:
+        """Whether ``value`` of ``metric`` beats ``than`` (strictly)."""
+        return value > than if self.metrics[metric] else value < than
+
+    @abstractmethod
+    def head_size(self, labels: tuple[str, ...]) -> int:
+        """How many outputs the model's head needs."""
+
+    @abstractmethod
+    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The training loss of a batch (called under the loop's autocast)."""
+
+    @abstractmethod
+    def score(self, y_true: np.ndarray, outputs: np.ndarray) -> dict[str, float]:
+        """Every metric of this problem type, computed with scikit-learn / scipy."""
+
+    def evaluation(self, y_true: np.ndarray, outputs: np.ndarray) -> Evaluation:
+        """``outputs`` judged against ``y_true``."""
+        return Evaluation(self.score(y_true, outputs), y_true, outputs)
+
+    @abstractmethod
+    def baseline(self, features: dict[str, tuple], inverse_regularisation: float, max_iter: int) -> dict[str, float]:
+        """Fit the classical estimator on ``features['train']`` (``(x, y)``) and score it on the
+        other splits: ``{"baseline_<split>_<metric>": value}`` for every metric. The modality
+        made the features and knows how strongly they need regularising."""
+
+    @abstractmethod
+    def figures(self, evaluation: Evaluation, labels: tuple[str, ...]) -> dict[str, object]:
+        """Matplotlib figures of an evaluation, by artifact name (without a split prefix)."""
+
+    @abstractmethod
+    def mistakes(self, evaluation: Evaluation) -> list[tuple[int, int, int]]:
+        """``(example index, true, predicted)`` of the examples the model got wrong, for the
+        modality to show (an image grid, for images)."""
+
+    @abstractmethod
+    def prediction_table(self, outputs: np.ndarray, labels: tuple[str, ...]) -> pd.DataFrame:
+        """What a served model returns for a batch of outputs, one row per example."""
+
+    @abstractmethod
+    def output_schema(self, labels: tuple[str, ...]):
+        """The MLflow ``Schema`` of ``prediction_table``'s columns, for the served signature."""

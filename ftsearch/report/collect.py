@@ -1,0 +1,310 @@
+"""Gathering a report: what the Optuna storage and MLflow hold about one study, read once.
+
+Trials, states, values and params come from Optuna; learning curves, the baseline on the parent
+run, test metrics, the registered champion and its confusion matrix from MLflow. The test
+metrics are whatever the runs and model versions carry under a ``test_`` key: the problem type
+decides which exist, so nothing here names them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import optuna
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from optuna.trial import FrozenTrial, TrialState
+
+from ftsearch import settings, tracking
+from ftsearch.config import STUDIES_DIR, StudyConfig
+from ftsearch.distributed import storage
+from ftsearch.errors import FtsearchError
+from ftsearch.generations import PARENT_RUN_ATTR, REASON_ATTR, RUN_ID_ATTR, best_trial, count_states, latest_generation
+
+CONFUSION_MATRIX_ARTIFACT = "test_confusion_matrix.png"
+ALIASES = ("champion", "candidate")  # the first that exists is the model shown
+TEST_PREFIX = "test_"  # run metrics and version tags under this prefix are the test metrics
+# Leaderboard order: finished trials by value first, then those that stopped early, then the rest.
+_RANK_OF_STATE = {"COMPLETE": 0, "PRUNED": 1, "RUNNING": 2}
+
+
+@dataclass(frozen=True)
+class TrialRow:
+    """One trial as the leaderboard shows it.
+
+    ``value`` is the best epoch's validation metric: the objective for a completed trial, the best
+    epoch reached for a pruned one (Optuna itself stores a pruned trial's *last* epoch).
+    """
+
+    number: int
+    state: str
+    value: float | None
+    epochs: int
+    seconds: float | None
+    params: dict[str, Any]
+    run_id: str | None
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """The classical baseline logged on the study's parent run."""
+
+    name: str
+    val: float | None
+    test: float | None
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    """The registered version behind an alias, with what its tags say about it."""
+
+    name: str
+    version: str
+    alias: str
+    optuna_study: str
+    trial_number: str
+    run_id: str
+    val: float | None
+    test: dict[str, float]
+    confusion_png: bytes | None
+
+
+@dataclass
+class StudyReport:
+    """Everything a report shows, gathered once; rendering never goes back to the stores.
+
+    ``counts`` is trials per state (COMPLETE, PRUNED, FAIL, RUNNING, WAITING), leaving out states
+    no trial is in; ``best_test`` the best trial's test metrics (empty until the search scored it).
+    """
+
+    config: StudyConfig
+    study: optuna.Study
+    storage_url: str
+    parent_run_id: str | None
+    rows: list[TrialRow]
+    counts: dict[str, int]
+    curves: dict[int, list[tuple[int, float]]]
+    baseline: Baseline | None
+    best: TrialRow | None
+    best_test: dict[str, float]
+    model: ModelSummary | None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def metric(self) -> str:
+        return self.config.metric
+
+    @property
+    def study_name(self) -> str:
+        return self.study.study_name
+
+    @property
+    def maximize(self) -> bool:
+        return self.study.direction == optuna.study.StudyDirection.MAXIMIZE
+
+    def is_best(self, row: TrialRow) -> bool:
+        return self.best is not None and row.number == self.best.number
+
+    def curves_epochs(self) -> list[int]:
+        """The last epoch of every learning curve."""
+        return [curve[-1][0] for curve in self.curves.values() if curve]
+
+
+def find_study(name: str, storage_url: str | None = None, search_hint: str | None = None) -> tuple[optuna.Study, str]:
+    """The latest generation (``name``, ``name.2``, ...) of a study, as ``ftsearch search`` resumes it.
+
+    Returns the study and the storage URL. Raises FtsearchError naming the studies that do exist
+    when there is none by that name, and the command that would create it (``search_hint``).
+    """
+    url = settings.optuna_storage_url(storage_url)
+    optuna_storage = storage.open_existing(url)
+    try:
+        names = storage.names_in(optuna_storage) if optuna_storage is not None else []
+    except Exception as err:  # noqa: BLE001 - unreachable server, broken file
+        raise FtsearchError(f"cannot read Optuna storage {url!r}: {str(err).splitlines()[0]}") from None
+    latest = latest_generation(names, name)
+    if latest is None:
+        known = ", ".join(sorted(names)) or "none"
+        raise FtsearchError(
+            f"no study {name!r} in the Optuna storage {url} (studies there: {known}); "
+            f"run `{search_hint or f'ftsearch search {name}'}` first"
+        )
+    return optuna.load_study(study_name=latest, storage=optuna_storage), url
+
+
+def study_argument(config: StudyConfig) -> str:
+    """How the user names the study on the command line: by name for studies/, else by path."""
+    source = Path(config.source) if config.source else None
+    return config.name if source is None or source.resolve().parent == STUDIES_DIR else str(source)
+
+
+def _search_command(config: StudyConfig, storage_url: str | None) -> str:
+    return f"ftsearch search {study_argument(config)}" + (f" --storage {storage_url}" if storage_url else "")
+
+
+def collect(config: StudyConfig, storage_url: str | None = None) -> StudyReport:
+    """Read a study's trials from Optuna and its runs and models from MLflow."""
+    study, url = find_study(config.name, storage_url, _search_command(config, storage_url))
+    client = tracking.client()
+    notes: list[str] = []
+    trials = study.get_trials(deepcopy=False)
+    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
+    rows, curves = _rows(client, trials, f"val_{config.metric}", maximize, notes)
+    # The best trial is Optuna's (the one the search registered), also when others tie with it.
+    best_frozen = best_trial(study)
+    best_number = best_frozen.number if best_frozen is not None else None
+    rows.sort(key=lambda r: _rank_key(r, maximize, best_number))
+    best = next((r for r in rows if r.number == best_number), None)
+
+    parent_run_id = study.user_attrs.get(PARENT_RUN_ATTR)
+    parent = _get_run(client, parent_run_id) if parent_run_id else None
+    if parent_run_id and parent is None:
+        notes.append(f"the study's MLflow parent run {parent_run_id} no longer exists")
+        parent_run_id = None
+    best_run = _get_run(client, best.run_id) if best is not None and best.run_id else None
+    return StudyReport(
+        config=config,
+        study=study,
+        storage_url=url,
+        parent_run_id=parent_run_id,
+        rows=rows,
+        counts={state: n for state, n in count_states(trials).items() if n},
+        curves=curves,
+        baseline=_baseline(parent, config.metric),
+        best=best,
+        best_test=metrics_on_test(best_run.data.metrics) if best_run is not None else {},
+        model=_registered_model(client, config.registered_model, notes),
+        notes=notes,
+    )
+
+
+def metrics_on_test(values: Mapping[str, Any]) -> dict[str, float]:
+    """The ``test_*`` entries of run metrics or model version tags, as numbers, in key order
+    (an entry that is not a number is no metric and is left out)."""
+    metrics = {}
+    for key in sorted(values):
+        if key.startswith(TEST_PREFIX):
+            try:
+                metrics[key] = float(values[key])
+            except (TypeError, ValueError):
+                continue
+    return metrics
+
+
+
+def _rows(
+    client: MlflowClient, trials: list[FrozenTrial], metric_key: str, maximize: bool, notes: list[str]
+) -> tuple[list[TrialRow], dict[int, list[tuple[int, float]]]]:
+    """A row per trial (unsorted) and the learning curve of every trial that logged an epoch."""
+    curves: dict[int, list[tuple[int, float]]] = {}
+    rows = []
+    for trial in trials:
+        run_id = trial.user_attrs.get(RUN_ID_ATTR)
+        if run_id:
+            curve = _curve(client, run_id, metric_key)
+            if curve is None:
+                notes.append(f"the MLflow run {run_id} of trial {trial.number} no longer exists")
+            elif curve:
+                curves[trial.number] = curve
+        row = _row(trial, curves.get(trial.number), maximize)
+        if row.state == "FAIL" and not row.reason and run_id:
+            # A worker that died could not say why; whoever noticed wrote it on the run.
+            run = _get_run(client, run_id)
+            row = replace(row, reason=run.data.tags.get(tracking.REASON_TAG, "") if run is not None else "")
+        rows.append(row)
+    return rows, curves
+
+
+def _get_run(client: MlflowClient, run_id: str):
+    try:
+        return client.get_run(run_id)
+    except MlflowException:
+        return None
+
+
+def _curve(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]] | None:
+    """The metric per epoch (step), or None when the run is gone."""
+    try:
+        history = client.get_metric_history(run_id, key)
+    except MlflowException:
+        return None
+    return sorted((m.step, m.value) for m in history)
+
+
+def _row(trial: FrozenTrial, curve: list[tuple[int, float]] | None, maximize: bool) -> TrialRow:
+    if trial.state == TrialState.COMPLETE:
+        value = trial.value
+    else:
+        # Optuna's reported values, one per epoch, survive even when the MLflow run does not.
+        reported = [v for v in trial.intermediate_values.values() if not math.isnan(v)]
+        value = (max if maximize else min)(reported) if reported else None
+    epochs = len(curve) if curve else len(trial.intermediate_values)
+    seconds = trial.duration.total_seconds() if trial.duration is not None else None
+    if seconds is None and trial.state == TrialState.RUNNING and trial.datetime_start is not None:
+        seconds = (dt.datetime.now() - trial.datetime_start).total_seconds()
+    return TrialRow(
+        number=trial.number,
+        state=trial.state.name,
+        value=value,
+        epochs=epochs,
+        seconds=seconds,
+        params=dict(trial.params),
+        run_id=trial.user_attrs.get(RUN_ID_ATTR),
+        reason=trial.user_attrs.get(REASON_ATTR, ""),
+    )
+
+
+def _rank_key(row: TrialRow, maximize: bool, best_number: int | None) -> tuple:
+    state = _RANK_OF_STATE.get(row.state, 3)
+    if row.value is None or state > 1:
+        return (state, 1, 0.0, True, row.number)
+    return (state, 0, -row.value if maximize else row.value, row.number != best_number, row.number)
+
+
+def _baseline(parent, metric: str) -> Baseline | None:
+    """The classical baseline on the parent run, None when the run has none (or is gone)."""
+    if parent is None or "baseline" not in parent.data.tags:
+        return None
+    metrics = parent.data.metrics
+    return Baseline(
+        parent.data.tags["baseline"], metrics.get(f"baseline_val_{metric}"), metrics.get(f"baseline_test_{metric}")
+    )
+
+
+def _registered_model(client: MlflowClient, name: str, notes: list[str]) -> ModelSummary | None:
+    for alias in ALIASES:
+        try:
+            version = client.get_model_version_by_alias(name, alias)
+        except MlflowException:
+            continue  # no such model, or no version with this alias yet
+        tags = version.tags
+        run_id = tags.get("run_id") or version.run_id or ""
+        return ModelSummary(
+            name=name,
+            version=str(version.version),
+            alias=alias,
+            optuna_study=tags.get("optuna_study", ""),
+            trial_number=tags.get("trial_number", "?"),
+            run_id=run_id,
+            val=next((float(v) for k, v in tags.items() if k.startswith("val_")), None),
+            test=metrics_on_test(tags),
+            confusion_png=_artifact_bytes(client, run_id, CONFUSION_MATRIX_ARTIFACT, notes) if run_id else None,
+        )
+    return None
+
+
+def _artifact_bytes(client: MlflowClient, run_id: str, path: str, notes: list[str]) -> bytes | None:
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            return Path(client.download_artifacts(run_id, path, folder)).read_bytes()
+        except Exception as err:  # noqa: BLE001 - a missing picture is a sentence, not a failure
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            notes.append(f"could not read {path} of run {run_id}: {reason}")
+            return None

@@ -1,0 +1,248 @@
+"""A trial's life: sample -> build -> fit (per-epoch checkpoints, an out-of-memory retry) -> save
+-> record. One call of ``TrialRunner`` is one trial, tracked as one MLflow child run."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import optuna
+import torch
+from optuna.trial import FrozenTrial, TrialState
+from transformers import set_seed
+
+from ftsearch import progress, tracking
+from ftsearch.checkpoints import TrialCheckpoints
+from ftsearch.config import StudyConfig
+from ftsearch.generations import REASON_ATTR, RESUMED_ATTR, RETRY_OF_ATTR, RUN_ID_ATTR, best_trial, count_states
+from ftsearch.modalities.base import Modality
+from ftsearch.outcomes import Outcome, end_run, outcome_of
+from ftsearch.progress import BestTrial, Reporter, TrialCounts
+from ftsearch.space import TrialConfig, sample_trial
+from ftsearch.train import EpochMetrics, FitResult, TrainSettings, fit, free_memory
+
+OOM_TAG = "ftsearch.oom_retry"
+FEATURE_CACHE_TAG = "ftsearch.feature_cache"
+# The optimisation settings a trial samples; the rest of TrainSettings comes from the study.
+_SAMPLED_SETTINGS = {f.name for f in dataclasses.fields(TrainSettings)} & set(TrialConfig.model_fields)
+
+
+class TrialOutOfMemory(RuntimeError):
+    """A trial that ran out of accelerator memory even at half its batch size."""
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A checked study: config, device and its modality (data and backbones), ready to search."""
+
+    config: StudyConfig
+    device: torch.device
+    modality: Modality
+    compile: bool = False
+
+
+def train_settings(trial_cfg: TrialConfig, prepared: Prepared, grad_accumulation: int = 1) -> TrainSettings:
+    """The training loop's settings for a sampled trial."""
+    config = prepared.config
+    return TrainSettings(
+        **trial_cfg.model_dump(include=_SAMPLED_SETTINGS),
+        metric=config.metric, maximize=config.direction == "maximize",
+        device=str(prepared.device), compile=prepared.compile, grad_accumulation=grad_accumulation,
+    )
+
+
+def trial_counts(trials: list[FrozenTrial]) -> TrialCounts:
+    """Done, pruned and failed trials, for the progress display."""
+    counts = count_states(trials)
+    return TrialCounts(counts["COMPLETE"], counts["PRUNED"], counts["FAIL"])
+
+
+def best_info(best: FrozenTrial | None) -> BestTrial | None:
+    return None if best is None else BestTrial(best.number, best.value, dict(best.params))
+
+
+def fit_outcome(result: FitResult, config: StudyConfig) -> Outcome:
+    """How a fit that ran to its end (or was stopped) ended the trial."""
+    if result.status == "diverged":
+        return Outcome("PRUNED", result.reason)
+    if result.status == "stopped":
+        return Outcome("PRUNED", f"pruned by the {config.pruner.name} pruner after epoch {len(result.history)}")
+    return Outcome("COMPLETE", value=float(result.best_value(config.metric)))
+
+
+def _judged_dead(trial: optuna.Trial) -> bool:
+    """Whether another worker failed this trial for missing heartbeats while it still ran."""
+    finished = trial.study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+    return any(t.number == trial.number for t in finished)
+
+
+class TrialRunner:
+    """The objective of one worker: one call = one trial, tracked as one MLflow child run."""
+
+    def __init__(self, prepared: Prepared, parent: tracking.StudyRun, checkpoints: TrialCheckpoints,
+                 reporter: Reporter | None = None):
+        self.prepared, self.config, self.modality = prepared, prepared.config, prepared.modality
+        self.parent, self.checkpoints = parent, checkpoints
+        self.reporter = reporter if reporter is not None else progress.PlainReporter()
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        trial_cfg = sample_trial(trial, self.config, self.modality.blocks)
+        run = self.parent.start_trial(trial.number, tags={"optuna.study": trial.study.study_name})
+        outcome = Outcome("FAIL")
+        try:
+            self._record_start(trial, trial_cfg, run)
+            result = self._fit_in_memory(trial, trial_cfg, run)
+            outcome = fit_outcome(result, self.config)
+            if outcome.state == "PRUNED":
+                raise optuna.TrialPruned(outcome.reason)
+            self._share_if_best(trial, outcome.value, run)
+            return outcome.value
+        except BaseException as err:
+            outcome = outcome_of(err)
+            raise
+        finally:
+            self._record_end(trial, run, outcome)
+
+    def _record_start(self, trial: optuna.Trial, trial_cfg: TrialConfig, run: tracking.TrialRun) -> None:
+        trial.set_user_attr(RUN_ID_ATTR, run.run_id)
+        # Params: exactly what Optuna sampled (so runs of one study share their columns); the full
+        # resolved config, defaults included, is the artifact.
+        run.log_params({**trial.params, "seed": trial_cfg.seed})
+        if RETRY_OF_ATTR in trial.user_attrs:
+            run.set_tag(RETRY_OF_ATTR, str(trial.user_attrs[RETRY_OF_ATTR]))
+        run.log_dict(trial_cfg.model_dump(), "trial_config.json")
+        self.reporter.trial_started(trial.number, _trial_line(trial_cfg), trial_cfg.epochs)
+
+    def _record_end(self, trial: optuna.Trial, run: tracking.TrialRun, outcome: Outcome) -> None:
+        if outcome.state != "ABANDONED" and _judged_dead(trial):
+            outcome = Outcome("ABANDONED")  # after its last report: the judging worker ended its run
+        if outcome.state != "ABANDONED":
+            # The resume file stays until the trial's end is recorded (after_trial): a worker
+            # killed before that leaves a retry that needs it, even after the last epoch.
+            if outcome.reason:
+                trial.set_user_attr(REASON_ATTR, outcome.reason)
+            end_run(run, outcome)
+            self.reporter.trial_ended(trial.number, outcome.state, outcome.reason, outcome.value)
+        else:
+            self.reporter.trial_ended(trial.number, "FAIL")
+
+    def _fit_in_memory(self, trial: optuna.Trial, trial_cfg: TrialConfig, run: tracking.TrialRun) -> FitResult:
+        """Fit; on an out-of-memory error, once more at half the batch and twice the gradient
+        accumulation (the same effective batch), from the last finished epoch."""
+        logged: set[int] = set()
+        try:
+            return self._train(trial, trial_cfg, run, logged)
+        except torch.OutOfMemoryError:
+            pass  # out of the except block first, so the traceback's tensors can be freed
+        free_memory()
+        half = trial_cfg.batch_size // 2
+        if half < 1:
+            raise TrialOutOfMemory(f"out of memory at batch size {trial_cfg.batch_size}")
+        note = f"batch size {trial_cfg.batch_size} -> {half}, gradient accumulation 2"
+        self.reporter.warn(f"  trial {trial.number}: out of memory at batch size {trial_cfg.batch_size}; retrying with {note}")
+        run.set_tag(OOM_TAG, note)
+        try:
+            return self._train(trial, trial_cfg.model_copy(update={"batch_size": half}), run, logged, accumulation=2)
+        except torch.OutOfMemoryError:
+            pass
+        free_memory()
+        raise TrialOutOfMemory(f"out of memory at batch size {half} (and at {trial_cfg.batch_size} before)")
+
+    def _train(
+        self, trial: optuna.Trial, trial_cfg: TrialConfig, run: tracking.TrialRun, logged: set[int], accumulation: int = 1
+    ) -> FitResult:
+        """Build, fit and save one attempt of the trial; ``logged`` holds the epochs already
+        logged (by an attempt that ran out of memory, or inherited from a checkpoint)."""
+        set_seed(trial_cfg.seed)  # the new head is drawn from the trial's seed
+        setup = self.modality.build(trial_cfg)
+        try:
+            if not logged:
+                run.log_params({"trainable_params": setup.trainable_params, "total_params": setup.total_params})
+            if setup.feature_cache:
+                run.set_tag(FEATURE_CACHE_TAG, setup.feature_cache)
+                self.reporter.info(f"  frozen-prefix cache: {setup.feature_cache}")
+            epochs = _EpochRecorder(trial, run, self.reporter, self.config.metric, logged)
+            result = fit(
+                setup.model, setup.train_loader, setup.val_loader, train_settings(trial_cfg, self.prepared, accumulation),
+                epochs.on_epoch_end, on_step=self.reporter.step, checkpoint=self.checkpoints.resume_file(trial),
+                on_resume=epochs.on_resume, scoring=self.modality.problem,
+            )
+            if result.status == "completed":
+                setup.model.load_state_dict(result.best_state)
+                self.modality.save(setup.model, trial_cfg, self.checkpoints.weights(trial.number))
+            if result.best_epoch is not None:
+                run.log_metrics({"best_epoch": result.best_epoch}, step=result.best_epoch)
+                self._log_figures(run, result)
+            return result
+        finally:
+            # Free the model and optimizer state before the next trial (no memory creeping up).
+            del setup
+            free_memory()
+
+    def _log_figures(self, run: tracking.TrialRun, result: FitResult) -> None:
+        """The best epoch's figures (the problem type's, and the modality's of the examples); a
+        figure that fails to draw is reported, not allowed to fail a trained trial."""
+        evaluation = result.best_eval
+        try:
+            figures = {**self.modality.problem.figures(evaluation, self.modality.labels),
+                       **self.modality.example_figures(evaluation)}
+            for path, figure in figures.items():
+                run.log_figure(figure, path)
+        except Exception as err:  # noqa: BLE001 - drawing is not worth the trial
+            self.reporter.warn(f"could not draw the trial's figures: {type(err).__name__}: {err}")
+
+    def after_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        """Once ``trial``'s end is recorded: delete its resume file, the weights of finished trials
+        that are not the best (never those of a trial still running in another worker), and keep
+        the parent run's best up to date."""
+        self.checkpoints.resume_file(trial).unlink(missing_ok=True)
+        trials = study.get_trials(deepcopy=False)
+        # Read after the snapshot: a trial finished in it that is not the best now never will be.
+        best = best_trial(study)
+        self.reporter.trials_updated(trial_counts(trials), best_info(best))
+        self.checkpoints.keep_only({t.number for t in trials if t.state.is_finished()}, None if best is None else best.number)
+        if best is not None and best.number == trial.number:
+            self.parent.log_best(self.config.metric, best.value, best.number, best.params)
+
+    def _share_if_best(self, trial: optuna.Trial, value: float, run: tracking.TrialRun) -> None:
+        """With a shared tracking server, upload the weights of a trial that beats (or ties) the
+        best so far, before the trial is told complete: the search process, maybe on another
+        machine, registers the best trial from them."""
+        if not tracking.is_shared():
+            return
+        best = best_trial(trial.study)
+        if best is None or value == best.value or self.config.problem.better(self.config.metric, value, best.value):
+            self.checkpoints.upload(run, trial.number)
+
+
+class _EpochRecorder:
+    """The fit callbacks of one trial: each epoch logged once to MLflow and reported to Optuna
+    (which may prune), and epochs inherited from a checkpoint replayed into a retry's run."""
+
+    def __init__(self, trial: optuna.Trial, run: tracking.TrialRun, reporter: Reporter, metric: str, logged: set[int]):
+        self.trial, self.run, self.reporter, self.metric, self.logged = trial, run, reporter, metric, logged
+
+    def on_epoch_end(self, m: EpochMetrics) -> bool:
+        if m.epoch not in self.logged:
+            self.logged.add(m.epoch)
+            self.run.log_metrics({"train_loss": m.train_loss, **{f"val_{k}": v for k, v in m.metrics.items()}}, step=m.epoch)
+            self.trial.report(m.value(self.metric), m.epoch)
+        self.reporter.epoch_ended(m.epoch, {"train loss": m.train_loss, **{f"val {k}": v for k, v in m.metrics.items()}})
+        return self.trial.should_prune()
+
+    def on_resume(self, history: list[EpochMetrics]) -> None:
+        # A retry is a new run: it carries the epochs it inherits, so its curve is whole.
+        trial = self.trial
+        if not self.logged and RETRY_OF_ATTR in trial.user_attrs:
+            self.run.log_params({RESUMED_ATTR: len(history)})
+            trial.set_user_attr(RESUMED_ATTR, len(history))
+            self.reporter.info(f"  resumed trial {trial.user_attrs[RETRY_OF_ATTR]} after epoch {len(history)}")
+        for m in history:
+            self.on_epoch_end(m)
+
+
+def _trial_line(trial_cfg: TrialConfig) -> str:
+    """The sampled values, leaving out augmentations that stay off."""
+    shown = {**trial_cfg.model_dump(exclude_defaults=True), "freeze_depth": trial_cfg.freeze_depth}
+    shown.pop("seed", None)
+    return ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items())

@@ -1,0 +1,122 @@
+"""The self-contained HTML report: every section, nothing fetched from elsewhere, its copy on the
+study's parent run, sentences where a half-run study has no data yet, and escaped user text."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from ftsearch import report
+from ftsearch.cli import main
+from ftsearch.config import load_study
+from ftsearch.distributed.storage import open_storage
+from ftsearch.report import ModelSummary, TrialRow, render_html
+from tests.helpers import optuna_study, store
+
+
+def without_scripts(page: str) -> str:
+    """The page's markup with the contents of its inline scripts (plotly.js, figure data) removed."""
+    return re.sub(r"(<script\b[^>]*>).*?</script>", r"\1</script>", page, flags=re.DOTALL | re.IGNORECASE)
+
+
+def test_html_report_has_every_section_and_needs_no_network(in_reported):
+    root, _, printed = in_reported
+    path = root / "mlruns" / "reports" / "tiny.html"
+    assert f"HTML report: {path}" in printed
+    page = path.read_text(encoding="utf-8")
+    markup = without_scripts(page)
+    for anchor in ("summary", "champion", "leaderboard", "learning-curves", "optimization-history",
+                   "parallel-coordinates", "param-importances"):
+        assert f'<section id="{anchor}">' in markup
+    # Four plotly figures and one inline copy of plotly.js; nothing is fetched from elsewhere.
+    assert page.count("Plotly.newPlot(") == 4
+    assert page.count("plotly.js v") == 1
+    assert not re.search(r"<script\b[^>]*\bsrc\s*=", markup, re.IGNORECASE)
+    assert not re.search(r"\b(?:src|href)\s*=\s*[\"']?(?:https?:)?//", markup, re.IGNORECASE)
+    assert 'src="data:image/png;base64,' in markup  # the champion's test confusion matrix
+
+    study = optuna_study("tiny")
+    parent = store().get_run(study.user_attrs["mlflow_parent_run_id"])
+    champion = store().get_model_version_by_alias("tiny-sentiment", "champion")
+    assert "TF-IDF (1-2 grams) + logistic regression" in markup
+    assert f"{parent.data.metrics['baseline_test_accuracy']:.4f}" in markup
+    assert f"<td>{float(champion.tags['test_f1']):.4f}</td>" in markup
+    assert "champion: tiny-sentiment v1" in markup
+    # The pruned trial's curve is labelled as cut short.
+    assert re.search(r'"name":\s*"trial 2 \(pruned at epoch \d+\)"', page)
+    for trial in study.trials:
+        assert f"<td>{trial.number}</td>" in markup
+
+
+def test_report_is_logged_on_the_study_parent_run(in_reported):
+    root, _, _ = in_reported
+    parent_id = optuna_study("tiny").user_attrs["mlflow_parent_run_id"]
+    assert report.REPORT_ARTIFACT in {a.path for a in store().list_artifacts(parent_id)}
+    logged = store().download_artifacts(parent_id, report.REPORT_ARTIFACT, str(root / "downloaded"))
+    assert Path(logged).read_bytes() == (root / "mlruns" / "reports" / "tiny.html").read_bytes()
+
+
+def test_a_study_without_trials_is_reported_in_sentences(write_study, state_dir, capsys):
+    from ftsearch.study import open_study
+
+    path = write_study()
+    open_study(load_study(str(path), cpu=True), open_storage(), fresh=False)  # created, never run
+    assert main(["report", str(path)]) == 0
+    printed = capsys.readouterr().out
+    assert "No trial has run yet" in printed and "no registered model 'tiny-sentiment'" in printed
+    page = (state_dir / "reports" / "tiny.html").read_text(encoding="utf-8")
+    assert "plotly.js v" not in page  # no figure, so no 4.8 MB of plotly.js either
+    for sentence in ("No trial has run yet.", "Needs at least 1 completed trial; this study has 0.",
+                     "Needs at least 2 completed trials", "No classical baseline was logged",
+                     "no registered model", "No trial has logged a validation epoch"):
+        assert sentence in page
+
+
+def test_every_test_metric_of_the_model_is_in_its_table_whatever_its_name(handmade):
+    test = {"test_accuracy": 0.91, "test_f1": 0.87654, "test_pearson": 0.5}
+    model = ModelSummary(name="tiny-sentiment", version="3", alias="champion", optuna_study="tiny",
+                         trial_number="0", run_id="r", val=0.9, test=test, confusion_png=None)
+    page = render_html(handmade(model=model))
+    for name, value in {"val_accuracy": 0.9, **test}.items():
+        assert f'<tr><td class="left">{name}</td><td>{value:.4f}</td></tr>' in page
+    assert "test_accuracy 0.9100, test_f1 0.8765, test_pearson 0.5000" in page
+    assert "The run of champion v3 has no test_confusion_matrix.png to show." in page
+
+
+def test_what_users_and_runs_wrote_is_escaped(handmade):
+    row = TrialRow(number=0, state="FAIL", value=None, epochs=0, seconds=1.0, params={"backbone": "<b>bert</b>"},
+                   run_id=None, reason="boom <script>alert(1)</script>\nsecond line")
+    page = render_html(handmade(rows=[row], counts={"FAIL": 1}, notes=["a note with <i>markup</i> & more"]))
+    assert "<script>" not in page and "<b>" not in page and "<i>" not in page
+    assert '<td class="left">boom &lt;script&gt;alert(1)&lt;/script&gt;</td>' in page and "second line" not in page
+    assert "<td>&lt;b&gt;bert&lt;/b&gt;</td>" in page
+    assert "<li>a note with &lt;i&gt;markup&lt;/i&gt; &amp; more</li>" in page
+    assert "1 fail; objective: maximize validation accuracy" in page
+
+
+def test_html_report_renders_offline_in_a_browser(in_reported, chromium):
+    """Headless Chromium with every non-file request refused: the plots still draw, nothing is fetched."""
+    from playwright.sync_api import sync_playwright
+
+    path = in_reported[0] / "mlruns" / "reports" / "tiny.html"
+    fetched, errors = [], []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-dev-shm-usage"])
+        try:
+            page = browser.new_page()
+            page.on("pageerror", lambda err: errors.append(str(err)))
+
+            def refuse_the_network(route):
+                if route.request.url.startswith(("file:", "data:")):
+                    return route.continue_()
+                fetched.append(route.request.url)
+                return route.abort()
+
+            page.route("**/*", refuse_the_network)
+            page.goto(path.as_uri(), wait_until="load")
+            # Every figure has drawn its SVG: plotly.js ran from the page itself.
+            page.wait_for_function("document.querySelectorAll('.plotly-graph-div .main-svg').length >= 4")
+            assert page.locator("img.cm").evaluate("img => img.complete && img.naturalWidth > 0")
+        finally:
+            browser.close()
+    assert fetched == [] and errors == []

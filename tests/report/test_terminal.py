@@ -1,0 +1,79 @@
+"""`ftsearch report` in the terminal: the leaderboard, the baseline next to the best trial, and the
+registered model with every test metric it carries."""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+
+import optuna
+from rich.console import Console
+
+from ftsearch.cli import main
+from ftsearch.formatting import format_value
+from ftsearch.report import ModelSummary, print_report
+from tests.helpers import optuna_study, store
+
+ROW = re.compile(r"^\s*(\d+)\s+(COMPLETE|PRUNED(?: at epoch \d+)?|FAIL|RUNNING)\s+(\S+)\s+(\d+)\s+(.*)$")
+
+
+def expected_value(trial: optuna.trial.FrozenTrial) -> float:
+    """The leaderboard's value: the objective, or for a pruned trial its best epoch."""
+    if trial.state == optuna.trial.TrialState.COMPLETE:
+        return trial.value
+    return max(v for v in trial.intermediate_values.values() if not math.isnan(v))
+
+
+def test_leaderboard_lists_every_trial_with_the_studys_values(in_reported):
+    _, _, printed = in_reported
+    trials = optuna_study("tiny").trials
+    ranked = sorted(trials, key=lambda t: (t.state.name != "COMPLETE", -expected_value(t), t.number))
+    lines = [m for m in (ROW.match(line) for line in printed.splitlines()) if m]
+    assert [int(m.group(1)) for m in lines] == [t.number for t in ranked]
+    for match, trial in zip(lines, ranked, strict=True):
+        assert match.group(2).startswith(trial.state.name)
+        assert match.group(3) == f"{expected_value(trial):.4f}"
+        assert int(match.group(4)) == len(trial.intermediate_values)
+        # lr and token_mask differ between the trials, so they are columns of the table.
+        assert format_value(trial.params["lr"]) in match.group(5)
+        assert format_value(trial.params["token_mask"]) in match.group(5)
+    assert "Top 3 of 3 trials by validation accuracy" in printed
+    assert "same in every trial shown: backbone" in printed and "batch_size 16" in printed
+
+
+def test_terminal_shows_baseline_next_to_the_best_trial_and_the_champion(in_reported):
+    _, _, printed = in_reported
+    client = store()
+    study = optuna_study("tiny")
+    parent = client.get_run(study.user_attrs["mlflow_parent_run_id"])
+    champion = client.get_model_version_by_alias("tiny-sentiment", "champion")
+    baseline_line = next(line for line in printed.splitlines() if "classical baseline: TF-IDF" in line)
+    assert f"{parent.data.metrics['baseline_val_accuracy']:.4f}" in baseline_line
+    assert f"{parent.data.metrics['baseline_test_accuracy']:.4f}" in baseline_line
+    best_line = next(line for line in printed.splitlines() if "best fine-tuned trial" in line)
+    assert f"({study.best_trial.number})" in best_line and f"{study.best_value:.4f}" in best_line
+    assert f"{float(champion.tags['test_accuracy']):.4f}" in best_line
+    assert f"champion: tiny-sentiment v{champion.version} from trial {champion.tags['trial_number']} of study tiny" in printed
+    assert f"test_f1 {float(champion.tags['test_f1']):.4f}" in printed
+
+
+def test_output_and_top_options(in_reported, tmp_path, capsys):
+    _, study_file, _ = in_reported
+    target = tmp_path / "out" / "mine.html"
+    assert main(["report", str(study_file), "--top", "1", "--output", str(target)]) == 0
+    printed = capsys.readouterr().out
+    assert target.is_file() and f"HTML report: {target}" in printed
+    assert "Top 1 of 3 trials" in printed
+    assert [int(m.group(1)) for m in (ROW.match(line) for line in printed.splitlines()) if m] == [0]
+
+
+def test_every_test_metric_of_the_model_is_printed_whatever_its_name(handmade):
+    """The problem type decides which test metrics exist; the report shows whatever is tagged."""
+    test = {"test_accuracy": 0.91, "test_f1": 0.87654, "test_pearson": 0.5}
+    model = ModelSummary(name="tiny-sentiment", version="3", alias="champion", optuna_study="tiny",
+                         trial_number="0", run_id="r", val=0.9, test=test, confusion_png=None)
+    out = io.StringIO()
+    print_report(handmade(model=model), console=Console(file=out, width=160))
+    assert "champion: tiny-sentiment v3 from trial 0 of study tiny: " \
+           "test_accuracy 0.9100, test_f1 0.8765, test_pearson 0.5000" in out.getvalue()
