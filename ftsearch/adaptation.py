@@ -73,8 +73,6 @@ def freeze_lowest_stages(model: vision_models.ImageClassifier, depth: int) -> in
 class FreezeDepth:
     """The freeze-depth method: ``trial.freeze_depth`` lowest blocks frozen, for text and images."""
 
-    name = "freeze"
-
     def apply(self, model: nn.Module, depth: int) -> int:
         """Freeze ``model`` in place; returns its trainable parameter count."""
         if isinstance(model, vision_models.ImageClassifier):

@@ -55,14 +55,19 @@ def register_best(
     ``signature``: the modality's inputs and the problem type's outputs.
     """
     discard_incomplete(registered_name, run_id)
-    tracking.client()  # points MLflow's model logging at the configured store
-    # Logged to the trial's run by its id (a LoggedModel whose source is that run); the run is
-    # never reopened, so it stays FINISHED whatever happens here.
+    mlflow_client = tracking.client()  # also points MLflow's model logging at the configured store
+    # A LoggedModel of the trial's run, in the run's own experiment, created by the run's id: the
+    # run is never reopened, so it stays FINISHED whatever happens here.
+    run = mlflow_client.get_run(run_id)
+    logged = mlflow.initialize_logged_model(
+        name="model", source_run_id=run_id, experiment_id=run.info.experiment_id, params=run.data.params
+    )
     info = Model.log(
         artifact_path=None,  # MLflow 3 names a model by ``name``; the old argument is still required
         name="model",
         flavor=mlflow.pyfunc,
         run_id=run_id,
+        model_id=logged.model_id,
         python_model=str(entry_file),
         artifacts={"model": str(model_folder)},
         input_example=input_example,
@@ -72,7 +77,6 @@ def register_best(
         pip_requirements=_requirements(),
     )
 
-    mlflow_client = tracking.client()
     version = None
     try:
         # register_model prints its own progress to stderr; ftsearch reports the version itself.

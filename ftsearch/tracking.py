@@ -70,6 +70,12 @@ def _usable(mlflow_client: MlflowClient, run_id: str) -> bool:
         return False
 
 
+def close_figures(figures) -> None:
+    """Close matplotlib figures (logged or not): pyplot keeps every open one alive."""
+    for figure in figures:
+        plt.close(figure)
+
+
 def _figure_artifact(mlflow_client: MlflowClient, run_id: str, figure, path: str) -> None:
     try:
         mlflow_client.log_figure(run_id, figure, path)

@@ -330,9 +330,8 @@ def _restore(path: Path, model, optimizer, scheduler, loader: DataLoader, result
     except Exception as err:  # noqa: BLE001 - a truncated or foreign file: start over, say why
         raise FtsearchError(f"cannot resume from the checkpoint {path}: {err}; delete it to start the trial over") from None
     try:
-        history = [EpochMetrics(**m) for m in state["history"]]
-        best = state["best_eval"]
-        best_eval = None if best is None else Evaluation(dict(best["metrics"]), best["y_true"].numpy(), best["outputs"].numpy())
+        history = [EpochMetrics(**_epoch_fields(m)) for m in state["history"]]
+        best_eval = _evaluation(state["best_eval"])
     except (KeyError, TypeError) as err:
         raise FtsearchError(f"cannot resume from the checkpoint {path}: it was written by another version of "
                             f"ftsearch ({type(err).__name__}: {err}); delete it to start the trial over") from None
@@ -350,6 +349,24 @@ def _restore(path: Path, model, optimizer, scheduler, loader: DataLoader, result
     result.best_epoch = state["best_epoch"]
     result.best_state = state["best_state"] if state["best_state"] is not None else state["model"]
     return int(state["epoch"])
+
+
+def _epoch_fields(saved: dict) -> dict:
+    # Checkpoints of ftsearch 0.1 (before problem types) held accuracy and F1 as fields of their own.
+    if "metrics" not in saved and "val_accuracy" in saved:
+        return {"epoch": saved["epoch"], "train_loss": saved["train_loss"],
+                "metrics": {"accuracy": saved["val_accuracy"], "f1": saved["val_f1"]}}
+    return saved
+
+
+def _evaluation(saved: dict | None) -> Evaluation | None:
+    if saved is None:
+        return None
+    if "outputs" not in saved and "y_pred" in saved:  # ftsearch 0.1: predicted classes, no outputs
+        predicted = saved["y_pred"].numpy()
+        outputs = np.eye(int(max(predicted.max(), saved["y_true"].numpy().max())) + 1, dtype=np.float32)[predicted]
+        return Evaluation({"accuracy": saved["accuracy"], "f1": saved["f1"]}, saved["y_true"].numpy(), outputs)
+    return Evaluation(dict(saved["metrics"]), saved["y_true"].numpy(), saved["outputs"].numpy())
 
 
 def _improves(value: float, best: float | None, maximize: bool) -> bool:

@@ -114,17 +114,17 @@ class TrialRunner:
         self.reporter.trial_started(trial.number, _trial_line(trial_cfg), trial_cfg.epochs)
 
     def _record_end(self, trial: optuna.Trial, run: tracking.TrialRun, outcome: Outcome) -> None:
-        if outcome.state != "ABANDONED" and _judged_dead(trial):
-            outcome = Outcome("ABANDONED")  # after its last report: the judging worker ended its run
-        if outcome.state != "ABANDONED":
+        # Judged dead by another worker (while it ran, or after its last report): that worker ended
+        # its run and queued its retry; nothing here may overwrite what it recorded.
+        judged_dead = outcome.state == "ABANDONED" or _judged_dead(trial)
+        if not judged_dead:
             # The resume file stays until the trial's end is recorded (after_trial): a worker
             # killed before that leaves a retry that needs it, even after the last epoch.
             if outcome.reason:
                 trial.set_user_attr(REASON_ATTR, outcome.reason)
             end_run(run, outcome)
-            self.reporter.trial_ended(trial.number, outcome.state, outcome.reason, outcome.value)
-        else:
-            self.reporter.trial_ended(trial.number, "FAIL")
+        reason = "" if outcome.state == "ABANDONED" else outcome.reason
+        self.reporter.trial_ended(trial.number, "FAIL" if judged_dead else outcome.state, reason, outcome.value)
 
     def _fit_in_memory(self, trial: optuna.Trial, trial_cfg: TrialConfig, run: tracking.TrialRun) -> FitResult:
         """Fit; on an out-of-memory error, once more at half the batch and twice the gradient
@@ -180,16 +180,24 @@ class TrialRunner:
             free_memory()
 
     def _log_figures(self, run: tracking.TrialRun, result: FitResult) -> None:
-        """The best epoch's figures (the problem type's, and the modality's of the examples); a
-        figure that fails to draw is reported, not allowed to fail a trained trial."""
+        """The best epoch's figures: the problem type's, then the modality's of the examples. A
+        figure that fails to draw is reported, not allowed to fail a trained trial (nor to keep
+        the figures drawn before it from being logged)."""
         evaluation = result.best_eval
-        try:
-            figures = {**self.modality.problem.figures(evaluation, self.modality.labels),
-                       **self.modality.example_figures(evaluation)}
-            for path, figure in figures.items():
-                run.log_figure(figure, path)
-        except Exception as err:  # noqa: BLE001 - drawing is not worth the trial
-            self.reporter.warn(f"could not draw the trial's figures: {type(err).__name__}: {err}")
+        for draw in (lambda: self.modality.problem.figures(evaluation, self.modality.labels),
+                     lambda: self.modality.example_figures(evaluation)):
+            try:
+                figures = draw()
+            except Exception as err:  # noqa: BLE001 - drawing is not worth the trial
+                self.reporter.warn(f"could not draw the trial's figures: {type(err).__name__}: {err}")
+                continue
+            try:
+                for path, figure in figures.items():
+                    run.log_figure(figure, path)
+            except Exception as err:  # noqa: BLE001 - nor is logging one
+                self.reporter.warn(f"could not log the trial's figures: {type(err).__name__}: {err}")
+            finally:
+                tracking.close_figures(figures.values())
 
     def after_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
         """Once ``trial``'s end is recorded: delete its resume file, the weights of finished trials

@@ -31,6 +31,12 @@ def searched(tmp_path_factory, tiny_bert, tiny_reviews):
     return root
 
 
+def mlflow_signature(version):
+    from mlflow.models import get_model_info
+
+    return get_model_info(version.source).signature
+
+
 @pytest.fixture
 def in_searched(searched, monkeypatch):
     monkeypatch.setenv("FTSEARCH_STATE_DIR", str(searched / "mlruns"))
@@ -95,6 +101,19 @@ def test_best_trial_is_registered_as_candidate_with_test_metrics(in_searched):
     assert best_run.info.status == "FINISHED"
     # The weights moved into the registry; no checkpoint is left behind.
     assert not any((in_searched / "mlruns" / "checkpoints").glob("*/trial-*"))
+
+
+def test_the_registered_model_is_a_logged_model_of_the_best_run_in_its_experiment(in_searched):
+    version = store().get_model_version_by_alias("tiny-sentiment", "candidate")
+    best_run = store().get_run(version.tags["run_id"])
+    logged = store().get_logged_model(version.source.removeprefix("models:/"))
+    assert logged.source_run_id == best_run.info.run_id and logged.experiment_id == best_run.info.experiment_id
+    assert logged.status == "READY" and logged.params["lr"] == best_run.data.params["lr"]
+    assert [m.model_id for m in best_run.outputs.model_outputs] == [logged.model_id]
+    # Its files live under the study's state directory, not in MLflow's default experiment.
+    assert Path(logged.artifact_location.removeprefix("file://")).is_relative_to(in_searched / "mlruns")
+    signature = mlflow_signature(version)
+    assert signature.inputs.input_names() == ["text"] and signature.outputs.input_names() == ["label", "prob_neg", "prob_pos"]
 
 
 def test_promote_then_predict_with_champion(in_searched, capsys):

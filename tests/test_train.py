@@ -163,6 +163,30 @@ def test_a_run_resumed_from_its_checkpoint_ends_exactly_like_an_uninterrupted_on
     assert np.array_equal(resumed.best_eval.outputs, whole.best_eval.outputs)
 
 
+def test_a_checkpoint_of_the_previous_version_still_resumes(tiny_bert, tmp_path):
+    # Written before problem types: accuracy and F1 as fields, predicted classes instead of outputs.
+    settings = TrainSettings(lr=5e-3, epochs=3, seed=3)
+    whole = fit(model(tiny_bert), *augmented_loaders(tiny_bert, tmp_path), settings)
+    checkpoint = tmp_path / "trial-0.pt"
+
+    def killed_after_epoch_2(metrics):
+        if metrics.epoch == 2:
+            raise KeyboardInterrupt
+        return False
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(model(tiny_bert), *augmented_loaders(tiny_bert, tmp_path), settings, killed_after_epoch_2, checkpoint=checkpoint)
+    state = torch.load(checkpoint, weights_only=True)
+    state["history"] = [{"epoch": m["epoch"], "train_loss": m["train_loss"], "val_accuracy": m["metrics"]["accuracy"],
+                         "val_f1": m["metrics"]["f1"]} for m in state["history"]]
+    best = state["best_eval"]
+    state["best_eval"] = {"accuracy": best["metrics"]["accuracy"], "f1": best["metrics"]["f1"], "y_true": best["y_true"],
+                          "y_pred": best["outputs"].argmax(-1)}
+    torch.save(state, checkpoint)
+    resumed = fit(model(tiny_bert), *augmented_loaders(tiny_bert, tmp_path), settings, checkpoint=checkpoint)
+    assert resumed.resumed_from_epoch == 2 and resumed.history == whole.history
+
+
 def test_a_corrupt_checkpoint_is_an_error_that_says_what_to_do(tiny_bert, loaders, tmp_path):
     from ftsearch.errors import FtsearchError
 

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
-import pandas as pd
-import torch
+
+if TYPE_CHECKING:  # torch and pandas load only where a model trains or predicts: readers stay fast
+    import pandas as pd
+    import torch
 
 
 @dataclass(frozen=True)

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
-import pandas as pd
-import torch
-import torch.nn.functional as F
 
 from ftsearch.problems.base import Evaluation, ProblemType
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import torch
 
 
 class SingleLabelClassification(ProblemType):
@@ -23,6 +24,8 @@ class SingleLabelClassification(ProblemType):
         return len(labels)
 
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        import torch.nn.functional as F
+
         # In float32 even under bf16 autocast; soft targets (mixed batches) are class probabilities.
         return F.cross_entropy(outputs.float(), targets)
 
@@ -64,6 +67,9 @@ class SingleLabelClassification(ProblemType):
 
     def prediction_table(self, outputs: np.ndarray, labels: tuple[str, ...]) -> pd.DataFrame:
         """``label`` (the most probable class) and ``prob_<class>`` for each class."""
+        import pandas as pd
+        import torch
+
         probs = torch.softmax(torch.from_numpy(np.asarray(outputs, dtype=np.float32)), dim=-1).numpy()
         frame = pd.DataFrame(probs, columns=[f"prob_{name}" for name in labels])
         frame.insert(0, "label", [labels[i] for i in probs.argmax(axis=1)])
