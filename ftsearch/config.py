@@ -70,6 +70,12 @@ def _one_of(choices) -> str:
     return quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
 
 
+def _validated_problem(info: ValidationInfo) -> ProblemType | None:
+    """The problem type of the study's task, once ``task`` has passed its own validation."""
+    task = TASKS.get(info.data.get("task", ""))
+    return None if task is None else problem_type(task.problem)
+
+
 def _check_within(value: FloatRange | IntRange | None, info: ValidationInfo, bounds: dict) -> Any:
     low, high = bounds[info.field_name]
     if value is not None and (value.low < low or value.high > high):
@@ -282,19 +288,18 @@ class StudyConfig(_Strict):
     @field_validator("metric")
     @classmethod
     def _metric_fits_task(cls, value: str, info: ValidationInfo) -> str:
-        task = TASKS.get(info.data.get("task", ""))
-        if task is not None and value not in problem_type(task.problem).metrics:
-            metrics = problem_type(task.problem).metrics
-            raise ValueError(f"Input should be {_one_of(metrics)} (the metrics of {info.data['task']})")
+        problem = _validated_problem(info)
+        if problem is not None and value not in problem.metrics:
+            raise ValueError(f"Input should be {_one_of(problem.metrics)} (the metrics of {info.data['task']})")
         return value
 
     @field_validator("direction")
     @classmethod
     def _direction_fits_metric(cls, value: str, info: ValidationInfo) -> str:
-        task, metric = TASKS.get(info.data.get("task", "")), info.data.get("metric")
-        if task is None or metric is None:
+        problem, metric = _validated_problem(info), info.data.get("metric")
+        if problem is None or metric is None:
             return value
-        expected = problem_type(task.problem).direction(metric)
+        expected = problem.direction(metric)
         if value != expected:
             better = "higher" if expected == "maximize" else "lower"
             raise ValueError(f"metric {metric!r} is {better}-is-better: use {expected!r} or leave direction out")
