@@ -146,12 +146,13 @@ class FrozenPrefixCache:
         """
         batch = next(iter(make_loader(val, min(4, len(val.ids)), pad_id, shuffle=False)))
         ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+        segments = {"token_type_ids": batch["token_type_ids"].to(self.device)} if "token_type_ids" in batch else {}
         model.to(self.device)
         try:
             # The same precision as training: bf16 autocast on a GPU.
             with torch.inference_mode(), torch.autocast(self.device.type, torch.bfloat16, enabled=self.device.type == "cuda"):
-                states = prefix_hidden_states(model, depth, ids, mask).to(torch.float16)
-                full = model(input_ids=ids, attention_mask=mask).logits.float()
+                states = prefix_hidden_states(model, depth, ids, mask, segments.get("token_type_ids")).to(torch.float16)
+                full = model(input_ids=ids, attention_mask=mask, **segments).logits.float()
                 cached = UpperBlocksClassifier(model, depth).eval()(inputs_embeds=states, attention_mask=mask).logits.float()
         except Exception as err:  # noqa: BLE001 - an architecture the cut does not fit
             return f"{backbone} cannot be cut after block {depth}: {type(err).__name__}: {str(err)[:120]}"

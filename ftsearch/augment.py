@@ -12,27 +12,40 @@ import numpy as np
 class TokenAugment:
     """Random token masking and deletion on one tokenised example.
 
-    The first and last tokens ([CLS]/[SEP] or their equivalents) are never touched, so the
-    model always sees a well-formed sequence.
+    The first and last tokens ([CLS]/[SEP] or their equivalents) and any of ``special_ids`` (the
+    separator between a pair's two texts) are never touched, so the model always sees a
+    well-formed sequence.
     """
 
     mask_prob: float = 0.0
     delete_prob: float = 0.0
     mask_id: int | None = None
+    special_ids: tuple[int, ...] = ()
 
     @property
     def active(self) -> bool:
         return self.delete_prob > 0 or (self.mask_prob > 0 and self.mask_id is not None)
 
     def __call__(self, ids: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        return self.apply(ids, None, rng)[0]
+
+    def apply(
+        self, ids: np.ndarray, type_ids: np.ndarray | None, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """``ids`` augmented, and their token type ids (a pair's segments) kept aligned with them."""
         if not self.active or len(ids) <= 2:
-            return ids
-        head, body, tail = ids[:1], ids[1:-1], ids[-1:]
+            return ids, type_ids
+        touchable = np.ones(len(ids), dtype=bool)
+        touchable[[0, -1]] = False
+        if self.special_ids:
+            touchable &= ~np.isin(ids, self.special_ids)
+        keep = np.ones(len(ids), dtype=bool)
         if self.delete_prob > 0:
-            body = body[rng.random(len(body)) >= self.delete_prob]
+            keep = ~(touchable & (rng.random(len(ids)) < self.delete_prob))
+        out = ids.copy()
         if self.mask_prob > 0 and self.mask_id is not None:
-            body = np.where(rng.random(len(body)) < self.mask_prob, self.mask_id, body)
-        return np.concatenate([head, body.astype(ids.dtype), tail])
+            out[touchable & (rng.random(len(ids)) < self.mask_prob)] = self.mask_id
+        return out[keep], None if type_ids is None else type_ids[keep]
 
 
 def image_train_transform(trial, preprocessing: dict):

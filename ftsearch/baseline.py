@@ -3,7 +3,8 @@ fine-tuning buy?
 
 Text: bigram TF-IDF. Images: the frozen, pooled features of a pretrained backbone (a linear
 probe). The estimator fitted on them and the metrics it is scored by are the problem type's
-(``ProblemType.baseline``): logistic regression for classification.
+(``ProblemType.baseline``): logistic regression for classification, one-vs-rest logistic
+regression for multi-label, ridge regression for regression.
 """
 
 from __future__ import annotations
@@ -11,16 +12,33 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import torch
+from scipy import sparse
 from sklearn.feature_extraction.text import TfidfVectorizer
 from torch.utils.data import DataLoader
 
+from ftsearch.data.text import target_array
+
 
 def tfidf_features(splits: dict[str, pd.DataFrame]) -> dict[str, tuple]:
-    """``{split: (tf-idf matrix, labels)}``, the vocabulary fitted on ``splits['train']`` (frames
-    with ``text`` and ``label``)."""
+    """``{split: (tf-idf matrix, targets)}``, the vocabulary fitted on ``splits['train']`` (frames
+    with ``text``, ``label`` and, for pairs, ``text_pair``).
+
+    A pair's features are both texts', their absolute difference and their product: what the two
+    texts share and where they differ (the InferSent recipe, on TF-IDF), which a linear model
+    cannot form from the two alone."""
     vectorizer = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True, max_features=500_000)
-    vectorizer.fit(splits["train"]["text"])
-    return {split: (vectorizer.transform(frame["text"]), frame["label"]) for split, frame in splits.items()}
+    train = splits["train"]
+    pair = "text_pair" in train
+    vectorizer.fit(pd.concat([train["text"], train["text_pair"]]) if pair else train["text"])
+
+    def features(frame: pd.DataFrame):
+        a = vectorizer.transform(frame["text"])
+        if not pair:
+            return a
+        b = vectorizer.transform(frame["text_pair"])
+        return sparse.hstack([a, b, abs(a - b), a.multiply(b)]).tocsr()
+
+    return {split: (features(frame), target_array(frame)) for split, frame in splits.items()}
 
 
 @torch.inference_mode()

@@ -99,9 +99,14 @@ class TaskSpec:
 
     problem: str  # a name in ftsearch.problems.PROBLEM_TYPES
     modality: str  # "text" or "image": ftsearch.modalities
+    pair: str = "optional"  # data.text_pair_column: "required", "optional" or "no"
 
 
 TASKS: dict[str, TaskSpec] = {
     "text-classification": TaskSpec(problem="single-label-classification", modality="text"),
-    "image-classification": TaskSpec(problem="single-label-classification", modality="image"),
+    # The same problem on two texts; the task name makes data.text_pair_column required.
+    "text-pair-classification": TaskSpec(problem="single-label-classification", modality="text", pair="required"),
+    "text-regression": TaskSpec(problem="regression", modality="text"),
+    "multi-label-classification": TaskSpec(problem="multi-label-classification", modality="text"),
+    "image-classification": TaskSpec(problem="single-label-classification", modality="image", pair="no"),
 }

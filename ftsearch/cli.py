@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
+from pathlib import Path
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -56,7 +57,14 @@ def _parser() -> argparse.ArgumentParser:
 
     predict = commands.add_parser("predict", help="predict with a registered model")
     predict.add_argument("model_uri", help="e.g. models:/ftsearch-imdb@champion")
-    predict.add_argument("inputs", nargs="+", help="texts to classify, or image files for an image model")
+    predict.add_argument("inputs", nargs="*", help="texts, or image files for an image model")
+    predict.add_argument("--pair", nargs=2, action="append", metavar=("TEXT", "TEXT_PAIR"),
+                         help="a pair of texts, for a sentence-pair model (repeatable)")
+    predict.add_argument("--input", type=Path, metavar="FILE",
+                         help="predict every row of a .csv / .tsv / .jsonl / .parquet file (needs --output)")
+    predict.add_argument("--output", type=Path, metavar="FILE", help="where --input's rows go, with the predictions added")
+    predict.add_argument("--text-column", metavar="NAME", help="--input's column of the (first) texts or image paths")
+    predict.add_argument("--pair-column", metavar="NAME", help="--input's column of the second texts of pairs")
     return parser
 
 
@@ -193,15 +201,58 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from ftsearch.publish import predict
+    from ftsearch.errors import FtsearchError
 
-    table = predict(args.model_uri, args.inputs)
-    prob_columns = [c for c in table.columns if c.startswith("prob_")]
-    for text, (_, row) in zip(args.inputs, table.iterrows(), strict=True):
-        probs = ", ".join(f"{c.removeprefix('prob_')} {row[c]:.3f}" for c in prob_columns)
-        shown = text if len(text) <= 60 else text[:57] + "..."
-        print(f"{row['label']}\t({probs})\t{shown}")
+    given = [name for name, value in (("inputs", args.inputs), ("--pair", args.pair), ("--input", args.input)) if value]
+    if len(given) != 1:
+        together = f"; not {' and '.join(given)} together" if given else ""
+        raise FtsearchError("give what to predict as texts (or image paths), as --pair TEXT TEXT_PAIR, "
+                            f"or as --input FILE --output FILE{together}")
+    if args.input is not None:
+        return _predict_file(args)
+    if args.output is not None:
+        raise FtsearchError("--output goes with --input FILE")
+    from ftsearch.serve import predict
+
+    table = predict(args.model_uri, args.inputs, [tuple(p) for p in args.pair] if args.pair else None)
+    shown_inputs = args.inputs or [f"{a} || {b}" for a, b in args.pair]
+    for text, (_, row) in zip(shown_inputs, table.iterrows(), strict=True):
+        print(_prediction_line(row, text))
     return 0
+
+
+def _prediction_line(row, text: str) -> str:
+    """The first column of a prediction (label, labels or number), the highest probabilities, the input."""
+    answer = row.iloc[0]
+    answer = f"{answer:.4g}" if isinstance(answer, float) else (answer or "(none)")
+    probs = sorted(((row[c], c.removeprefix("prob_")) for c in row.index if c.startswith("prob_")), reverse=True)
+    shown = text if len(text) <= 60 else text[:57] + "..."
+    detail = f"\t({', '.join(f'{name} {p:.3f}' for p, name in probs[:5])})" if probs else ""
+    return f"{answer}{detail}\t{shown}"
+
+
+def _predict_file(args: argparse.Namespace) -> int:
+    from rich.progress import Progress
+
+    from ftsearch.errors import FtsearchError
+    from ftsearch.serve import predict_file
+
+    if args.output is None:
+        raise FtsearchError("--input needs --output FILE: where the rows go with their predictions")
+    renames = {name: column for name, column in (("text", args.text_column), ("path", args.text_column),
+                                                   ("text_pair", args.pair_column)) if column}
+    with Progress(transient=True, console=_stderr_console()) as progress:
+        task = progress.add_task(f"predicting {args.input.name}", total=None)
+        rows = predict_file(args.model_uri, args.input, args.output, renames,
+                            on_progress=lambda done, total: progress.update(task, completed=done, total=total))
+    print(f"wrote {rows} predictions to {args.output}")
+    return 0
+
+
+def _stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True)
 
 
 _COMMANDS = {"search": _search, "worker": _worker, "promote": _promote, "predict": _predict, "report": _report}

@@ -87,13 +87,28 @@ class DataConfig(_Strict):
     """Which data set, its columns and labels, and how it is split and subsampled."""
 
     dataset: str = Field(
-        description="catalog name (imdb, hymenoptera), a .csv/.jsonl/.parquet file (text), or an image folder"
+        description="catalog name (imdb, hymenoptera), a .csv/.tsv/.jsonl/.parquet file (text), or an image folder"
     )
     test_file: str | None = Field(None, description="held-out test file for a local text data set")
+    format: Literal["csv", "tsv", "jsonl", "json", "parquet"] | None = Field(
+        None, description="how the data files are read (left out: from their suffix; needed for e.g. .txt files)"
+    )
+    val_file: str | None = Field(None, description="validation file: used instead of carving one from train")
+    columns: list[str] | None = Field(
+        None, min_length=1, description="column names of files without a header row (.csv / .tsv), in order"
+    )
     text_column: str = "text"
+    text_pair_column: str | None = Field(None, description="second text of a sentence pair (tokenised as a pair)")
     label_column: str = "label"
     labels: list[str] | None = Field(
         None, min_length=2, description="class names, label i is labels[i] (images: the class folders)"
+    )
+    labels_file: str | None = Field(None, description="a text file of the class names, one a line, in id order")
+    label_separator: str | None = Field(
+        None, min_length=1, description="multi-label: the separator of several labels in one string cell (e.g. ',')"
+    )
+    target_range: tuple[float, float] | None = Field(
+        None, description="regression: [low, high], predictions are clipped into it"
     )
     val_fraction: float = Field(0.1, gt=0, lt=0.5)
     split_seed: int = 0
@@ -103,6 +118,16 @@ class DataConfig(_Strict):
     min_image_colors: int = Field(
         64, ge=0, description="images with fewer distinct colours are skipped as placeholders (0: keep all)"
     )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DataConfig:
+        if self.labels is not None and self.labels_file is not None:
+            raise ValueError("give the class names as data.labels or as data.labels_file, not both")
+        if self.target_range is not None and self.target_range[0] >= self.target_range[1]:
+            raise ValueError(f"target_range: low ({self.target_range[0]}) must be below high ({self.target_range[1]})")
+        if self.text_pair_column is not None and self.text_pair_column == self.text_column:
+            raise ValueError(f"text_pair_column: {self.text_pair_column!r} is the text_column too; name the second text's column")
+        return self
 
 
 TEXT_AUGMENT_BOUNDS = {"token_mask": (0.0, 0.5), "token_delete": (0.0, 0.5)}
@@ -116,7 +141,8 @@ IMAGE_AUGMENT_BOUNDS = {
     "mixup_alpha": (0.0, 2.0),
     "cutmix_alpha": (0.0, 2.0),
 }
-TEXT_ONLY_DATA = {"test_file", "text_column", "label_column", "val_fraction"}
+TEXT_ONLY_DATA = {"test_file", "format", "val_file", "columns", "text_column", "text_pair_column", "label_column",
+                  "val_fraction", "labels_file", "label_separator", "target_range"}
 IMAGE_ONLY_DATA = {"min_image_colors"}
 _AUGMENTS = {False: set(TEXT_AUGMENT_BOUNDS), True: {*IMAGE_AUGMENT_BOUNDS, "auto_augment"}}  # keyed by "is image"
 
@@ -217,6 +243,9 @@ class StudyConfig(_Strict):
     direction: Literal["maximize", "minimize"] = Field(
         "maximize", description="follows the metric when left out; if given it must agree with it"
     )
+    thresholds: Literal["per_label", "global"] = Field(
+        "per_label", description="multi-label: one decision threshold per label, or one for all (tuned on validation)"
+    )
     backbones: list[str] = Field(min_length=1)
     search: SearchSpace
     sampler: SamplerConfig = SamplerConfig()
@@ -249,9 +278,31 @@ class StudyConfig(_Strict):
         augment = self.search.augment
         if (augment.randaugment_ops or augment.randaugment_magnitude) and "randaugment" not in (augment.auto_augment or []):
             raise ValueError("search.augment.randaugment_ops / _magnitude need 'randaugment' in search.augment.auto_augment")
-        if not image and self.data.labels is None:
-            raise ValueError(f"data.labels: required for {self.task} (the class names, in label order)")
+        if "thresholds" in self.model_fields_set and self.problem.target_kind != "classes":
+            raise ValueError(f"thresholds does not apply to {self.task} (it is the multi-label decision rule)")
+        if not image:
+            self._fits_targets()
         return self
+
+    def _fits_targets(self) -> None:
+        """The data keys that say what a text task's targets are must fit its problem type."""
+        data, kind, pair = self.data, self.problem.target_kind, TASKS[self.task].pair
+        named = data.labels is not None or data.labels_file is not None
+        if pair == "required" and data.text_pair_column is None:
+            raise ValueError(f"data.text_pair_column: required for {self.task} (the column of the second text)")
+        only = {"label_separator": "classes", "target_range": "number"}
+        for key, needs in only.items():
+            if getattr(data, key) is not None and kind != needs:
+                raise ValueError(f"data.{key} does not apply to {self.task}")
+        if kind == "number" and named:
+            raise ValueError(f"data.labels / data.labels_file do not apply to {self.task}: its target is a number")
+        if kind != "number" and not named:
+            raise ValueError(f"data.labels: required for {self.task} (the class names, in label order), "
+                             "or data.labels_file (one name a line)")
+        n_labels = None if data.labels is None else len(data.labels)
+        if self.metric not in self.problem.metrics_for(n_labels):
+            raise ValueError(f"metric {self.metric!r} needs 2 classes ({self.task} here has {n_labels}); "
+                             f"use one of {', '.join(self.problem.metrics_for(n_labels))}")
 
     @field_validator("name")
     @classmethod
@@ -267,15 +318,19 @@ class StudyConfig(_Strict):
 
     @model_validator(mode="before")
     @classmethod
-    def _direction_from_metric(cls, raw: Any) -> Any:
-        # Left out, the direction is the metric's own; given, it is checked against it below.
-        if isinstance(raw, dict) and "direction" not in raw:
-            defaults = cls.model_fields
-            task, metric = raw.get("task", defaults["task"].default), raw.get("metric", defaults["metric"].default)
-            spec = TASKS.get(task) if isinstance(task, str) else None  # a bad task is reported by its validator
-            metrics = problem_type(spec.problem).metrics if spec is not None else {}
-            if isinstance(metric, str) and metric in metrics:
-                raw = {**raw, "direction": "maximize" if metrics[metric] else "minimize"}
+    def _defaults_from_task(cls, raw: Any) -> Any:
+        # Left out, the metric is the task's first and the direction the metric's own; given, they
+        # are checked against the task below.
+        if not isinstance(raw, dict):
+            return raw
+        task = raw.get("task", cls.model_fields["task"].default)
+        spec = TASKS.get(task) if isinstance(task, str) else None  # a bad task is reported by its validator
+        metrics = problem_type(spec.problem).metrics if spec is not None else {}
+        if "metric" not in raw and metrics:
+            raw = {**raw, "metric": next(iter(metrics))}
+        metric = raw.get("metric", cls.model_fields["metric"].default)
+        if "direction" not in raw and isinstance(metric, str) and metric in metrics:
+            raw = {**raw, "direction": "maximize" if metrics[metric] else "minimize"}
         return raw
 
     @field_validator("task")

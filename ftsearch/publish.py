@@ -157,23 +157,3 @@ def promote(registered_name: str, metric: str, maximize: bool, force: bool = Fal
     else:
         why = f"it beats v{champion.version} ({key} {champion.tags.get(key)})"
     return f"promoted {registered_name} v{candidate.version} ({key} {cand_score:.4f}) to {CHAMPION}: {why}"
-
-
-def predict(model_uri: str, inputs: list[str]) -> pd.DataFrame:
-    """Load a registered model by URI and predict labels for ``inputs``: texts for a text model,
-    image paths for an image model (the model's signature says which)."""
-    tracking.client()
-    try:
-        model = mlflow.pyfunc.load_model(model_uri)
-    except (MlflowException, OSError) as err:
-        raise FtsearchError(
-            f"cannot load model {model_uri!r}: {str(err).splitlines()[0]}. Use models:/<name>@champion "
-            "after `ftsearch promote STUDY`, or models:/<name>@candidate"
-        ) from None
-    schema = model.metadata.get_input_schema()
-    column = schema.input_names()[0] if schema is not None else "text"
-    if column == "path":
-        missing = [p for p in inputs if not Path(p).is_file()]
-        if missing:
-            raise FtsearchError(f"{model_uri} classifies image files; not found: {', '.join(missing)}")
-    return model.predict(pd.DataFrame({column: inputs}))

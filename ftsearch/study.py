@@ -37,6 +37,7 @@ from ftsearch.generations import (
 from ftsearch.modalities import make_modality
 from ftsearch.modalities.base import Modality
 from ftsearch.outcomes import Outcome, end_run
+from ftsearch.predictor import read_meta, saved_problem
 from ftsearch.progress import Reporter
 from ftsearch.train import evaluate, resolve_device
 from ftsearch.trial import Prepared, TrialRunner, best_info, trial_counts
@@ -418,16 +419,24 @@ def _end_orphaned_runs(study: optuna.Study, parent: tracking.StudyRun) -> None:
 
 def score_on_test(folder: Path, prepared: Prepared, run_id: str) -> dict[str, float]:
     """Score the saved model once on the held-out test split and log its metrics (``test_<metric>``
-    for every metric of the problem type) and figures to its run."""
+    for every metric of the problem type), figures and tables to its run. The problem type is the
+    one saved with the model: thresholds tuned on validation are applied to test as they are."""
     modality = prepared.modality
     model, loader = modality.test_setup(folder)
     model.to(prepared.device)
-    evaluation = evaluate(model, loader, prepared.device, modality.problem)
+    problem = saved_problem(read_meta(folder))
+    evaluation = evaluate(model, loader, prepared.device, problem)
     metrics = {f"test_{name}": value for name, value in evaluation.metrics.items()}
     run = tracking.TrialRun(tracking.client(), run_id)
     run.log_metrics(metrics, step=0)
-    for path, figure in modality.problem.figures(evaluation, modality.labels).items():
-        run.log_figure(figure, f"test_{path}")
+    figures = problem.figures(evaluation, modality.labels)
+    try:
+        for path, figure in figures.items():
+            run.log_figure(figure, f"test_{path}")
+    finally:
+        tracking.close_figures(figures.values())
+    for path, rows in problem.tables(evaluation, modality.labels).items():
+        run.log_dict(rows, f"test_{path}")
     return metrics
 
 

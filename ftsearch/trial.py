@@ -17,11 +17,14 @@ from ftsearch.config import StudyConfig
 from ftsearch.generations import REASON_ATTR, RESUMED_ATTR, RETRY_OF_ATTR, RUN_ID_ATTR, best_trial, count_states
 from ftsearch.modalities.base import Modality
 from ftsearch.outcomes import Outcome, end_run, outcome_of
+from ftsearch.problems import ProblemType
+from ftsearch.problems.base import Evaluation
 from ftsearch.progress import BestTrial, Reporter, TrialCounts
 from ftsearch.space import TrialConfig, sample_trial
 from ftsearch.train import EpochMetrics, FitResult, TrainSettings, fit, free_memory
 
 OOM_TAG = "ftsearch.oom_retry"
+PROBLEM_STATE_ARTIFACT = "problem_state.json"  # thresholds / target scale the trial's model was saved with
 FEATURE_CACHE_TAG = "ftsearch.feature_cache"
 # The optimisation settings a trial samples; the rest of TrainSettings comes from the study.
 _SAMPLED_SETTINGS = {f.name for f in dataclasses.fields(TrainSettings)} & set(TrialConfig.model_fields)
@@ -167,24 +170,26 @@ class TrialRunner:
                 epochs.on_epoch_end, on_step=self.reporter.step, checkpoint=self.checkpoints.resume_file(trial),
                 on_resume=epochs.on_resume, scoring=self.modality.problem,
             )
+            # The decision rule (multi-label thresholds) tuned on the best epoch's validation outputs
+            # is saved with the model: the test split and serving use it as is.
+            problem = self.modality.problem if result.best_eval is None else self.modality.problem.tuned(result.best_eval)
             if result.status == "completed":
                 setup.model.load_state_dict(result.best_state)
-                self.modality.save(setup.model, trial_cfg, self.checkpoints.weights(trial.number))
+                self.modality.save(setup.model, trial_cfg, self.checkpoints.weights(trial.number), problem)
             if result.best_epoch is not None:
                 run.log_metrics({"best_epoch": result.best_epoch}, step=result.best_epoch)
-                self._log_figures(run, result)
+                self._log_figures(run, result.best_eval, problem)
             return result
         finally:
             # Free the model and optimizer state before the next trial (no memory creeping up).
             del setup
             free_memory()
 
-    def _log_figures(self, run: tracking.TrialRun, result: FitResult) -> None:
-        """The best epoch's figures: the problem type's, then the modality's of the examples. A
-        figure that fails to draw is reported, not allowed to fail a trained trial (nor to keep
-        the figures drawn before it from being logged)."""
-        evaluation = result.best_eval
-        for draw in (lambda: self.modality.problem.figures(evaluation, self.modality.labels),
+    def _log_figures(self, run: tracking.TrialRun, evaluation: Evaluation, problem: ProblemType) -> None:
+        """The best epoch's figures and tables: the problem type's, then the modality's of the
+        examples. A figure that fails to draw is reported, not allowed to fail a trained trial (nor
+        to keep the figures drawn before it from being logged)."""
+        for draw in (lambda: problem.figures(evaluation, self.modality.labels),
                      lambda: self.modality.example_figures(evaluation)):
             try:
                 figures = draw()
@@ -198,6 +203,13 @@ class TrialRunner:
                 self.reporter.warn(f"could not log the trial's figures: {type(err).__name__}: {err}")
             finally:
                 tracking.close_figures(figures.values())
+        try:
+            for path, rows in problem.tables(evaluation, self.modality.labels).items():
+                run.log_dict(rows, path)
+            if problem.state():
+                run.log_dict(problem.state(), PROBLEM_STATE_ARTIFACT)
+        except Exception as err:  # noqa: BLE001 - nor are the tables
+            self.reporter.warn(f"could not log the trial's tables: {type(err).__name__}: {err}")
 
     def after_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
         """Once ``trial``'s end is recorded: delete its resume file, the weights of finished trials

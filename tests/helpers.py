@@ -7,7 +7,12 @@ for both, and the tests depend on nothing in ``bench/``.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import random
+import signal
+import socket
+import subprocess
 from pathlib import Path
 
 import pandas as pd
@@ -28,6 +33,44 @@ def make_reviews(n: int, seed: int) -> pd.DataFrame:
         for _ in range(2):
             words.insert(rng.randrange(len(words) + 1), rng.choice(cue))
         rows.append({"review": " ".join(words), "sentiment": ["neg", "pos"][label]})
+    return pd.DataFrame(rows)
+
+
+def _words(rng: random.Random, cues: list[str], n_cues: int) -> list[str]:
+    words = [rng.choice(NEUTRAL) for _ in range(rng.randint(4, 9))]
+    for _ in range(n_cues):
+        words.insert(rng.randrange(len(words) + 1), rng.choice(cues))
+    return words
+
+
+def make_pairs(n: int, seed: int) -> pd.DataFrame:
+    """Sentence pairs (``premise``, ``hypothesis``) judged by the second text's sentiment words
+    (``agree`` / ``disagree`` / ``unrelated``) and scored 1-5 by them (``score``)."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        judgement = ["agree", "disagree", "unrelated"][i % 3]
+        cues = {"agree": POSITIVE, "disagree": NEGATIVE, "unrelated": NEUTRAL}[judgement]
+        second = _words(rng, cues, 2)
+        rows.append({"premise": " ".join(_words(rng, NEUTRAL, 1)), "hypothesis": " ".join(second),
+                     "judgement": judgement, "score": {"agree": 4.5, "unrelated": 3.0, "disagree": 1.5}[judgement]
+                     + rng.uniform(-0.5, 0.5)})
+    return pd.DataFrame(rows)
+
+
+def make_tagged(n: int, seed: int) -> pd.DataFrame:
+    """Texts with a set of tags (``tags``: a list of names): ``praise`` when they hold a positive
+    word, ``complaint`` a negative one, ``plot`` the word plot; some hold two or none."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        words = _words(rng, POSITIVE, 2) if i % 2 else [rng.choice(NEUTRAL) for _ in range(6)]
+        if i % 3 == 0:
+            words += [rng.choice(NEGATIVE), rng.choice(NEGATIVE)]
+        words = [w for w in words if w != "plot"] + (["plot", "plot"] if i % 4 == 1 else [])
+        rng.shuffle(words)
+        tags = [t for t, hit in (("praise", i % 2), ("complaint", i % 3 == 0), ("plot", i % 4 == 1)) if hit]
+        rows.append({"text": " ".join(words), "tags": tags})
     return pd.DataFrame(rows)
 
 
@@ -104,6 +147,29 @@ def draw_shapes(folder: Path, per_class: int, seed: int) -> None:
             box = (x - r, y - r, x + r, y + r)
             draw.ellipse(box, fill=colour) if shape == "circle" else draw.rectangle(box, fill=colour)
             image.save(folder / shape / f"{i}.png")
+
+
+# Servers the tests start (`mlflow ui`, `mlflow models serve`).
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def stop(server: subprocess.Popen) -> None:
+    """End the server and everything it started (its uvicorn process and workers)."""
+    if server.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+    # Whatever of the group is left (workers outlive a parent that died first), killed outright.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(server.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        server.wait(timeout=5)
 
 
 # Reading back what a search left: the MLflow store and the Optuna storage of the test's state dir.

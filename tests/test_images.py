@@ -307,7 +307,7 @@ def test_torchvision_backbone_builds_freezes_saves_and_reloads(monkeypatch, tmp_
     total = sum(p.numel() for p in model.parameters())
     assert FreezeDepth().apply(model, 2) < total and not model.backbone.conv1.weight.requires_grad
     assert model.backbone.layer3[0].conv1.weight.requires_grad and not model.backbone.layer2[0].conv1.weight.requires_grad
-    save_image_classifier(model, backbone, tmp_path / "saved", ("a", "b", "c"), "single-label-classification")
+    save_image_classifier(model, backbone, tmp_path / "saved", ("a", "b", "c"), {"problem": "single-label-classification"})
     reloaded, meta = load_image_classifier(tmp_path / "saved")
     x = torch.rand(2, 3, 64, 64)
     model.eval()

@@ -18,8 +18,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,7 +29,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import tiny_study
+from tests.helpers import free_port, stop, tiny_study
 
 pytestmark = pytest.mark.slow  # about a minute: a search, a server start and a browser
 
@@ -96,28 +94,6 @@ def store(chromium, tmp_path_factory, tiny_bert, tiny_reviews) -> Store:
     trials = {r.info.run_name: r.info.run_id for r in runs if r.data.tags.get(PARENT) == summary.parent_run_id}
     assert len(trials) == 2, [r.info.run_name for r in runs]
     return Store(state, config.name, experiment.experiment_id, summary.parent_run_id, trials, config.registered_model)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def stop(server: subprocess.Popen) -> None:
-    """End the server and everything it started (its uvicorn process and workers)."""
-    if server.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
-    # Whatever of the group is left (workers outlive a parent that died first), killed outright.
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(server.pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        server.wait(timeout=5)
 
 
 @pytest.fixture(scope="module")

@@ -98,7 +98,14 @@ def _tokens_hash(split: TokenizedSplit) -> str:
     digest.update(np.asarray([len(ids) for ids in split.ids], dtype=np.int64).tobytes())
     for ids in split.ids:
         digest.update(np.ascontiguousarray(ids, dtype=np.int32).tobytes())
-    digest.update(np.asarray(split.labels, dtype=np.int64).tobytes())
+    labels = np.asarray(split.labels)
+    digest.update(labels.tobytes())
+    if labels.dtype != np.int64:  # class ids hash as they always did, so existing entries still hit
+        digest.update(f"{labels.dtype.str}{labels.shape}".encode())
+    if split.type_ids is not None:  # a pair's segments change the hidden states
+        digest.update(b"types")
+        for types in split.type_ids:
+            digest.update(np.ascontiguousarray(types, dtype=np.int8).tobytes())
     return digest.hexdigest()
 
 
@@ -192,7 +199,7 @@ def prefix_features(
         _compute_into(store, offsets, model, depth, split, pad_id, device, batch_size)
         store.flush()
         del store
-        np.savez(partial / INDEX_FILE, offsets=offsets, labels=np.asarray(split.labels, dtype=np.int64))
+        np.savez(partial / INDEX_FILE, offsets=offsets, labels=np.asarray(split.labels))
         try:
             os.rename(partial, folder)
         except OSError:  # another worker finished the same entry first; theirs is as good
@@ -211,10 +218,11 @@ def _compute_into(store, offsets, model, depth, split, pad_id, device, batch_siz
     lengths = np.diff(offsets)
     collate = PadCollator(pad_id)
     for rows in LengthGroupedBatches(lengths, batch_size, shuffle=False):  # longest first: least padding
-        batch = collate([(split.ids[i], 0) for i in rows])
+        batch = collate([split.example(i) for i in rows])
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        types = batch["token_type_ids"].to(device) if "token_type_ids" in batch else None
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            states = prefix_hidden_states(model, depth, ids, mask)
+            states = prefix_hidden_states(model, depth, ids, mask, types)
         states = states.to("cpu", torch.float16).numpy()
         for row, i in enumerate(rows):
             store[offsets[i] : offsets[i + 1]] = states[row, : offsets[i + 1] - offsets[i]]
@@ -227,18 +235,18 @@ class _FeatureExamples(Dataset):
     def __len__(self) -> int:
         return len(self.split)
 
-    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         start, stop = self.split.offsets[index], self.split.offsets[index + 1]
-        return self.split.features[start:stop], int(self.split.labels[index])
+        return self.split.features[start:stop], self.split.labels[index]
 
 
-def _pad_features(batch: list[tuple[np.ndarray, int]]) -> dict[str, torch.Tensor]:
+def _pad_features(batch: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, torch.Tensor]:
     # Kept in float16 up to the model, which casts on its own device: half the bytes to copy.
     embeds, mask = pad_right([states for states, _ in batch], 0, np.float16)
     return {
         "inputs_embeds": torch.from_numpy(embeds),
         "attention_mask": torch.from_numpy(mask),
-        "labels": torch.tensor([label for _, label in batch]),
+        "labels": torch.from_numpy(np.stack([label for _, label in batch])),
     }
 
 

@@ -20,15 +20,23 @@ from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from ftsearch import settings
 from ftsearch.augment import TokenAugment
-from ftsearch.data.text import fingerprint
+from ftsearch.data.text import fingerprint, target_array
 
 
 @dataclass(frozen=True)
 class TokenizedSplit:
-    """Token ids per example (unpadded, truncated to max length) and their labels."""
+    """Token ids per example (unpadded, truncated to max length), their targets (class ids,
+    multi-hot rows or numbers) and, for a pair on a model with segments, their token type ids."""
 
     ids: list[np.ndarray]
     labels: np.ndarray
+    type_ids: list[np.ndarray] | None = None
+
+    def example(self, index: int) -> tuple:
+        """``(ids, target)``, or ``(ids, target, type ids)``: what ``PadCollator`` batches."""
+        if self.type_ids is None:
+            return self.ids[index], self.labels[index]
+        return self.ids[index], self.labels[index], self.type_ids[index]
 
 
 def tokenizer_key(tokenizer) -> str:
@@ -46,22 +54,30 @@ def tokenizer_key(tokenizer) -> str:
 
 
 def tokenize_cached(tokenizer, frame: pd.DataFrame, max_length: int, cache: Path | None = None) -> TokenizedSplit:
-    """Tokenise ``frame['text']`` (truncating to ``max_length``), reusing the on-disk cache."""
+    """Tokenise ``frame['text']`` (with ``frame['text_pair']`` as the second text of a pair, when
+    the frame has one), truncating to ``max_length``, reusing the on-disk cache."""
     cache = cache or settings.cache_dir() / "tokens"
     path = cache / f"{tokenizer_key(tokenizer)}-{max_length}-{fingerprint(frame)}.npz"
     if path.is_file():
         with np.load(path) as stored:
-            return TokenizedSplit(np.split(stored["flat"], stored["offsets"][1:-1]), stored["labels"])
-    encoded = tokenizer(frame["text"].tolist(), truncation=True, max_length=max_length)["input_ids"]
-    ids = [np.asarray(seq, dtype=np.int32) for seq in encoded]
+            cut = stored["offsets"][1:-1]
+            types = np.split(stored["types"], cut) if "types" in stored else None
+            return TokenizedSplit(np.split(stored["flat"], cut), stored["labels"], types)
+    pairs = frame["text_pair"].tolist() if "text_pair" in frame else None
+    # longest_first trims the longer text of a pair token by token, so neither is dropped whole.
+    encoded = tokenizer(frame["text"].tolist(), pairs, truncation="longest_first" if pairs else True, max_length=max_length)
+    ids = [np.asarray(seq, dtype=np.int32) for seq in encoded["input_ids"]]
+    # Models without segments (RoBERTa) return no token type ids, nor do single texts need them.
+    types = [np.asarray(seq, dtype=np.int8) for seq in encoded["token_type_ids"]] if pairs and "token_type_ids" in encoded else None
     offsets = np.cumsum([0] + [len(seq) for seq in ids])
-    labels = frame["label"].to_numpy(dtype=np.int64)
+    labels = target_array(frame)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Written under a unique name then renamed, so concurrent workers never read a partial file.
     partial = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
-    np.savez(partial, flat=np.concatenate(ids), offsets=offsets, labels=labels)
+    arrays = {"flat": np.concatenate(ids), "offsets": offsets, "labels": labels}
+    np.savez(partial, **arrays, **({"types": np.concatenate(types)} if types is not None else {}))
     os.replace(partial, path)
-    return TokenizedSplit(ids, labels)
+    return TokenizedSplit(ids, labels, types)
 
 
 class _Examples(Dataset):
@@ -71,8 +87,8 @@ class _Examples(Dataset):
     def __len__(self) -> int:
         return len(self.split.ids)
 
-    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
-        return self.split.ids[index], int(self.split.labels[index])
+    def __getitem__(self, index: int) -> tuple:
+        return self.split.example(index)
 
 
 class LengthGroupedBatches(Sampler[list[int]]):
@@ -158,15 +174,19 @@ class PadCollator:
             rng.bit_generator.state = state["main"]
             self._rngs[-1] = rng
 
-    def __call__(self, batch: list[tuple[np.ndarray, int]]) -> dict[str, torch.Tensor]:
+    def __call__(self, batch: list[tuple]) -> dict[str, torch.Tensor]:
+        """``(ids, target)`` or ``(ids, target, type ids)`` examples -> a padded batch (with
+        ``token_type_ids`` when the examples have them)."""
         rng = self._rng() if self.augment is not None and self.augment.active else None
-        seqs = [self.augment(ids, rng) if rng is not None else ids for ids, _ in batch]
-        input_ids, mask = pad_right(seqs, self.pad_id, np.int64)
-        return {
-            "input_ids": torch.from_numpy(input_ids),
-            "attention_mask": torch.from_numpy(mask),
-            "labels": torch.tensor([label for _, label in batch]),
-        }
+        seqs = [(example[0], example[2] if len(example) > 2 else None) for example in batch]
+        if rng is not None:
+            seqs = [self.augment.apply(ids, types, rng) for ids, types in seqs]
+        input_ids, mask = pad_right([ids for ids, _ in seqs], self.pad_id, np.int64)
+        out = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask)}
+        if seqs[0][1] is not None:
+            out["token_type_ids"] = torch.from_numpy(pad_right([types for _, types in seqs], 0, np.int64)[0])
+        out["labels"] = torch.from_numpy(np.stack([example[1] for example in batch]))
+        return out
 
 
 def loader_workers(pin_memory: bool) -> int:

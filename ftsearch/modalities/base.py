@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
+from ftsearch.errors import FtsearchError
 from ftsearch.problems import ProblemType
 from ftsearch.problems.base import Evaluation
 from ftsearch.space import TrialConfig
@@ -39,7 +40,7 @@ class TrialSetup:
 class Modality(Protocol):
     """The modality-specific half of a search."""
 
-    problem: ProblemType
+    problem: ProblemType  # fitted to the training split (``ProblemType.fitted``)
     labels: tuple[str, ...]
     blocks: dict[str, int]  # backbone -> number of blocks that can be frozen
     entry_file: Path  # MLflow model code of the registered model
@@ -51,8 +52,9 @@ class Modality(Protocol):
     def build(self, trial: TrialConfig) -> TrialSetup:
         """The trial's adapted model and its train / validation loaders."""
 
-    def save(self, model: torch.nn.Module, trial: TrialConfig, folder: Path) -> None:
-        """Save the trained model as a servable folder (no pickle)."""
+    def save(self, model: torch.nn.Module, trial: TrialConfig, folder: Path, problem: ProblemType) -> None:
+        """Save the trained model as a servable folder (no pickle), with ``problem`` (the study's
+        problem type as tuned on validation: thresholds, target scale) in its metadata."""
 
     def test_setup(self, folder: Path) -> tuple[torch.nn.Module, DataLoader]:
         """A saved model and a loader over the held-out test split, prepared as it was trained."""
@@ -71,6 +73,16 @@ class Modality(Protocol):
 
     def example_figures(self, evaluation: Evaluation) -> dict[str, object]:
         """Figures of the examples themselves (misclassified images, ...), by artifact name."""
+
+
+def check_metric(config, labels: tuple[str, ...]) -> None:
+    """The study's metric must apply to the classes the data turned out to have (``roc_auc`` needs
+    two): checked once they are known, as the study file may not list them (a labels file, image
+    folders)."""
+    fitting = config.problem.metrics_for(len(labels) if labels else None)
+    if config.metric not in fitting:
+        raise FtsearchError(f"{config.source}: metric {config.metric!r} does not apply to {len(labels)} classes "
+                            f"({', '.join(labels)}); use one of {', '.join(fitting)}")
 
 
 def count_params(model: torch.nn.Module) -> int:

@@ -13,14 +13,14 @@ from ftsearch.augment import batch_mixer, image_eval_transform, image_train_tran
 from ftsearch.baseline import pooled_features
 from ftsearch.config import StudyConfig
 from ftsearch.data.images import ImageDataset, ImageSplits, Sample, load_image_splits, loader_workers
-from ftsearch.modalities.base import EVAL_BATCH_SIZE, TrialSetup, count_params
+from ftsearch.modalities.base import EVAL_BATCH_SIZE, TrialSetup, check_metric, count_params
 from ftsearch.models.vision import (
     build_classifier,
     load_image_classifier,
     resolve_vision_backbone,
     save_image_classifier,
 )
-from ftsearch.problems.base import Evaluation
+from ftsearch.problems.base import Evaluation, ProblemType
 from ftsearch.space import TrialConfig
 
 ENTRY_FILE = Path(__file__).resolve().parent.parent / "pyfunc_entry_image.py"
@@ -54,6 +54,7 @@ class ImageModality:
         self.adaptation = FreezeDepth()
         self.splits: ImageSplits = load_image_splits(config.data, Path(config.source).parent)
         self.labels = self.splits.labels
+        check_metric(config, self.labels)
         self.backbones = {name: resolve_vision_backbone(name) for name in config.backbones}
         self.blocks = {name: b.num_blocks for name, b in self.backbones.items()}
 
@@ -89,9 +90,9 @@ class ImageModality:
         trainable = self.adaptation.apply(model, trial.freeze_depth)
         return TrialSetup(model, train, val, trainable, count_params(model))
 
-    def save(self, model: torch.nn.Module, trial: TrialConfig, folder: Path) -> None:
+    def save(self, model: torch.nn.Module, trial: TrialConfig, folder: Path, problem: ProblemType) -> None:
         save_image_classifier(self.adaptation.serving_model(model), self.backbones[trial.backbone], folder, self.labels,
-                              self.problem.name)
+                              problem.meta())
 
     def test_setup(self, folder: Path) -> tuple[torch.nn.Module, DataLoader]:
         model, meta = load_image_classifier(folder)

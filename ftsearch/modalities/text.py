@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pandas as pd
@@ -12,13 +11,13 @@ from ftsearch.adaptation import FreezeDepth, FrozenPrefixCache
 from ftsearch.augment import TokenAugment
 from ftsearch.baseline import tfidf_features
 from ftsearch.config import StudyConfig
-from ftsearch.data.text import TextSplits, load_text_splits
+from ftsearch.data.text import TextSplits, load_text_splits, target_array
 from ftsearch.data.tokens import TokenizedSplit, make_loader, tokenize_cached
 from ftsearch.errors import FtsearchError
-from ftsearch.modalities.base import EVAL_BATCH_SIZE, TrialSetup, count_params
+from ftsearch.modalities.base import EVAL_BATCH_SIZE, TrialSetup, check_metric, count_params
 from ftsearch.models.text import load_classifier, load_tokenizer, resolve_backbone
-from ftsearch.predictor import META_FILE, save_classifier
-from ftsearch.problems.base import Evaluation
+from ftsearch.predictor import read_meta, save_classifier
+from ftsearch.problems.base import Evaluation, ProblemType
 from ftsearch.space import TrialConfig
 
 ENTRY_FILE = Path(__file__).resolve().parent.parent / "pyfunc_entry.py"
@@ -28,11 +27,17 @@ class TextModality:
     """Everything the search needs that depends on the data being text."""
 
     entry_file = ENTRY_FILE
-    baseline_name = "TF-IDF (1-2 grams) + logistic regression"
+
+    @property
+    def baseline_name(self) -> str:
+        estimator = {"class": "logistic regression", "classes": "one-vs-rest logistic regression",
+                     "number": "ridge regression"}[self.problem.target_kind]
+        return f"TF-IDF (1-2 grams{', both texts' if self.pair else ''}) + {estimator}"
 
     def __init__(self, config: StudyConfig, device: torch.device):
         """Resolve backbones and tokenizers and load the data; raises FtsearchError, creates nothing."""
-        self.config, self.device, self.problem = config, device, config.problem
+        self.config, self.device = config, device
+        self.pair = config.data.text_pair_column is not None
         self.adaptation = FreezeDepth()
         self.prefix_cache = FrozenPrefixCache(config.cache_frozen_prefix, device, EVAL_BATCH_SIZE)
         self.backbones = {name: resolve_backbone(name, config.trust_remote_code) for name in config.backbones}
@@ -44,8 +49,14 @@ class TextModality:
                     f"{backbone.max_positions} positions; lower search.max_length"
                 )
         self.tokenizers = {name: load_tokenizer(b, config.trust_remote_code) for name, b in self.backbones.items()}
-        self.splits: TextSplits = load_text_splits(config.data, Path(config.source).parent)
+        self.splits: TextSplits = load_text_splits(config.data, Path(config.source).parent, config.problem.target_kind)
         self.labels = self.splits.labels
+        check_metric(config, self.labels)
+        # What the problem type learns from the training targets (a regression target's scale).
+        self.problem = config.problem.fitted(
+            target_array(self.splits.train), target_range=config.data.target_range, thresholds=config.thresholds,
+            metric=config.metric,
+        )
         self.blocks = {name: b.num_blocks for name, b in self.backbones.items()}
         self._tokens: dict[tuple[str, int, str], TokenizedSplit] = {}
 
@@ -60,7 +71,8 @@ class TextModality:
         wrapped to train from them and the loaders yield cached hidden states instead of tokens.
         """
         tokenizer = self.tokenizers[trial.backbone]
-        augment = TokenAugment(trial.token_mask, trial.token_delete, tokenizer.mask_token_id)
+        augment = TokenAugment(trial.token_mask, trial.token_delete, tokenizer.mask_token_id,
+                               tuple(tokenizer.all_special_ids))
         model = load_classifier(self.backbones[trial.backbone].source, self.labels, self.config.trust_remote_code,
                                 num_outputs=self.problem.head_size(self.labels))
         trainable = self.adaptation.apply(model, trial.freeze_depth)
@@ -78,15 +90,15 @@ class TextModality:
         val = make_loader(tokens["val"], EVAL_BATCH_SIZE, tokenizer.pad_token_id, shuffle=False, pin_memory=cuda)
         return TrialSetup(model, train, val, trainable, count_params(model), note)
 
-    def save(self, model: torch.nn.Module, trial: TrialConfig, folder: Path) -> None:
+    def save(self, model: torch.nn.Module, trial: TrialConfig, folder: Path, problem: ProblemType) -> None:
         save_classifier(self.adaptation.serving_model(model), self.tokenizers[trial.backbone], folder,
-                        trial.max_length, self.labels, self.problem.name)
+                        trial.max_length, self.labels, problem.meta(), pair=self.pair)
 
     def test_setup(self, folder: Path) -> tuple[torch.nn.Module, torch.utils.data.DataLoader]:
         """The saved model and a loader over the held-out test split, tokenised as it was trained."""
         from transformers import AutoTokenizer
 
-        max_length = int(json.loads((folder / META_FILE).read_text())["max_length"])
+        max_length = int(read_meta(folder)["max_length"])
         tokenizer = AutoTokenizer.from_pretrained(folder)
         tokens = tokenize_cached(tokenizer, self.splits.test, max_length)
         model = load_classifier(folder, self.labels, num_outputs=self.problem.head_size(self.labels))
@@ -105,12 +117,13 @@ class TextModality:
         return {}
 
     def input_example(self) -> pd.DataFrame:
-        return pd.DataFrame({"text": self.splits.test["text"].head(2).str.slice(0, 500).tolist()})
+        columns = ["text", "text_pair"] if self.pair else ["text"]
+        return pd.DataFrame({c: self.splits.test[c].head(2).str.slice(0, 500).tolist() for c in columns})
 
     def input_schema(self):
         from mlflow.types import ColSpec, Schema
 
-        return Schema([ColSpec("string", "text")])
+        return Schema([ColSpec("string", "text"), *([ColSpec("string", "text_pair")] if self.pair else [])])
 
     def _tokenized(self, backbone: str, split: str, max_length: int) -> TokenizedSplit:
         key = (backbone, max_length, split)

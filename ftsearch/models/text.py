@@ -87,8 +87,9 @@ def load_classifier(
         # autocast still runs the matrix products in bf16 on a GPU).
         dtype=torch.float32,
         num_labels=len(labels) if num_outputs is None else num_outputs,
-        id2label=dict(enumerate(labels)),
-        label2id={name: i for i, name in enumerate(labels)},
+        # Class names where there are classes; a regression head has none (and an empty id2label
+        # would make transformers size the head to zero outputs).
+        **({"id2label": dict(enumerate(labels)), "label2id": {name: i for i, name in enumerate(labels)}} if labels else {}),
         trust_remote_code=trust_remote_code,
     )
 
@@ -151,17 +152,23 @@ def _swapped(owner: nn.Module, name: str, replacement: nn.Module) -> Iterator[No
 
 
 @torch.inference_mode()
-def prefix_hidden_states(model: nn.Module, depth: int, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def prefix_hidden_states(
+    model: nn.Module, depth: int, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+    token_type_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
     """The hidden states after the embeddings and the lowest ``depth`` blocks, shape (batch, length, hidden)."""
-    return _prefix_forward(model, depth, input_ids, attention_mask)
+    return _prefix_forward(model, depth, input_ids, attention_mask, token_type_ids)
 
 
-def _prefix_forward(model: nn.Module, depth: int, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def _prefix_forward(model: nn.Module, depth: int, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
     owner, name = _blocks_owner(model)
     blocks = getattr(owner, name)
     model.eval()
+    # Only a pair's segments are passed: models without them (DistilBERT) take no such argument.
+    segments = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
     with _swapped(owner, name, nn.ModuleList(blocks[:depth])):
-        return model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return model.base_model(input_ids=input_ids, attention_mask=attention_mask, **segments).last_hidden_state
 
 
 def trainable_inputs_of_prefix(model: nn.Module, depth: int, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[str]:

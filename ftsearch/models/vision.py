@@ -224,9 +224,10 @@ def build_classifier(backbone: VisionBackbone, num_classes: int) -> ImageClassif
 
 
 def save_image_classifier(
-    model: ImageClassifier, backbone: VisionBackbone, folder: Path, labels: tuple[str, ...], problem: str
+    model: ImageClassifier, backbone: VisionBackbone, folder: Path, labels: tuple[str, ...], problem: dict
 ) -> None:
-    """Weights as safetensors plus what is needed to rebuild and preprocess (no pickle)."""
+    """Weights as safetensors plus what is needed to rebuild and preprocess (no pickle); ``problem``
+    is the problem type's ``meta()``."""
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -238,7 +239,7 @@ def save_image_classifier(
         "timm_name": backbone.timm_name,
         "labels": list(labels),
         "preprocessing": backbone.preprocessing,
-        "problem": problem,
+        **problem,
     }
     (folder / META_FILE).write_text(json.dumps(meta, indent=2))
 

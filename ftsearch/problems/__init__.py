@@ -8,8 +8,12 @@ from __future__ import annotations
 
 from ftsearch.problems.base import Evaluation, ProblemType
 from ftsearch.problems.classification import SingleLabelClassification
+from ftsearch.problems.multilabel import MultiLabelClassification
+from ftsearch.problems.regression import Regression
 
-PROBLEM_TYPES: dict[str, ProblemType] = {p.name: p for p in (SingleLabelClassification(),)}
+PROBLEM_TYPES: dict[str, ProblemType] = {
+    p.name: p for p in (SingleLabelClassification(), MultiLabelClassification(), Regression())
+}
 
 __all__ = ["PROBLEM_TYPES", "Evaluation", "ProblemType", "problem_type"]
 

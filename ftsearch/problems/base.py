@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 
@@ -36,7 +36,44 @@ class ProblemType(ABC):
 
     name: ClassVar[str]
     # metric name -> True when higher is better; every metric is computed and logged each epoch.
+    # The first is the study's default ``metric:``.
     metrics: ClassVar[dict[str, bool]]
+    # What one example's target is, as the data layer parses it: a class id ("class"), a set of
+    # class ids ("classes", multi-hot float32 rows), or a number ("number", float32).
+    target_kind: ClassVar[Literal["class", "classes", "number"]] = "class"
+
+    def metrics_for(self, n_labels: int | None) -> list[str]:
+        """The metrics that apply with ``n_labels`` classes (all of them unless a type says)."""
+        return list(self.metrics)
+
+    def fitted(self, train_targets: np.ndarray, **options: Any) -> ProblemType:
+        """This problem type with what it learns from the training targets and the study's options
+        (regression: the target's mean and spread, ``target_range``; multi-label: ``thresholds``).
+        Stateless types return themselves."""
+        return self
+
+    def tuned(self, evaluation: Evaluation) -> ProblemType:
+        """This problem type with its decision rule tuned on a validation evaluation (multi-label:
+        the thresholds); the tuned type is saved with the model and scores the test split."""
+        return self
+
+    def state(self) -> dict[str, Any]:
+        """What ``fitted`` / ``tuned`` learnt, as JSON, saved with the model (``ftsearch.json``)."""
+        return {}
+
+    def meta(self) -> dict[str, Any]:
+        """What a saved model's ``ftsearch.json`` records of its problem type (read back by
+        ``ftsearch.predictor.saved_problem``)."""
+        return {"problem": self.name, "problem_state": self.state()}
+
+    def restored(self, state: dict[str, Any]) -> ProblemType:
+        """This problem type with a saved ``state`` (the inverse of ``state``)."""
+        return self
+
+    def tables(self, evaluation: Evaluation, labels: tuple[str, ...]) -> dict[str, list[dict[str, Any]]]:
+        """Tables of an evaluation (rows of column -> value), by JSON artifact name without a split
+        prefix: multi-label's per-label precision / recall / F1. None by default."""
+        return {}
 
     def direction(self, metric: str) -> str:
         """``maximize`` or ``minimize``, as Optuna and the registry's promotion read it."""

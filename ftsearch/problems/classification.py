@@ -1,4 +1,5 @@
-"""Single-label classification: one softmax over the classes, cross-entropy, accuracy and macro F1."""
+"""Single-label classification: one softmax over the classes, cross-entropy; accuracy, macro F1,
+Matthews correlation and (with two classes) ROC AUC."""
 
 from __future__ import annotations
 
@@ -18,41 +19,73 @@ class SingleLabelClassification(ProblemType):
     CutMix, class probabilities)."""
 
     name = "single-label-classification"
-    metrics: ClassVar[dict[str, bool]] = {"accuracy": True, "f1": True}  # f1: macro-averaged over classes
+    metrics: ClassVar[dict[str, bool]] = {
+        "accuracy": True,
+        "f1": True,  # macro-averaged over classes
+        "mcc": True,  # Matthews correlation coefficient (multi-class generalisation with > 2 classes)
+        "roc_auc": True,  # binary problems only: ranks by the softmax probability of class 1
+    }
+
+    def metrics_for(self, n_labels: int | None) -> list[str]:
+        """Every metric, less ``roc_auc`` unless there are exactly two classes (``None``: unknown
+        yet, so all of them)."""
+        return [m for m in self.metrics if m != "roc_auc" or n_labels in (None, 2)]
 
     def head_size(self, labels: tuple[str, ...]) -> int:
+        """One logit per class."""
         return len(labels)
 
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy against class ids or (mixed batches) class probabilities."""
         import torch.nn.functional as F
 
         # In float32 even under bf16 autocast; soft targets (mixed batches) are class probabilities.
         return F.cross_entropy(outputs.float(), targets)
 
     def score(self, y_true: np.ndarray, outputs: np.ndarray) -> dict[str, float]:
-        return self._score_predictions(y_true, outputs.argmax(axis=-1))
+        """accuracy, macro F1 and MCC of the argmax; ROC AUC too when ``outputs`` has two columns."""
+        from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef, roc_auc_score
 
-    @staticmethod
-    def _score_predictions(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
-        from sklearn.metrics import accuracy_score, f1_score
-
-        return {
+        y_true = np.asarray(y_true)
+        outputs = np.asarray(outputs)
+        y_pred = outputs.argmax(axis=-1)
+        scores = {
             "accuracy": float(accuracy_score(y_true, y_pred)),
             "f1": float(f1_score(y_true, y_pred, average="macro")),
+            # sklearn returns 0.0 itself where MCC is undefined (constant predictions or targets).
+            "mcc": float(matthews_corrcoef(y_true, y_pred)),
         }
+        if outputs.ndim == 2 and outputs.shape[1] == 2:
+            if len(np.unique(y_true)) < 2:
+                # ROC AUC is undefined with one class only (no pairs to rank); 0.5 is chance, and
+                # sklearn would raise, failing the trial.
+                scores["roc_auc"] = 0.5
+            else:
+                scores["roc_auc"] = float(roc_auc_score(y_true, _softmax(outputs)[:, 1]))
+        return scores
 
     def baseline(self, features: dict[str, tuple], inverse_regularisation: float, max_iter: int) -> dict[str, float]:
+        """Logistic regression on the train features, scored like the model on every other split:
+        its log-probabilities stand in for the logits (same argmax, and their softmax is the
+        probabilities), so every metric, ROC AUC included, is the model's."""
         from sklearn.linear_model import LogisticRegression
 
         features = dict(features)
         model = LogisticRegression(C=inverse_regularisation, max_iter=max_iter).fit(*features.pop("train"))
+        classes = np.asarray(model.classes_).astype(int)
+        # A class missing from train has no column in predict_log_proba; columns must be class ids
+        # for the argmax to be one, so every class seen anywhere gets one (log-probability -inf).
+        n_classes = max([int(classes.max()), *(int(np.max(y)) for _, y in features.values() if len(y))]) + 1
         scores = {}
         for split, (x, y) in features.items():
-            for metric, value in self._score_predictions(np.asarray(y), model.predict(x)).items():
+            outputs = np.full((x.shape[0], n_classes), -np.inf, dtype=np.float32)
+            outputs[:, classes] = model.predict_log_proba(x)
+            for metric, value in self.score(np.asarray(y), outputs).items():
                 scores[f"baseline_{split}_{metric}"] = value
         return scores
 
     def figures(self, evaluation: Evaluation, labels: tuple[str, ...]) -> dict[str, object]:
+        """The confusion matrix over every class."""
         from sklearn.metrics import ConfusionMatrixDisplay
 
         display = ConfusionMatrixDisplay.from_predictions(
@@ -62,6 +95,7 @@ class SingleLabelClassification(ProblemType):
         return {"confusion_matrix.png": display.figure_}
 
     def mistakes(self, evaluation: Evaluation) -> list[tuple[int, int, int]]:
+        """``(index, true, predicted)`` of every misclassified example."""
         predicted = evaluation.outputs.argmax(axis=-1)
         return [(i, int(t), int(p)) for i, (t, p) in enumerate(zip(evaluation.y_true, predicted, strict=True)) if t != p]
 
@@ -76,6 +110,15 @@ class SingleLabelClassification(ProblemType):
         return frame
 
     def output_schema(self, labels: tuple[str, ...]):
+        """``label`` (string) then one float ``prob_<class>`` per class."""
         from mlflow.types import ColSpec, Schema
 
         return Schema([ColSpec("string", "label"), *(ColSpec("float", f"prob_{name}") for name in labels)])
+
+
+def _softmax(outputs: np.ndarray) -> np.ndarray:
+    """Class probabilities of logits, in float64 so that confident examples keep distinct
+    probabilities (float32 saturates at 1.0 sooner, tying them for ROC AUC)."""
+    from scipy.special import softmax
+
+    return softmax(np.asarray(outputs, dtype=np.float64), axis=-1)

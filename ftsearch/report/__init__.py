@@ -2,7 +2,7 @@
 
 Everything is read back from where a search left it: the Optuna storage (trials, states, values,
 params) and MLflow (learning curves, the baseline on the parent run, test metrics, the registered
-champion and its confusion matrix). Nothing here trains or changes a model; the only writes are
+champion and the test figures and tables of its run). Nothing here trains or changes a model; the only writes are
 the HTML file and its copy on the study's parent run (``report.html``).
 
 A study can be reported on at any time, half-run or still running: every part that has no data
@@ -11,7 +11,8 @@ yet says so in a sentence instead of failing.
 - ``collect``: gathering from Optuna and MLflow into a ``StudyReport``;
 - ``terminal``: ``print_report`` (rich);
 - ``html``: ``render_html`` through the Jinja2 template in ``templates/``;
-- ``views``: what both say (counts, the baseline comparison, the registered model's sentence);
+- ``views``: what both say (counts, the baseline comparison, the registered model's sentence,
+  test tables as cells and captions from artifact names);
 - this module: ``make_report``, which gathers, renders and writes.
 """
 
@@ -27,7 +28,8 @@ from ftsearch.errors import FtsearchError
 from ftsearch.formatting import format_metric, format_seconds, format_value
 from ftsearch.report.collect import (
     ALIASES,
-    CONFUSION_MATRIX_ARTIFACT,
+    FIGURE_SUFFIX,
+    TABLE_SUFFIX,
     Baseline,
     ModelSummary,
     StudyReport,
@@ -38,26 +40,39 @@ from ftsearch.report.collect import (
     study_argument,
 )
 from ftsearch.report.html import ROUGH_IMPORTANCES, learning_curves_figure, render_html
-from ftsearch.report.terminal import print_report
-from ftsearch.report.views import comparison_gaps, comparison_rows, model_sentence
+from ftsearch.report.terminal import TABLE_ROWS, print_report
+from ftsearch.report.views import (
+    TableView,
+    artifact_caption,
+    comparison_gaps,
+    comparison_rows,
+    format_cell,
+    model_sentence,
+    table_view,
+)
 
 REPORT_ARTIFACT = "report.html"
 
 __all__ = [
     "ALIASES",
-    "CONFUSION_MATRIX_ARTIFACT",
+    "FIGURE_SUFFIX",
     "REPORT_ARTIFACT",
     "ROUGH_IMPORTANCES",
+    "TABLE_ROWS",
+    "TABLE_SUFFIX",
     "Baseline",
     "ModelSummary",
     "ReportResult",
     "StudyReport",
+    "TableView",
     "TrialRow",
+    "artifact_caption",
     "collect",
     "comparison_gaps",
     "comparison_rows",
     "default_output",
     "find_study",
+    "format_cell",
     "format_metric",
     "format_seconds",
     "format_value",
@@ -68,6 +83,7 @@ __all__ = [
     "print_report",
     "render_html",
     "study_argument",
+    "table_view",
 ]
 
 

@@ -1,14 +1,16 @@
 """Gathering a report: what the Optuna storage and MLflow hold about one study, read once.
 
 Trials, states, values and params come from Optuna; learning curves, the baseline on the parent
-run, test metrics, the registered champion and its confusion matrix from MLflow. The test
-metrics are whatever the runs and model versions carry under a ``test_`` key: the problem type
-decides which exist, so nothing here names them.
+run, test metrics, the registered champion and its test figures and tables from MLflow. The test
+metrics, figures (``test_*.png``) and tables (``test_*.json``) are whatever the runs and model
+versions carry under a ``test_`` name: the problem type decides which exist, so nothing here
+names them.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import math
 import tempfile
 from collections.abc import Mapping
@@ -27,9 +29,10 @@ from ftsearch.distributed import storage
 from ftsearch.errors import FtsearchError
 from ftsearch.generations import PARENT_RUN_ATTR, REASON_ATTR, RUN_ID_ATTR, best_trial, count_states, latest_generation
 
-CONFUSION_MATRIX_ARTIFACT = "test_confusion_matrix.png"
 ALIASES = ("champion", "candidate")  # the first that exists is the model shown
-TEST_PREFIX = "test_"  # run metrics and version tags under this prefix are the test metrics
+TEST_PREFIX = "test_"  # run metrics, version tags and root artifacts under this prefix are about the test split
+FIGURE_SUFFIX = ".png"  # test_<name>.png: a figure, shown as is
+TABLE_SUFFIX = ".json"  # test_<name>.json: a table when it holds a list of row objects (MLflow log_dict)
 # Leaderboard order: finished trials by value first, then those that stopped early, then the rest.
 _RANK_OF_STATE = {"COMPLETE": 0, "PRUNED": 1, "RUNNING": 2}
 
@@ -63,7 +66,13 @@ class Baseline:
 
 @dataclass(frozen=True)
 class ModelSummary:
-    """The registered version behind an alias, with what its tags say about it."""
+    """The registered version behind an alias, with what its tags say about it and what its run
+    logged on the test split.
+
+    ``figures``: every ``test_*.png`` at the root of the run's artifacts, as PNG bytes; ``tables``:
+    every ``test_*.json`` there that is a list of row objects (column -> value), rows as logged.
+    Both are keyed by artifact name, in name order.
+    """
 
     name: str
     version: str
@@ -73,7 +82,8 @@ class ModelSummary:
     run_id: str
     val: float | None
     test: dict[str, float]
-    confusion_png: bytes | None
+    figures: dict[str, bytes] = field(default_factory=dict)
+    tables: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -180,7 +190,7 @@ def collect(config: StudyConfig, storage_url: str | None = None) -> StudyReport:
         baseline=_baseline(parent, config.metric),
         best=best,
         best_test=metrics_on_test(best_run.data.metrics) if best_run is not None else {},
-        model=_registered_model(client, config.registered_model, notes),
+        model=_registered_model(client, config.registered_model, config.metric, notes),
         notes=notes,
     )
 
@@ -278,7 +288,7 @@ def _baseline(parent, metric: str) -> Baseline | None:
     )
 
 
-def _registered_model(client: MlflowClient, name: str, notes: list[str]) -> ModelSummary | None:
+def _registered_model(client: MlflowClient, name: str, metric: str, notes: list[str]) -> ModelSummary | None:
     for alias in ALIASES:
         try:
             version = client.get_model_version_by_alias(name, alias)
@@ -286,6 +296,8 @@ def _registered_model(client: MlflowClient, name: str, notes: list[str]) -> Mode
             continue  # no such model, or no version with this alias yet
         tags = version.tags
         run_id = tags.get("run_id") or version.run_id or ""
+        figures, tables = _test_artifacts(client, run_id, notes) if run_id else ({}, {})
+        val = tags.get(f"val_{metric}")
         return ModelSummary(
             name=name,
             version=str(version.version),
@@ -293,18 +305,69 @@ def _registered_model(client: MlflowClient, name: str, notes: list[str]) -> Mode
             optuna_study=tags.get("optuna_study", ""),
             trial_number=tags.get("trial_number", "?"),
             run_id=run_id,
-            val=next((float(v) for k, v in tags.items() if k.startswith("val_")), None),
+            # The study's own metric: a version tagged by a study on another metric shows none.
+            val=_number(val),
             test=metrics_on_test(tags),
-            confusion_png=_artifact_bytes(client, run_id, CONFUSION_MATRIX_ARTIFACT, notes) if run_id else None,
+            figures=figures,
+            tables=tables,
         )
     return None
 
 
-def _artifact_bytes(client: MlflowClient, run_id: str, path: str, notes: list[str]) -> bytes | None:
+def _number(value: Any) -> float | None:
+    try:
+        return float(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _test_artifacts(
+    client: MlflowClient, run_id: str, notes: list[str]
+) -> tuple[dict[str, bytes], dict[str, list[dict[str, Any]]]]:
+    """The run's test figures and tables (see ``ModelSummary``), in name order; an artifact that
+    cannot be read, or a JSON file that is no table, is left out with a note."""
+    try:
+        listed = client.list_artifacts(run_id)  # the root only: the search logs test artifacts there
+    except Exception as err:  # noqa: BLE001 - a run that is gone or unreadable costs its figures only
+        notes.append(f"could not list the artifacts of run {run_id}: {_reason(err)}")
+        return {}, {}
+    names = sorted(a.path for a in listed if not a.is_dir and a.path.startswith(TEST_PREFIX))
+    figures: dict[str, bytes] = {}
+    tables: dict[str, list[dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory() as folder:
-        try:
-            return Path(client.download_artifacts(run_id, path, folder)).read_bytes()
-        except Exception as err:  # noqa: BLE001 - a missing picture is a sentence, not a failure
-            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-            notes.append(f"could not read {path} of run {run_id}: {reason}")
-            return None
+        for name in names:
+            if not name.endswith((FIGURE_SUFFIX, TABLE_SUFFIX)):
+                continue
+            data = _artifact_bytes(client, run_id, name, folder, notes)
+            if data is None:
+                continue
+            if name.endswith(FIGURE_SUFFIX):
+                figures[name] = data
+            elif (table := _table(data)) is not None:
+                tables[name] = table
+            else:
+                notes.append(f"{name} of run {run_id} is not a table (a non-empty JSON list of row objects): not shown")
+    return figures, tables
+
+
+def _table(data: bytes) -> list[dict[str, Any]] | None:
+    """The rows of a JSON table, None when the file holds anything else."""
+    try:
+        rows = json.loads(data)
+    except (UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(rows, list) or not rows or not all(isinstance(row, dict) for row in rows):
+        return None
+    return rows
+
+
+def _artifact_bytes(client: MlflowClient, run_id: str, path: str, folder: str, notes: list[str]) -> bytes | None:
+    try:
+        return Path(client.download_artifacts(run_id, path, folder)).read_bytes()
+    except Exception as err:  # noqa: BLE001 - a missing picture is a sentence, not a failure
+        notes.append(f"could not read {path} of run {run_id}: {_reason(err)}")
+        return None
+
+
+def _reason(err: Exception) -> str:
+    return str(err).splitlines()[0] if str(err) else type(err).__name__

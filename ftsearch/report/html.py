@@ -19,20 +19,33 @@ import jinja2
 from markupsafe import Markup
 
 from ftsearch.formatting import MISSING, format_metric, format_seconds, format_value
-from ftsearch.report.collect import CONFUSION_MATRIX_ARTIFACT, StudyReport
+from ftsearch.report.collect import StudyReport
 from ftsearch.report.views import (
+    TableView,
+    artifact_caption,
     comparison_gaps,
     comparison_rows,
     counts_text,
     model_metrics,
     model_sentence,
+    ranking_text,
     split_params,
     state_label,
+    table_view,
 )
 
 TEMPLATES = Path(__file__).parent / "templates"
 TEMPLATE = "report.html.j2"
 ROUGH_IMPORTANCES = 10  # below this many completed trials, importances get a caveat
+
+
+@dataclass(frozen=True)
+class Picture:
+    """A test figure of the registered model's run: its artifact name, caption and data URI."""
+
+    name: str
+    caption: str
+    uri: str
 
 
 @dataclass
@@ -89,8 +102,9 @@ def render_html(report: StudyReport) -> str:
         gaps=comparison_gaps(report),
         model_sentence=model_sentence(report),
         model_metrics={k: format_metric(v) for k, v in model_metrics(report).items()},
-        confusion_uri=_png_uri(report.model.confusion_png) if report.model and report.model.confusion_png else None,
-        confusion_artifact=CONFUSION_MATRIX_ARTIFACT,
+        model_figures=_model_figures(report),
+        model_tables=_model_tables(report),
+        ranking=ranking_text(report),
         leaderboard=_leaderboard(report),
         plots=plots,
     )
@@ -98,6 +112,18 @@ def render_html(report: StudyReport) -> str:
 
 def _png_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def _model_figures(report: StudyReport) -> list[Picture]:
+    """The model run's test figures, inline (a data URI each), in artifact name order."""
+    figures = report.model.figures if report.model is not None else {}
+    return [Picture(name, artifact_caption(name), _png_uri(png)) for name, png in figures.items()]
+
+
+def _model_tables(report: StudyReport) -> list[TableView]:
+    """The model run's test tables, every row: the page has room that the terminal has not."""
+    tables = report.model.tables if report.model is not None else {}
+    return [table_view(name, rows) for name, rows in tables.items()]
 
 
 def _leaderboard(report: StudyReport) -> dict:

@@ -1,5 +1,5 @@
 """The report in the terminal: the leaderboard, the baseline next to the best trial, and the
-registered model, printed with rich (plain text when stdout is not a terminal)."""
+registered model with its test tables, printed with rich (plain text when stdout is not a terminal)."""
 
 from __future__ import annotations
 
@@ -17,16 +17,20 @@ from ftsearch.report.views import (
     comparison_rows,
     counts_text,
     model_sentence,
+    ranking_text,
     split_params,
     state_label,
+    table_view,
 )
 
 _FIXED_WIDTH = 60  # about what the trial, state, value, epochs and duration columns take
+TABLE_ROWS = 10  # rows of each test table printed; the HTML report has them all
 
 
 def print_report(report: StudyReport, top: int = 10, console: Console | None = None) -> None:
     """Print the leaderboard of the ``top`` trials, the baseline next to the best trial, and the
-    champion (or candidate) with its test metrics. Plain text when stdout is not a terminal."""
+    champion (or candidate) with its test metrics and the first ``TABLE_ROWS`` rows of each of its
+    test tables. Plain text when stdout is not a terminal."""
     if console is None:
         # Piped or captured output is not squeezed to 80 columns; rich drops colours there itself.
         console = Console(width=None if sys.stdout.isatty() else 160)
@@ -38,6 +42,7 @@ def print_report(report: StudyReport, top: int = 10, console: Console | None = N
         console.print("No trial has run yet: nothing to rank.")
     _print_comparison(console, report)
     console.print(Text(model_sentence(report)))
+    _print_tables(console, report)
     for note in report.notes:
         console.print(Text(f"note: {note}", style="yellow"))
 
@@ -46,7 +51,7 @@ def _print_leaderboard(console: Console, report: StudyReport, shown: list[TrialR
     """The table of the trials shown, the params they share, and why any of them failed."""
     varying, constant = split_params(shown)
     table = Table(
-        title=f"Top {len(shown)} of {len(report.rows)} trials by validation {report.metric}",
+        title=f"Top {len(shown)} of {len(report.rows)} trials by validation {report.metric}, {ranking_text(report)}",
         box=box.SIMPLE_HEAVY, title_justify="left",
     )
     for header, justify in [("trial", "right"), ("state", "left"), (f"val {report.metric}", "right"),
@@ -88,6 +93,23 @@ def _print_comparison(console: Console, report: StudyReport) -> None:
         console.print(table)
     for gap in comparison_gaps(report):
         console.print(Text(gap))
+
+
+def _print_tables(console: Console, report: StudyReport) -> None:
+    """The registered model's test tables, ``TABLE_ROWS`` rows each in the order logged, and how
+    many rows each leaves out."""
+    tables = report.model.tables if report.model is not None else {}
+    for name, rows in tables.items():
+        view = table_view(name, rows, TABLE_ROWS)
+        table = Table(title=f"{view.caption} ({name})", box=box.SIMPLE_HEAVY, title_justify="left")
+        for i, header in enumerate(view.head):
+            table.add_column(header, justify="left" if i in view.left else "right", overflow="fold")
+        for cells in view.rows:
+            table.add_row(*[Text(c) for c in cells])
+        console.print(table)
+        if view.hidden:
+            console.print(Text(f"{view.hidden} more row{'s' if view.hidden > 1 else ''} of {name} not shown "
+                               f"(the HTML report has all {len(rows)})"))
 
 
 def _short(text: str) -> str:

@@ -1,13 +1,15 @@
 """What the terminal and the HTML report both say: the trial counts line, the params split into
-columns and constants, state labels, the baseline comparison and the sentence on the registered
-model. Plain strings; each renderer lays them out (and the HTML template escapes them)."""
+columns and constants, state labels, the baseline comparison, the sentence on the registered
+model and its test tables as cells. Plain strings; each renderer lays them out (and the HTML
+template escapes them)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
-from ftsearch.formatting import format_metric
-from ftsearch.report.collect import StudyReport, TrialRow, study_argument
+from ftsearch.formatting import MISSING, format_metric
+from ftsearch.report.collect import TEST_PREFIX, StudyReport, TrialRow, study_argument
 
 
 def counts_text(report: StudyReport) -> str:
@@ -33,6 +35,11 @@ def split_params(rows: list[TrialRow]) -> tuple[list[str], dict[str, Any]]:
     return [n for n in names if n not in constant], constant
 
 
+def ranking_text(report: StudyReport) -> str:
+    """``highest first`` or ``lowest first``: which way the leaderboard ranks the study's metric."""
+    return "highest first" if report.maximize else "lowest first"
+
+
 def state_label(row: TrialRow) -> str:
     if row.state == "PRUNED":
         return f"PRUNED at epoch {row.epochs}" if row.epochs else "PRUNED"
@@ -41,7 +48,8 @@ def state_label(row: TrialRow) -> str:
 
 def comparison_rows(report: StudyReport) -> list[tuple[str, str, str]]:
     """(label, val metric, test metric) for the baseline, the best trial and their difference,
-    as far as each exists."""
+    as far as each exists. The difference is taken so that positive means fine-tuning did better
+    whichever way the metric goes (for rmse: baseline − fine-tuned), and its label says which."""
     rows = []
     baseline, best = report.baseline, report.best
     best_test = report.best_test.get(f"test_{report.metric}")
@@ -50,7 +58,12 @@ def comparison_rows(report: StudyReport) -> list[tuple[str, str, str]]:
     if best is not None:
         rows.append((f"best fine-tuned trial ({best.number})", format_metric(best.value), format_metric(best_test)))
     if baseline is not None and best is not None:
-        rows.append(("fine-tuned − baseline", _difference(best.value, baseline.val), _difference(best_test, baseline.test)))
+        if report.maximize:
+            rows.append(("fine-tuned − baseline", _difference(best.value, baseline.val),
+                         _difference(best_test, baseline.test)))
+        else:
+            rows.append(("baseline − fine-tuned", _difference(baseline.val, best.value),
+                         _difference(baseline.test, best_test)))
     return rows
 
 
@@ -90,3 +103,45 @@ def model_metrics(report: StudyReport) -> dict[str, float]:
     if model is None:
         return {}
     return ({f"val_{report.metric}": model.val} if model.val is not None else {}) | model.test
+
+
+TABLE_DECIMALS = 3  # floats in test tables (precision, recall, thresholds...)
+
+
+@dataclass(frozen=True)
+class TableView:
+    """A test table as cells: ``head`` is every column in order of first appearance, ``left`` the
+    text columns (aligned left), ``hidden`` how many rows were left out after ``rows``."""
+
+    name: str
+    caption: str
+    head: list[str]
+    rows: list[list[str]]
+    left: set[int]
+    hidden: int = 0
+
+
+def artifact_caption(name: str) -> str:
+    """``test_per_label_f1.png`` -> ``Per label f1 on the test split``: the caption of a test
+    figure or table, from its artifact name alone, so that a new problem type needs no wording here."""
+    stem = name.removeprefix(TEST_PREFIX).rsplit(".", 1)[0].replace("_", " ").strip() or name
+    return f"{stem[:1].upper()}{stem[1:]} on the test split"
+
+
+def format_cell(value: Any) -> str:
+    """A table cell: floats to 3 decimals, ints (and booleans) as they are, None as a dash."""
+    if value is None:
+        return MISSING
+    if isinstance(value, float):
+        return f"{value:.{TABLE_DECIMALS}f}"
+    return str(value)
+
+
+def table_view(name: str, rows: list[dict[str, Any]], limit: int | None = None) -> TableView:
+    """The cells of a test table, its first ``limit`` rows (all when None) in the order logged."""
+    head = list(dict.fromkeys(column for row in rows for column in row))
+    shown = rows if limit is None else rows[:limit]
+    # A column is text when any of its values is: a label column stays left even if one is a number.
+    left = {i for i, column in enumerate(head) if any(isinstance(row.get(column), str) for row in rows)}
+    cells = [[format_cell(row.get(column)) for column in head] for row in shown]
+    return TableView(name, artifact_caption(name), head, cells, left, len(rows) - len(shown))

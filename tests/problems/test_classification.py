@@ -4,7 +4,8 @@ served outputs, and its place in the registry that drives `task:` and `metric:`.
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import accuracy_score, f1_score
+from scipy.special import softmax
+from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef, roc_auc_score
 
 from ftsearch.catalog import TASKS
 from ftsearch.problems import PROBLEM_TYPES, problem_type
@@ -23,9 +24,12 @@ def test_metrics_are_scikit_learns_on_the_argmax_and_all_higher_is_better():
     outputs = np.array([[2, 0, 0], [0, 1, 0], [0, 0, 3], [0, 4, 0], [0, 1, 0], [0, 0, 1]], dtype=np.float32)
     predicted = outputs.argmax(axis=1)
     scores = CLASSIFICATION.score(y_true, outputs)
-    assert scores == {"accuracy": accuracy_score(y_true, predicted), "f1": f1_score(y_true, predicted, average="macro")}
+    # Three classes: no ROC AUC (it is binary here).
+    assert scores == {"accuracy": accuracy_score(y_true, predicted), "f1": f1_score(y_true, predicted, average="macro"),
+                      "mcc": matthews_corrcoef(y_true, predicted)}
     assert scores["accuracy"] == pytest.approx(4 / 6)
-    assert {m: CLASSIFICATION.direction(m) for m in scores} == {"accuracy": "maximize", "f1": "maximize"}
+    assert {m: CLASSIFICATION.direction(m) for m in CLASSIFICATION.metrics} == {
+        "accuracy": "maximize", "f1": "maximize", "mcc": "maximize", "roc_auc": "maximize"}
     assert CLASSIFICATION.better("accuracy", 0.9, 0.8) and not CLASSIFICATION.better("f1", 0.8, 0.8)
     assert CLASSIFICATION.mistakes(CLASSIFICATION.evaluation(y_true, outputs)) == [(3, 2, 1), (5, 0, 2)]
 
@@ -52,8 +56,55 @@ def test_baseline_scores_every_metric_on_every_split_but_train():
     x = rng.normal(size=(60, 4))
     y = (x[:, 0] > 0).astype(int)
     scores = CLASSIFICATION.baseline({"train": (x[:40], y[:40]), "val": (x[40:], y[40:])}, 1.0, 500)
-    assert set(scores) == {"baseline_val_accuracy", "baseline_val_f1"}
+    assert set(scores) == {"baseline_val_accuracy", "baseline_val_f1", "baseline_val_mcc", "baseline_val_roc_auc"}
     assert scores["baseline_val_accuracy"] >= 0.8
+    assert scores["baseline_val_roc_auc"] >= 0.9
+
+
+def test_baseline_scores_are_the_problem_types_own_on_the_estimators_log_probabilities():
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(90, 3))
+    y = np.digitize(x[:, 0] + 0.5 * rng.normal(size=90), [-0.5, 0.5])  # three classes
+    scores = CLASSIFICATION.baseline({"train": (x[:60], y[:60]), "test": (x[60:], y[60:])}, 1.0, 500)
+    model = LogisticRegression(C=1.0, max_iter=500).fit(x[:60], y[:60])
+    predicted = model.predict(x[60:])
+    assert scores == {"baseline_test_accuracy": accuracy_score(y[60:], predicted),
+                      "baseline_test_f1": f1_score(y[60:], predicted, average="macro"),
+                      "baseline_test_mcc": matthews_corrcoef(y[60:], predicted)}
+
+
+def test_baseline_keeps_class_ids_when_a_class_is_missing_from_train():
+    x = np.array([[-2.0], [-1.5], [-1.0], [1.0], [1.5], [2.0], [0.0]])
+    y = np.array([0, 0, 0, 2, 2, 2, 1])
+    scores = CLASSIFICATION.baseline({"train": (x[:6], y[:6]), "val": (x, y)}, 1.0, 500)
+    # Class 1 is never predicted (no train example); the six others are right, as class ids 0 and 2.
+    assert scores["baseline_val_accuracy"] == pytest.approx(6 / 7)
+
+
+def test_binary_metrics_include_mcc_and_roc_auc_of_the_class_1_probability():
+    y_true = np.array([0, 0, 1, 1, 1, 0, 1, 0])
+    outputs = np.array([[2, 0], [1, 0.5], [0, 1], [0.2, 0.1], [-1, 2], [0, 0.3], [0, 3], [1, 1.5]], dtype=np.float32)
+    predicted = outputs.argmax(axis=1)
+    scores = CLASSIFICATION.score(y_true, outputs)
+    assert scores["mcc"] == pytest.approx(matthews_corrcoef(y_true, predicted))
+    assert scores["roc_auc"] == pytest.approx(roc_auc_score(y_true, softmax(outputs, axis=1)[:, 1]))
+    assert 0 < scores["roc_auc"] < 1 and scores["roc_auc"] != pytest.approx(scores["accuracy"])
+
+
+def test_roc_auc_is_chance_not_nan_with_one_class_only():
+    scores = CLASSIFICATION.score(np.array([1, 1, 1]), np.array([[0, 1], [1, 0], [0, 2]], dtype=np.float32))
+    assert scores["roc_auc"] == 0.5
+    assert scores["mcc"] == 0.0  # sklearn's own value where MCC is undefined
+    assert not any(np.isnan(v) for v in scores.values())
+
+
+def test_roc_auc_is_offered_only_for_two_classes():
+    assert CLASSIFICATION.metrics_for(2) == ["accuracy", "f1", "mcc", "roc_auc"]
+    assert CLASSIFICATION.metrics_for(3) == ["accuracy", "f1", "mcc"]
+    assert CLASSIFICATION.metrics_for(None) == list(CLASSIFICATION.metrics)
+    assert next(iter(CLASSIFICATION.metrics)) == "accuracy"  # the default metric is unchanged
 
 
 def test_figures_are_a_confusion_matrix_over_every_class():

@@ -75,3 +75,49 @@ def handmade(write_study):
         return StudyReport(**(fields | changes))
 
     return make
+
+
+@pytest.fixture
+def registered_run(tmp_path):
+    """Register a candidate of ``model`` whose run holds ``artifacts`` at its root: bytes are
+    logged as files, anything else as JSON (``log_dict``). Returns the run's id."""
+    from tests.helpers import store
+
+    def register(artifacts: dict, model: str = "tiny-sentiment", tags: dict[str, str] | None = None) -> str:
+        client = store()
+        run = client.create_run(client.create_experiment(f"handmade-{model}"))
+        run_id = run.info.run_id
+        for name, content in artifacts.items():
+            if isinstance(content, bytes):
+                (tmp_path / name).write_bytes(content)
+                client.log_artifact(run_id, str(tmp_path / name))
+            else:
+                client.log_dict(run_id, content, name)
+        client.set_terminated(run_id)
+        client.create_registered_model(model)
+        version = client.create_model_version(model, source=run.info.artifact_uri, run_id=run_id,
+                                              tags={"run_id": run_id, "trial_number": "0", **(tags or {})})
+        client.set_registered_model_alias(model, "candidate", version.version)
+        return run_id
+
+    return register
+
+
+@pytest.fixture
+def minimize_study(write_study):
+    """A study on rmse (lower is better) in the test's Optuna storage: three completed trials and
+    one pruned whose best epoch beats them all. Returns its config (metric rmse, minimize)."""
+    import optuna
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import TrialState, create_trial
+
+    # The config's own problem type need not have rmse: the report reads only its name and metric.
+    config = load_study(str(write_study())).model_copy(update={"metric": "rmse", "direction": "minimize"})
+    study = optuna.create_study(study_name=config.name, storage=open_storage(), direction="minimize")
+    lr = {"lr": FloatDistribution(1e-4, 1e-1, log=True)}
+    for value, rate in [(0.5, 1e-3), (0.2, 2e-3), (0.9, 3e-3)]:
+        study.add_trial(create_trial(value=value, params={"lr": rate}, distributions=lr,
+                                     intermediate_values={0: value + 0.1, 1: value}))
+    study.add_trial(create_trial(state=TrialState.PRUNED, params={"lr": 4e-3}, distributions=lr,
+                                 intermediate_values={0: 0.8, 1: 0.1}))
+    return config

@@ -11,8 +11,10 @@ import pytest
 from ftsearch import report
 from ftsearch.cli import main
 from ftsearch.config import load_study
+from ftsearch.distributed.storage import open_storage
 from ftsearch.report.collect import metrics_on_test
 from tests.helpers import optuna_study, store
+from tests.report.samples import per_label_rows, png
 
 
 def expected_value(trial: optuna.trial.FrozenTrial) -> float:
@@ -77,3 +79,32 @@ def test_report_before_any_search_creates_nothing(write_study, state_dir, capsys
     assert main(["report", str(write_study())]) == 2
     assert "studies there: none" in capsys.readouterr().err
     assert not (state_dir / "optuna.journal").exists()
+
+
+def test_a_minimize_study_ranks_its_trials_lowest_first(minimize_study):
+    """rmse is lower-is-better: the lowest completed trial leads and is the best; a pruned trial
+    is ranked by its lowest epoch, after every completed one."""
+    gathered = report.collect(minimize_study)
+    assert not gathered.maximize
+    assert [(r.number, r.state, r.value) for r in gathered.rows] == [
+        (1, "COMPLETE", 0.2), (0, "COMPLETE", 0.5), (2, "COMPLETE", 0.9), (3, "PRUNED", 0.1)]
+    assert gathered.best is not None and gathered.best.number == 1
+
+
+def test_the_model_runs_test_figures_and_tables_are_collected(write_study, registered_run):
+    """Every test_*.png (as bytes) and test_*.json table at the root of the run, in name order;
+    a JSON file that is no table is left out with a note, other artifacts silently."""
+    config = load_study(str(write_study()))
+    optuna.create_study(study_name=config.name, storage=open_storage(), direction="maximize")  # no trials
+    figures = {"test_scatter.png": png((0, 0, 255)), "test_per_label_f1.png": png((255, 0, 0))}
+    run_id = registered_run({**figures, "test_per_label.json": per_label_rows(3), "test_summary.json": {"n": 3},
+                             "confusion_matrix.png": png((0, 255, 0)), "trial_config.json": {"lr": 0.1}},
+                            tags={"val_accuracy": "0.75", "val_f1": "0.5"})
+    gathered = report.collect(config)
+    model = gathered.model
+    assert model is not None and model.alias == "candidate" and model.run_id == run_id
+    assert model.val == 0.75  # the study's metric, not whichever val_ tag comes first
+    assert list(model.figures) == ["test_per_label_f1.png", "test_scatter.png"]
+    assert model.figures == figures
+    assert model.tables == {"test_per_label.json": per_label_rows(3)}
+    assert any("test_summary.json" in note and "not a table" in note for note in gathered.notes)

@@ -3,15 +3,19 @@ study's parent run, sentences where a half-run study has no data yet, and escape
 
 from __future__ import annotations
 
+import base64
 import re
 from pathlib import Path
+
+import optuna
 
 from ftsearch import report
 from ftsearch.cli import main
 from ftsearch.config import load_study
 from ftsearch.distributed.storage import open_storage
-from ftsearch.report import ModelSummary, TrialRow, render_html
+from ftsearch.report import Baseline, ModelSummary, TrialRow, render_html
 from tests.helpers import optuna_study, store
+from tests.report.samples import per_label_rows, png
 
 
 def without_scripts(page: str) -> str:
@@ -34,6 +38,7 @@ def test_html_report_has_every_section_and_needs_no_network(in_reported):
     assert not re.search(r"<script\b[^>]*\bsrc\s*=", markup, re.IGNORECASE)
     assert not re.search(r"\b(?:src|href)\s*=\s*[\"']?(?:https?:)?//", markup, re.IGNORECASE)
     assert 'src="data:image/png;base64,' in markup  # the champion's test confusion matrix
+    assert "<figcaption>Confusion matrix on the test split (<code>test_confusion_matrix.png</code>)</figcaption>" in markup
 
     study = optuna_study("tiny")
     parent = store().get_run(study.user_attrs["mlflow_parent_run_id"])
@@ -75,12 +80,53 @@ def test_a_study_without_trials_is_reported_in_sentences(write_study, state_dir,
 def test_every_test_metric_of_the_model_is_in_its_table_whatever_its_name(handmade):
     test = {"test_accuracy": 0.91, "test_f1": 0.87654, "test_pearson": 0.5}
     model = ModelSummary(name="tiny-sentiment", version="3", alias="champion", optuna_study="tiny",
-                         trial_number="0", run_id="r", val=0.9, test=test, confusion_png=None)
+                         trial_number="0", run_id="r", val=0.9, test=test)
     page = render_html(handmade(model=model))
     for name, value in {"val_accuracy": 0.9, **test}.items():
         assert f'<tr><td class="left">{name}</td><td>{value:.4f}</td></tr>' in page
     assert "test_accuracy 0.9100, test_f1 0.8765, test_pearson 0.5000" in page
-    assert "The run of champion v3 has no test_confusion_matrix.png to show." in page
+    # A run without test artifacts: a sentence instead of figures, and no table.
+    assert "The run of champion v3 has no test figures to show." in page
+    assert "<figure" not in page and "<caption>" not in page
+
+
+def test_every_test_figure_and_table_of_the_model_run_is_shown(handmade):
+    figures = {"test_per_label_f1.png": png((255, 0, 0)), "test_scatter.png": png((0, 0, 255))}
+    rows = per_label_rows(12)
+    rows[1]["label"] = "<b>sports</b>"  # a label is the data's text: escaped like any other
+    model = ModelSummary(name="tiny-tags", version="2", alias="candidate", optuna_study="tiny", trial_number="0",
+                         run_id="r", val=0.9, test={}, figures=figures, tables={"test_per_label.json": rows})
+    page = render_html(handmade(model=model))
+    uris = [f'src="data:image/png;base64,{base64.b64encode(data).decode()}"' for data in figures.values()]
+    assert all(uri in page for uri in uris) and page.index(uris[0]) < page.index(uris[1])  # in name order
+    assert "<figcaption>Per label f1 on the test split (<code>test_per_label_f1.png</code>)</figcaption>" in page
+    assert "<figcaption>Scatter on the test split (<code>test_scatter.png</code>)</figcaption>" in page
+    assert "<caption>Per label on the test split (<code>test_per_label.json</code>)</caption>" in page
+    assert ('<tr><th class="left">label</th><th>precision</th><th>recall</th><th>f1</th><th>support</th>'
+            "<th>threshold</th></tr>") in page
+    # Every row, in the order logged: floats to 3 decimals, counts as ints.
+    assert '<tr><td class="left">label-0</td><td>0.900</td><td>0.800</td><td>0.857</td><td>12</td><td>0.500</td></tr>' in page
+    assert '<td class="left">&lt;b&gt;sports&lt;/b&gt;</td>' in page and "<b>" not in page
+    assert page.index("label-0") < page.index("label-11") and "<td>0.747</td>" in page  # label-11's f1
+    assert "has no test figures to show" not in page
+
+
+def test_a_minimize_study_ranks_lowest_first_and_compares_the_right_way(minimize_study, handmade):
+    """rmse: the leaderboard goes lowest first, and the difference to the baseline is taken so
+    that positive still means fine-tuning did better."""
+    gathered = report.collect(minimize_study)
+    gathered.baseline = Baseline("mean of the targets", 0.6, 0.7)
+    gathered.best_test = {"test_rmse": 0.25}
+    page = without_scripts(render_html(gathered))
+    assert "objective: minimize validation rmse" in page
+    assert "Completed trials by validation rmse, lowest first" in page
+    numbers = [int(n) for n in re.findall(r'<tr class="(?:COMPLETE|PRUNED)[^"]*"><td>(\d+)</td>', page)]
+    assert numbers == [1, 0, 2, 3]
+    assert '<tr class="COMPLETE best"><td>1</td>' in page
+    assert '<tr><td class="left">baseline − fine-tuned</td><td>+0.4000</td><td>+0.4500</td></tr>' in page
+    maximize = handmade(baseline=Baseline("tf-idf", 0.6, 0.7), best=gathered.best, best_test={"test_accuracy": 0.8},
+                        study=optuna.create_study(direction="maximize"))
+    assert '<tr><td class="left">fine-tuned − baseline</td><td>-0.4000</td><td>+0.1000</td></tr>' in render_html(maximize)
 
 
 def test_what_users_and_runs_wrote_is_escaped(handmade):
@@ -116,7 +162,8 @@ def test_html_report_renders_offline_in_a_browser(in_reported, chromium):
             page.goto(path.as_uri(), wait_until="load")
             # Every figure has drawn its SVG: plotly.js ran from the page itself.
             page.wait_for_function("document.querySelectorAll('.plotly-graph-div .main-svg').length >= 4")
-            assert page.locator("img.cm").evaluate("img => img.complete && img.naturalWidth > 0")
+            assert page.locator("img.test-figure").evaluate_all(
+                "imgs => imgs.length > 0 && imgs.every(img => img.complete && img.naturalWidth > 0)")
         finally:
             browser.close()
     assert fetched == [] and errors == []

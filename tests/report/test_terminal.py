@@ -10,10 +10,12 @@ import re
 import optuna
 from rich.console import Console
 
+from ftsearch import report
 from ftsearch.cli import main
 from ftsearch.formatting import format_value
-from ftsearch.report import ModelSummary, print_report
+from ftsearch.report import TABLE_ROWS, ModelSummary, print_report
 from tests.helpers import optuna_study, store
+from tests.report.samples import per_label_rows, png
 
 ROW = re.compile(r"^\s*(\d+)\s+(COMPLETE|PRUNED(?: at epoch \d+)?|FAIL|RUNNING)\s+(\S+)\s+(\d+)\s+(.*)$")
 
@@ -72,8 +74,35 @@ def test_every_test_metric_of_the_model_is_printed_whatever_its_name(handmade):
     """The problem type decides which test metrics exist; the report shows whatever is tagged."""
     test = {"test_accuracy": 0.91, "test_f1": 0.87654, "test_pearson": 0.5}
     model = ModelSummary(name="tiny-sentiment", version="3", alias="champion", optuna_study="tiny",
-                         trial_number="0", run_id="r", val=0.9, test=test, confusion_png=None)
+                         trial_number="0", run_id="r", val=0.9, test=test)
     out = io.StringIO()
     print_report(handmade(model=model), console=Console(file=out, width=160))
     assert "champion: tiny-sentiment v3 from trial 0 of study tiny: " \
            "test_accuracy 0.9100, test_f1 0.8765, test_pearson 0.5000" in out.getvalue()
+
+
+def test_the_model_runs_tables_are_printed_ten_rows_each(handmade):
+    """After the model's sentence, each test table: its first rows in the order logged, and how
+    many it leaves out (the figures are for the HTML report)."""
+    model = ModelSummary(name="tiny-tags", version="2", alias="candidate", optuna_study="tiny", trial_number="0",
+                         run_id="r", val=0.9, test={"test_f1_micro": 0.8}, figures={"test_per_label_f1.png": png((1, 2, 3))},
+                         tables={"test_per_label.json": per_label_rows(TABLE_ROWS + 2)})
+    out = io.StringIO()
+    print_report(handmade(model=model), console=Console(file=out, width=160))
+    printed = out.getvalue()
+    after = printed[printed.index("candidate: tiny-tags v2"):]
+    assert "Per label on the test split (test_per_label.json)" in after
+    assert re.search(r"label\s+precision\s+recall\s+f1\s+support\s+threshold", after)
+    rows = [line.split() for line in after.splitlines() if line.strip().startswith("label-")]
+    assert rows[0] == ["label-0", "0.900", "0.800", "0.857", "12", "0.500"]
+    assert [row[0] for row in rows] == [f"label-{i}" for i in range(TABLE_ROWS)]
+    assert "2 more rows of test_per_label.json not shown (the HTML report has all 12)" in after
+
+
+def test_a_minimize_study_is_printed_lowest_first(minimize_study):
+    out = io.StringIO()
+    print_report(report.collect(minimize_study), console=Console(file=out, width=160))
+    printed = out.getvalue()
+    assert "Top 4 of 4 trials by validation rmse, lowest first" in printed
+    lines = [m for m in (ROW.match(line) for line in printed.splitlines()) if m]
+    assert [(int(m.group(1)), m.group(3)) for m in lines] == [(1, "0.2000"), (0, "0.5000"), (2, "0.9000"), (3, "0.1000")]

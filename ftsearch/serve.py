@@ -1,0 +1,108 @@
+"""Predicting with a registered model: a few inputs from the command line, or a whole file.
+
+The registered model's signature says what it reads (``text``, ``text`` and ``text_pair``, or image
+``path``s) and what it returns (its problem type's prediction table); nothing here branches on
+the problem type.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+from mlflow.exceptions import MlflowException
+
+from ftsearch import tracking
+from ftsearch.data.text import read_table
+from ftsearch.errors import FtsearchError
+
+FILE_BATCH_ROWS = 256  # rows per call of the model when predicting a file: progress, bounded memory
+_WRITERS: dict[str, Callable[[pd.DataFrame, Path], None]] = {
+    ".csv": lambda frame, path: frame.to_csv(path, index=False),
+    ".tsv": lambda frame, path: frame.to_csv(path, index=False, sep="\t"),
+    ".jsonl": lambda frame, path: frame.to_json(path, orient="records", lines=True),
+    ".parquet": lambda frame, path: frame.to_parquet(path, index=False),
+}
+
+
+class Served:
+    """A registered model loaded for prediction, with the input columns its signature names."""
+
+    def __init__(self, model_uri: str):
+        tracking.client()  # points MLflow at the study's store
+        try:
+            self.model = mlflow.pyfunc.load_model(model_uri)
+        except (MlflowException, OSError) as err:
+            raise FtsearchError(
+                f"cannot load model {model_uri!r}: {str(err).splitlines()[0]}. Use models:/<name>@champion "
+                "after `ftsearch promote STUDY`, or models:/<name>@candidate"
+            ) from None
+        self.uri = model_uri
+        schema = self.model.metadata.get_input_schema()
+        self.inputs = schema.input_names() if schema is not None else ["text"]
+
+    def predict(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """The model's prediction table for ``frame`` (which has the model's input columns)."""
+        if "path" in self.inputs:
+            missing = [p for p in frame["path"] if not Path(p).is_file()]
+            if missing:
+                raise FtsearchError(f"{self.uri} classifies image files; not found: {', '.join(missing)}")
+        return self.model.predict(frame[self.inputs].reset_index(drop=True))
+
+
+def predict(model_uri: str, inputs: list[str] | None = None, pairs: list[tuple[str, str]] | None = None) -> pd.DataFrame:
+    """Predict for ``inputs`` (texts, or image paths for an image model) or for ``pairs`` of texts
+    (a pair model); the registered model's signature says which it takes."""
+    served = Served(model_uri)
+    pair_model = "text_pair" in served.inputs
+    if pair_model != bool(pairs):
+        raise FtsearchError(
+            f"{model_uri} reads pairs of texts: give them as --pair TEXT TEXT_PAIR" if pair_model
+            else f"{model_uri} reads one {served.inputs[0]} per example, not pairs: leave out --pair"
+        )
+    if pairs:
+        frame = pd.DataFrame(pairs, columns=["text", "text_pair"])
+    else:
+        frame = pd.DataFrame({served.inputs[0]: list(inputs or [])})
+    return served.predict(frame)
+
+
+def predict_file(model_uri: str, source: Path, target: Path, renames: dict[str, str] | None = None,
+                 on_progress: Callable[[int, int], None] | None = None) -> int:
+    """Predict for every row of ``source`` (.csv, .tsv, .jsonl, .parquet) and write its columns
+    with the prediction columns added to ``target`` (by its suffix); ``renames`` maps the model's
+    input names to the file's columns. Returns the rows written. Nothing is written unless every
+    row was predicted."""
+    if target.suffix not in _WRITERS:
+        raise FtsearchError(f"--output {target}: unsupported format {target.suffix!r}; use one of {', '.join(_WRITERS)}")
+    served = Served(model_uri)
+    frame = read_table(source)
+    columns = {name: (renames or {}).get(name, name) for name in served.inputs}
+    missing = [column for column in columns.values() if column not in frame.columns]
+    if missing:
+        raise FtsearchError(
+            f"{source}: column(s) {', '.join(missing)} not found (it has {', '.join(map(str, frame.columns))}); "
+            f"{model_uri} reads {', '.join(served.inputs)}: name the file's columns with --text-column / --pair-column"
+        )
+    inputs = pd.DataFrame({name: frame[column].astype(str).to_numpy() for name, column in columns.items()})
+    parts = []
+    for start in range(0, len(inputs), FILE_BATCH_ROWS):
+        parts.append(served.predict(inputs.iloc[start : start + FILE_BATCH_ROWS]))
+        if on_progress is not None:
+            on_progress(min(start + FILE_BATCH_ROWS, len(inputs)), len(inputs))
+    predictions = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+    clashing = set(predictions.columns) & set(frame.columns)
+    predictions = predictions.rename(columns={c: f"predicted_{c}" for c in clashing})
+    out = pd.concat([frame.reset_index(drop=True), predictions], axis=1)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Written whole, then renamed: an interrupted run leaves no half-written predictions file.
+    partial = target.with_name(f".{target.name}.{os.getpid()}.partial{target.suffix}")
+    try:
+        _WRITERS[target.suffix](out, partial)
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+    return len(out)
