@@ -96,6 +96,8 @@ def test_every_metric_of_the_type_is_logged_each_epoch_and_the_baseline_scores_t
     client = store()
     assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
     for child in children:
+        if kind == "pairs":  # the frozen block's outputs, segments included, came from the cache
+            assert child.data.tags["ftsearch.feature_cache"].startswith("depth 1: train ")
         for metric in metrics:
             epochs = list(range(1, int(child.data.params["epochs"]) + 1))
             assert [m.step for m in client.get_metric_history(child.info.run_id, f"val_{metric}")] == epochs
@@ -240,3 +242,29 @@ def test_mlflow_models_serve_answers_a_rest_call(in_searched, tmp_path):
     else:
         probs = [v for k, v in row.items() if k.startswith("prob_")]
         assert len(probs) == 3 and all(0.0 <= p <= 1.0 for p in probs)
+
+
+BAD_PAIRS = {
+    # (kind, how the file is spoiled, what the message must name)
+    "non-numeric target": ("regression", lambda f: f.assign(score=f["score"].astype(object).where(f.index != 6, "high")),
+                           ["row 7", "column 'score'", "'high'"]),
+    "label not in the list": ("pairs", lambda f: f.assign(judgement=f["judgement"].where(f.index != 4, "maybe")),
+                              ["row 5", "column 'judgement'", "'maybe'"]),
+    "empty second text": ("pairs", lambda f: f.assign(hypothesis=f["hypothesis"].where(f.index != 2, " ")),
+                          ["row 3", "column 'hypothesis'", "empty"]),
+    "missing column": ("regression", lambda f: f.drop(columns="hypothesis"), ["hypothesis", "not found"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_PAIRS))
+def test_a_bad_value_names_file_row_and_column_exits_2_and_creates_nothing(case, tmp_path, tiny_bert, state_dir, capsys):
+    kind, spoil, expected = BAD_PAIRS[case]
+    study = study_of(kind, tmp_path, tiny_bert)
+    train = study["data"]["dataset"]
+    spoil(pd.read_csv(train, sep="\t")).to_csv(train, sep="\t", index=False)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(study))
+    assert main(["search", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert train in err and all(part in err for part in expected), err
+    assert not (state_dir / "optuna.journal").exists() and not (state_dir / "mlflow.db").exists()
