@@ -15,7 +15,7 @@ from ftsearch.data.text import TextSplits, load_text_splits, target_array
 from ftsearch.data.tokens import TokenizedSplit, make_loader, tokenize_cached
 from ftsearch.errors import FtsearchError
 from ftsearch.modalities.base import EVAL_BATCH_SIZE, TrialSetup, check_metric, count_params
-from ftsearch.models.text import load_classifier, load_tokenizer, resolve_backbone
+from ftsearch.models.text import load_classifier, load_tokenizer, resolve_backbone, set_head_bias
 from ftsearch.predictor import read_meta, save_classifier
 from ftsearch.problems.base import Evaluation, ProblemType
 from ftsearch.space import TrialConfig
@@ -75,6 +75,8 @@ class TextModality:
                                tuple(tokenizer.all_special_ids))
         model = load_classifier(self.backbones[trial.backbone].source, self.labels, self.config.trust_remote_code,
                                 num_outputs=self.problem.head_size(self.labels))
+        if (bias := self.problem.head_bias()) is not None:
+            set_head_bias(model, bias)
         trainable = self.adaptation.apply(model, trial.freeze_depth)
         tokens = {split: self._tokenized(trial.backbone, split, trial.max_length) for split in ("train", "val")}
         cached, note = self.prefix_cache.train_from_cache(

@@ -94,6 +94,17 @@ def load_classifier(
     )
 
 
+def set_head_bias(model: nn.Module, bias) -> None:
+    """Start the classification head's output bias at ``bias`` (one value per output). The head
+    is the last linear layer with that many outputs, which is where every transformers
+    ``...ForSequenceClassification`` puts it (BERT's ``classifier``, RoBERTa's ``out_proj``)."""
+    heads = [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == len(bias) and m.bias is not None]
+    if not heads:
+        raise FtsearchError(f"{type(model).__name__} has no linear head with {len(bias)} outputs to initialise")
+    with torch.no_grad():
+        heads[-1].bias.copy_(torch.as_tensor(bias, dtype=heads[-1].bias.dtype))
+
+
 def _blocks_owner(model: nn.Module) -> tuple[nn.Module, str]:
     """The module holding the backbone's ModuleList of transformer blocks, and its attribute name.
 

@@ -52,6 +52,11 @@ class ProblemType(ABC):
         Stateless types return themselves."""
         return self
 
+    def head_bias(self) -> np.ndarray | None:
+        """The bias a fresh head starts with (one per output), from what ``fitted`` learnt; None
+        keeps the model's own initialisation."""
+        return None
+
     def tuned(self, evaluation: Evaluation) -> ProblemType:
         """This problem type with its decision rule tuned on a validation evaluation (multi-label:
         the thresholds); the tuned type is saved with the model and scores the test split."""

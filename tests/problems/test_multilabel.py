@@ -232,3 +232,11 @@ def test_an_unknown_mode_is_refused_everywhere():
         MultiLabelClassification(mode="nope")
     with pytest.raises(ValueError):
         MULTI.restored({"mode": "nope"})
+
+
+def test_the_head_starts_at_each_labels_prior_log_odds():
+    targets = np.array([[1, 0, 0], [1, 0, 0], [0, 0, 0], [1, 1, 0]], dtype=np.float32)
+    assert MULTI.head_bias() is None  # unfitted: the model's own initialisation
+    bias = MULTI.fitted(targets).head_bias()
+    # Prevalences 0.75, 0.25 and 0 (clipped, so the log-odds stay finite).
+    assert np.allclose(bias[:2], logit([0.75, 0.25]), atol=1e-6) and bias[2] == pytest.approx(logit(1e-4), rel=1e-4)
