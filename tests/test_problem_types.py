@@ -214,7 +214,9 @@ def test_mlflow_models_serve_answers_a_rest_call(in_searched, tmp_path):
 
     kind, _, _ = in_searched
     port, log = free_port(), tmp_path / "serve.log"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": settings.tracking_uri()}
+    # The scoring server execs uvicorn by name: the environment's bin folder must be on PATH.
+    env = {**os.environ, "MLFLOW_TRACKING_URI": settings.tracking_uri(),
+           "PATH": f"{Path(sys.prefix) / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"}
     command = [str(Path(sys.prefix) / "bin" / "mlflow"), "models", "serve", "-m", f"models:/tiny-{kind}@candidate",
                "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     with open(log, "w") as out:
