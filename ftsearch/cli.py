@@ -65,6 +65,8 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--output", type=Path, metavar="FILE", help="where --input's rows go, with the predictions added")
     predict.add_argument("--text-column", metavar="NAME", help="--input's column of the (first) texts or image paths")
     predict.add_argument("--pair-column", metavar="NAME", help="--input's column of the second texts of pairs")
+    predict.add_argument("--columns", nargs="+", metavar="NAME",
+                         help="names of --input's columns, for a .csv / .tsv file without a header row")
     return parser
 
 
@@ -244,7 +246,8 @@ def _predict_file(args: argparse.Namespace) -> int:
     with Progress(transient=True, console=_stderr_console()) as progress:
         task = progress.add_task(f"predicting {args.input.name}", total=None)
         rows = predict_file(args.model_uri, args.input, args.output, renames,
-                            on_progress=lambda done, total: progress.update(task, completed=done, total=total))
+                            on_progress=lambda done, total: progress.update(task, completed=done, total=total),
+                            columns=args.columns)
     print(f"wrote {rows} predictions to {args.output}")
     return 0
 

@@ -7,6 +7,7 @@ the problem type.
 
 from __future__ import annotations
 
+import csv
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -20,9 +21,21 @@ from ftsearch.data.text import read_table
 from ftsearch.errors import FtsearchError
 
 FILE_BATCH_ROWS = 256  # rows per call of the model when predicting a file: progress, bounded memory
+
+
+def _write_tsv(frame: pd.DataFrame, path: Path) -> None:
+    # TSV has no quoting (ftsearch reads it with none): a tab or line break inside a cell would
+    # shift the columns, so such a file goes to .csv / .jsonl / .parquet instead.
+    text = frame.select_dtypes(include="object").astype(str)
+    if any(text[c].str.contains("[\t\n\r]", regex=True).any() for c in text.columns):
+        raise FtsearchError(f"--output {path}: some cells hold tabs or line breaks, which a .tsv cannot keep; "
+                            "write .csv, .jsonl or .parquet")
+    frame.to_csv(path, index=False, sep="\t", quoting=csv.QUOTE_NONE)
+
+
 _WRITERS: dict[str, Callable[[pd.DataFrame, Path], None]] = {
     ".csv": lambda frame, path: frame.to_csv(path, index=False),
-    ".tsv": lambda frame, path: frame.to_csv(path, index=False, sep="\t"),
+    ".tsv": _write_tsv,
     ".jsonl": lambda frame, path: frame.to_json(path, orient="records", lines=True),
     ".parquet": lambda frame, path: frame.to_parquet(path, index=False),
 }
@@ -71,15 +84,15 @@ def predict(model_uri: str, inputs: list[str] | None = None, pairs: list[tuple[s
 
 
 def predict_file(model_uri: str, source: Path, target: Path, renames: dict[str, str] | None = None,
-                 on_progress: Callable[[int, int], None] | None = None) -> int:
-    """Predict for every row of ``source`` (.csv, .tsv, .jsonl, .parquet) and write its columns
-    with the prediction columns added to ``target`` (by its suffix); ``renames`` maps the model's
-    input names to the file's columns. Returns the rows written. Nothing is written unless every
-    row was predicted."""
+                 on_progress: Callable[[int, int], None] | None = None, columns: list[str] | None = None) -> int:
+    """Predict for every row of ``source`` (.csv, .tsv, .jsonl, .parquet; ``columns`` names those
+    of a file without a header row) and write its columns with the prediction columns added to
+    ``target`` (by its suffix); ``renames`` maps the model's input names to the file's columns.
+    Returns the rows written. Nothing is written unless every row was predicted."""
     if target.suffix not in _WRITERS:
         raise FtsearchError(f"--output {target}: unsupported format {target.suffix!r}; use one of {', '.join(_WRITERS)}")
     served = Served(model_uri)
-    frame = read_table(source)
+    frame = read_table(source, columns)
     columns = {name: (renames or {}).get(name, name) for name in served.inputs}
     missing = [column for column in columns.values() if column not in frame.columns]
     if missing:

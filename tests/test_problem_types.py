@@ -270,3 +270,17 @@ def test_a_bad_value_names_file_row_and_column_exits_2_and_creates_nothing(case,
     err = capsys.readouterr().err
     assert train in err and all(part in err for part in expected), err
     assert not (state_dir / "optuna.journal").exists() and not (state_dir / "mlflow.db").exists()
+
+
+def test_predict_a_file_without_a_header_row_and_to_tsv(in_searched, tmp_path, capsys):
+    kind, _, _ = in_searched
+    if kind != "multilabel":
+        pytest.skip("one model is enough for the file-format paths")
+    source, target = tmp_path / "in.tsv", tmp_path / "out.tsv"
+    source.write_text('great "superb" film\t7\nawful dull plot\t8\n')
+    uri = "models:/tiny-multilabel@candidate"
+    assert main(["predict", uri, "--input", str(source), "--output", str(target), "--columns", "text", "id"]) == 0
+    capsys.readouterr()
+    lines = target.read_text().splitlines()
+    # Written as ftsearch reads TSV: no quoting, so the text comes back as it was.
+    assert lines[0].startswith("text\tid\tlabels\tprob_praise") and lines[1].startswith('great "superb" film\t7\t')

@@ -162,6 +162,12 @@ def _load_tables(cfg: DataConfig, study_dir: Path | None) -> dict[str, tuple[pd.
     """The raw frames the data set's files give, by split: always train; val and test when given."""
     spec = TEXT_DATASETS.get(cfg.dataset)
     if spec is not None:
+        # A catalog data set brings its own files and splits: a file key given with it would be
+        # silently unused.
+        given = [f"data.{key}" for key in ("test_file", "val_file", "format", "columns") if getattr(cfg, key) is not None]
+        if given:
+            raise FtsearchError(f"{', '.join(given)} cannot be used with the catalog data set {cfg.dataset!r}, which "
+                                "brings its own files and splits; give data.dataset as a file path to use your own")
         return _load_catalog(spec, cfg)
     tables = {}
     for split, key in _FILE_KEYS.items():
@@ -202,12 +208,13 @@ def _find_file(name: str, study_dir: Path | None, key: str) -> Path:
     )
 
 
-def read_table(path: Path) -> pd.DataFrame:
+def read_table(path: Path, columns: list[str] | None = None) -> pd.DataFrame:
     """A table file (.csv, .tsv, .jsonl, .json, .parquet, by its suffix) read as a study's data
-    files are: texts kept exactly as written. Raises FtsearchError saying what is wrong."""
+    files are: texts kept exactly as written; ``columns`` names those of a .csv / .tsv file without
+    a header row. Raises FtsearchError saying what is wrong."""
     if not path.is_file():
         raise FtsearchError(f"{path} is not a file")
-    return _read(path, _format(path, None), None)[0]
+    return _read(path, _format(path, None), columns)[0]
 
 
 def _format(path: Path, given: str | None) -> str:

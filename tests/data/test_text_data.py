@@ -326,3 +326,9 @@ def test_goemotions_loads_as_multi_label():
     assert (len(splits.train), len(splits.val), len(splits.test)) == (43410, 5426, 5427)
     targets = target_array(splits.train)
     assert targets.shape == (43410, 28) and (targets.sum(axis=1) >= 2).any() and (targets.sum(axis=1) >= 1).all()
+
+
+def test_a_file_key_with_a_catalog_data_set_is_an_error_not_ignored():
+    cfg = DataConfig(dataset="imdb", labels=["negative", "positive"], val_file="my_val.csv")
+    with pytest.raises(FtsearchError, match="data.val_file cannot be used with the catalog data set 'imdb'"):
+        load_text_splits(cfg)
