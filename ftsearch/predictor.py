@@ -64,10 +64,9 @@ class TextClassifier:
         self.model.to(self.device).eval()
 
     @torch.inference_mode()
-    def predict(self, texts: list[str], pairs: list[str] | None = None, batch_size: int = 32,
-                on_batch=None) -> pd.DataFrame:
+    def predict(self, texts: list[str], pairs: list[str] | None = None, batch_size: int = 32) -> pd.DataFrame:
         """One row per text (and its pair's second text), as the problem type's
-        ``prediction_table`` says; tokenised as in training. ``on_batch(done)`` hears of each batch."""
+        ``prediction_table`` says; tokenised as in training."""
         if self.pair and pairs is None:
             raise ValueError("this model reads pairs of texts: give each text its second text (text_pair)")
         outputs = []
@@ -81,8 +80,6 @@ class TextClassifier:
                 return_tensors="pt",
             ).to(self.device)
             outputs.append(self.model(**batch).logits.float().cpu())
-            if on_batch is not None:
-                on_batch(min(start + batch_size, len(texts)))
         return self.problem.prediction_table(torch.cat(outputs).numpy(), self.labels)
 
 
