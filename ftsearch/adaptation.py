@@ -1,16 +1,24 @@
 """How a backbone is adapted for a trial's training, and how the adapted model is saved for serving.
 
-Today's method is freeze depth: the embeddings (or an image backbone's stem) and the lowest ``k``
-blocks (stages) are frozen, the rest and the new head train. For text, a frozen prefix is a fixed
-function of the input, so its outputs can be computed once and cached (``FrozenPrefixCache``):
-a trial then trains only the blocks above it. The cut is checked before anything is cached.
+A trial's ``method`` (``ftsearch.config.METHODS``) says what trains:
 
-A new method (LoRA, BitFit, layer-wise learning rates) is a new ``Adaptation`` here: what it makes
-trainable, whether the frozen-prefix cache still serves it, and what ``serving_model`` returns.
+- ``full``: every parameter; ``freeze``: all but the embeddings (an image stem) and the lowest
+  ``freeze_depth`` blocks (stages). Both take a layer-wise learning-rate decay (block i from the
+  top at ``lr * lr_decay**i``, what sits below the blocks one step further) and a multiplier on
+  the new head's learning rate.
+- ``lora``: low-rank adapters (Hugging Face ``peft``) on the linear layers of the blocks above the
+  frozen prefix, and the head; saved merged into plain weights, so serving needs no ``peft``.
+- ``bitfit``: the biases and normalisation parameters above the frozen prefix, and the head.
+
+Any method may start with ``head_warmup_epochs`` of the head alone (LP-FT, in the training loop).
+A frozen prefix is a fixed function of the input, so for text its outputs can be computed once and
+cached (``FrozenPrefixCache``): the trial then trains only what sits above it, whatever the method.
+The cut is checked before anything is cached.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -18,13 +26,21 @@ from torch import nn
 
 from ftsearch.data.features import budget_bytes, budget_shortfall, feature_bytes, feature_loader, prefix_features
 from ftsearch.data.tokens import TokenizedSplit, make_loader
+from ftsearch.errors import FtsearchError
+from ftsearch.models import Layers
 from ftsearch.models import text as text_models
 from ftsearch.models import vision as vision_models
 from ftsearch.models.text import UpperBlocksClassifier, prefix_hidden_states, trainable_inputs_of_prefix
+from ftsearch.space import TrialConfig
+from ftsearch.train import ParamGroup
 
 # Cached hidden states are stored in float16 (about 3 significant digits): logits from them must
 # agree with the full forward's to this tolerance.
 CACHE_RTOL, CACHE_ATOL = 1e-2, 1e-2
+# The attention projections ``lora_targets: attention`` adapts, by their names in transformers
+# (BERT / RoBERTa / ELECTRA, DistilBERT, DeBERTa, most decoders) and timm (ViT's fused qkv).
+ATTENTION_PROJECTIONS = {"query", "value", "q_lin", "v_lin", "query_proj", "value_proj", "q_proj", "v_proj", "qkv"}
+_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
 
 
 def trainable_count(model: nn.Module) -> int:
@@ -70,20 +86,122 @@ def freeze_lowest_stages(model: vision_models.ImageClassifier, depth: int) -> in
     return trainable_count(model)
 
 
-class FreezeDepth:
-    """The freeze-depth method: ``trial.freeze_depth`` lowest blocks frozen, for text and images."""
+@dataclass
+class Adapted:
+    """A model made ready for its trial's method: the parameter groups the training loop takes
+    (learning-rate scale, head or not), and the plain model to save from the trained one."""
 
-    def apply(self, model: nn.Module, depth: int) -> int:
-        """Freeze ``model`` in place; returns its trainable parameter count."""
-        if isinstance(model, vision_models.ImageClassifier):
-            return freeze_lowest_stages(model, depth)
-        return freeze_lowest_blocks(model, depth)
+    model: nn.Module
+    groups: list[ParamGroup]
+    serving: Callable[[nn.Module], nn.Module]
 
-    @staticmethod
-    def serving_model(model: nn.Module) -> nn.Module:
-        """The model to save and serve: the full classifier, whether or not training ran from the
-        frozen-prefix cache."""
-        return text_models.unwrap(model)
+    @property
+    def trainable(self) -> int:
+        return trainable_count(self.model)
+
+
+def adapt(model: nn.Module, trial: TrialConfig) -> Adapted:
+    """Adapt a freshly built classifier (text or image) in place for ``trial``'s method.
+
+    Raises FtsearchError when the method has nothing to train in this backbone (LoRA targets it
+    does not have)."""
+    image = isinstance(model, vision_models.ImageClassifier)
+    layers = vision_models.layers(model) if image else text_models.layers(model)
+    merge = None
+    if trial.method == "lora":
+        merge = _inject_lora(model, layers, trial)
+    elif trial.method == "bitfit":
+        _bias_and_norms_only(model)
+    if trial.method in ("lora", "bitfit"):
+        for module in layers.head:
+            module.requires_grad_(True)
+    # The frozen prefix last: it must end up frozen whatever the method unfroze.
+    if image:
+        freeze_lowest_stages(model, trial.freeze_depth)
+    else:
+        freeze_lowest_blocks(model, trial.freeze_depth)
+    groups = _groups(model, layers, trial)
+
+    def serving(trained: nn.Module) -> nn.Module:
+        plain = text_models.unwrap(trained)
+        return plain if merge is None else merge()
+
+    return Adapted(model, groups, serving)
+
+
+def lora_targets(model: nn.Module, blocks: list[nn.Module], targets: str, backbone: str, depth: int = 0) -> list[str]:
+    """The names of the layers LoRA adapts in ``blocks[depth:]``: the attention projections
+    (``attention``) or every linear layer (``all-linear``; in an image backbone also every
+    convolution peft can adapt). Raises FtsearchError, naming the backbone, when there are none."""
+    image = isinstance(model, vision_models.ImageClassifier)
+    kinds = (nn.Linear, nn.Conv2d) if image and targets == "all-linear" else (nn.Linear,)
+    names = {id(m): n for n, m in model.named_modules()}
+    found = [
+        names[id(module)]
+        for block in blocks[depth:]
+        for module in block.modules()
+        if isinstance(module, kinds) and getattr(module, "groups", 1) == 1  # peft adapts no grouped convolution
+        and (targets == "all-linear" or names[id(module)].rsplit(".", 1)[-1] in ATTENTION_PROJECTIONS)
+    ]
+    if not found:
+        wanted = "linear layers" if targets == "all-linear" else f"attention projections ({', '.join(sorted(ATTENTION_PROJECTIONS))})"
+        raise FtsearchError(f"lora_targets {targets!r}: backbone {backbone!r} has no {wanted} in its blocks above "
+                            f"freeze depth {depth}; search the other lora_targets, or another method")
+    return found
+
+
+def check_lora_targets(model: nn.Module, choices: list[str], backbone: str, source: str) -> None:
+    """Before the search: every searched ``lora_targets`` choice finds layers in ``backbone``
+    (``model`` may be a weightless skeleton). Raises FtsearchError naming the study file."""
+    blocks = (vision_models.layers(model) if isinstance(model, vision_models.ImageClassifier) else text_models.layers(model)).blocks
+    for targets in choices:
+        try:
+            lora_targets(model, blocks, targets, backbone)
+        except FtsearchError as err:
+            raise FtsearchError(f"{source}: search.method has lora, but {err}") from None
+
+
+def _inject_lora(model: nn.Module, layers: Layers, trial: TrialConfig) -> Callable[[], nn.Module]:
+    """LoRA adapters (peft) on the target layers of the blocks above the frozen prefix; every
+    other parameter frozen. Returns the function that merges them into plain weights."""
+    from peft import LoraConfig, LoraModel
+
+    targets = lora_targets(model, layers.blocks, trial.lora_targets, trial.backbone, trial.freeze_depth)
+    config = LoraConfig(r=trial.lora_rank, lora_alpha=trial.lora_alpha_ratio * trial.lora_rank,
+                        lora_dropout=trial.lora_dropout, target_modules=targets)
+    # LoraModel adapts ``model`` in place (its classes and the paths to its blocks stay), so the
+    # frozen-prefix cut and the saved layout work as for any other method.
+    tuner = LoraModel(model, config, "default")
+    return tuner.merge_and_unload
+
+
+def _bias_and_norms_only(model: nn.Module) -> None:
+    """BitFit: every parameter frozen but the biases and the normalisation layers' parameters."""
+    model.requires_grad_(False)
+    for module in model.modules():
+        if isinstance(module, _NORMS):
+            module.requires_grad_(True)
+        elif isinstance(getattr(module, "bias", None), nn.Parameter):
+            module.bias.requires_grad_(True)
+
+
+def _groups(model: nn.Module, layers: Layers, trial: TrialConfig) -> list[ParamGroup]:
+    """The trainable parameters by learning-rate scale: block i from the top at ``lr_decay**i``,
+    what sits below the blocks at ``lr_decay**len(blocks)``, the head at ``head_lr_multiplier``
+    (and marked, for the head warm-up), anything else (a pooler) at 1."""
+    scale: dict[int, float] = {}
+    count = len(layers.blocks)
+    for power, modules in [(count, layers.below), *((count - 1 - i, [b]) for i, b in enumerate(layers.blocks))]:
+        for module in modules:
+            for param in module.parameters():
+                scale[id(param)] = trial.lr_decay ** power
+    head = {id(p) for module in layers.head for p in module.parameters()}
+    grouped: dict[tuple[float, bool], list[tuple[str, nn.Parameter]]] = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            key = (trial.head_lr_multiplier, True) if id(param) in head else (scale.get(id(param), 1.0), False)
+            grouped.setdefault(key, []).append((name, param))
+    return [ParamGroup(params, lr_scale=lr_scale, head=is_head) for (lr_scale, is_head), params in grouped.items()]
 
 
 @dataclass

@@ -52,15 +52,18 @@ class FloatRange(_Strict):
 
 
 class IntRange(_Strict):
-    """An integer searched between ``low`` and ``high`` inclusive."""
+    """An integer searched between ``low`` and ``high`` inclusive (log-uniform when ``log``)."""
 
     low: int = Field(ge=0)
     high: int = Field(ge=0)
+    log: bool = False
 
     @model_validator(mode="after")
     def _ordered(self) -> IntRange:
         if self.low > self.high:
             raise ValueError(f"low ({self.low}) is above high ({self.high})")
+        if self.log and self.low < 1:
+            raise ValueError(f"a log range needs low >= 1, got {self.low}")
         return self
 
 
@@ -184,6 +187,24 @@ _SEARCH_BOUNDS = {
     "epochs": (1, 100),
     "warmup_ratio": (0.0, 0.5),
     "freeze_depth": (0, 1000),
+    "lora_rank": (1, 1024),
+    "lora_alpha_ratio": (0.0625, 16.0),
+    "lora_dropout": (0.0, 0.5),
+    "lr_decay": (0.05, 1.0),
+    "head_lr_multiplier": (0.01, 1000.0),
+    "head_warmup_epochs": (0, 100),
+}
+METHODS = ("full", "freeze", "lora", "bitfit")
+FROZEN_PREFIX_METHODS = ("freeze", "lora", "bitfit")  # those that sample freeze_depth (full trains every block)
+# The methods each method's own key applies to: it is sampled only in a trial of one of them, and
+# setting it while none of them is searched is an error.
+METHOD_KEYS = {
+    "lora_rank": ("lora",),
+    "lora_alpha_ratio": ("lora",),
+    "lora_dropout": ("lora",),
+    "lora_targets": ("lora",),
+    "lr_decay": ("full", "freeze"),
+    "head_lr_multiplier": ("full", "freeze"),
 }
 
 
@@ -201,11 +222,40 @@ class SearchSpace(_Strict):
         None, min_length=1, description="learning-rate schedules to search among (left out: linear, not searched)"
     )
     augment: AugmentSpace = AugmentSpace()
+    method: list[Literal["full", "freeze", "lora", "bitfit"]] = Field(
+        ["freeze"], min_length=1,
+        description="how a trial adapts its backbone, searched among these (docs/study-files.md#methods)",
+    )
+    # Left out, a method's key is not searched: its trials use the value in ftsearch.space.TrialConfig.
+    lora_rank: IntRange | None = None
+    lora_alpha_ratio: FloatRange | None = Field(None, description="LoRA's alpha as a multiple of its rank")
+    lora_dropout: FloatRange | None = None
+    lora_targets: list[Literal["attention", "all-linear"]] | None = Field(None, min_length=1)
+    lr_decay: FloatRange | None = Field(None, description="layer-wise: block i from the top trains at lr * decay**i")
+    head_lr_multiplier: FloatRange | None = Field(None, description="the new head trains at lr times this")
+    head_warmup_epochs: IntRange | None = Field(
+        None, description="epochs that train the head alone before the method's parameters join (LP-FT)"
+    )
 
     @field_validator(*_SEARCH_BOUNDS)
     @classmethod
     def _within(cls, value: FloatRange | IntRange, info: ValidationInfo) -> FloatRange | IntRange:
         return _check_within(value, info, _SEARCH_BOUNDS)
+
+    @field_validator("method")
+    @classmethod
+    def _distinct(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("each method at most once")
+        return value
+
+    @model_validator(mode="after")
+    def _keys_fit_methods(self) -> SearchSpace:
+        for key, methods in METHOD_KEYS.items():
+            if getattr(self, key) is not None and not set(methods) & set(self.method):
+                raise ValueError(f"search.{key} applies to the method(s) {', '.join(methods)}, and search.method is "
+                                 f"{self.method}: add one of them to search.method or remove search.{key}")
+        return self
 
     @field_validator("batch_size", "max_length")
     @classmethod
@@ -378,7 +428,7 @@ class StudyConfig(_Strict):
         return (
             f"{', '.join(self.backbones)}; data: train {size(d.train_size)} / val {size(d.val_size)} / "
             f"test {size(d.test_size)}, {length}epochs {s.epochs.low}-{s.epochs.high}, "
-            f"freeze depth {s.freeze_depth.low}-{s.freeze_depth.high}, "
+            f"methods {', '.join(s.method)}, freeze depth {s.freeze_depth.low}-{s.freeze_depth.high}, "
             f"{self.n_trials} trials, timeout {self.timeout or 'none'} s"
         )
 

@@ -18,6 +18,11 @@ WORKER_ATTR = "ftsearch.worker"  # trial attribute: host:pid of the process that
 RETRY_OF_ATTR = "ftsearch.retry_of"  # trial attribute: the trial a retry repeats (its checkpoint, its seed)
 RETRIES_ATTR = "ftsearch.retries"  # trial attribute: how many times its parameters were retried
 RESUMED_ATTR = "resumed_from_epoch"  # trial attribute and run param: the epoch a retry resumed after
+# Trial attributes the report reads without going to MLflow (the same values are on the trial's run).
+METHOD_ATTR = "ftsearch.method"  # how the backbone was adapted (full, freeze, lora, bitfit)
+TRAINABLE_ATTR = "ftsearch.trainable_params"  # parameters the method trained
+EPOCH_SECONDS_ATTR = "ftsearch.epoch_seconds"  # mean seconds per epoch (training and validation)
+PEAK_MEMORY_ATTR = "ftsearch.peak_memory_mb"  # see ftsearch.train.peak_memory_mb
 
 # The order in which trial states are counted and shown everywhere.
 STATE_ORDER = ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")

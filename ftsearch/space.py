@@ -8,7 +8,7 @@ from __future__ import annotations
 import optuna
 from pydantic import BaseModel, ConfigDict
 
-from ftsearch.config import FloatRange, IntRange, StudyConfig
+from ftsearch.config import FROZEN_PREFIX_METHODS, METHOD_KEYS, FloatRange, IntRange, StudyConfig
 from ftsearch.generations import RETRY_OF_ATTR
 
 
@@ -20,6 +20,16 @@ class TrialConfig(BaseModel):
 
     backbone: str
     freeze_depth: int
+    # How the backbone is adapted (ftsearch.adaptation); the defaults are each key's value when
+    # the study does not search it.
+    method: str = "freeze"
+    lora_rank: int = 8
+    lora_alpha_ratio: float = 2.0  # LoRA's alpha = this x its rank
+    lora_dropout: float = 0.1
+    lora_targets: str = "attention"
+    lr_decay: float = 1.0
+    head_lr_multiplier: float = 1.0
+    head_warmup_epochs: int = 0
     lr: float
     batch_size: int
     weight_decay: float
@@ -43,21 +53,55 @@ class TrialConfig(BaseModel):
     cutmix_alpha: float = 0.0
 
 
-def _suggest(trial: optuna.Trial, name: str, rng: FloatRange | IntRange) -> float | int:
+def searched_lora_targets(study: StudyConfig) -> list[str]:
+    """The ``lora_targets`` a LoRA trial of ``study`` may use. Not searched: the attention
+    projections for text, every linear layer and convolution for images (convolutional
+    backbones have no attention)."""
+    return study.search.lora_targets or ["all-linear" if study.modality == "image" else "attention"]
+
+
+def _suggest(trial: optuna.Trial, name: str, rng: FloatRange | IntRange, high: int | None = None) -> float | int:
+    """``rng`` sampled; an int range's ``high`` lowered to ``high`` where the trial allows less (its
+    low with it, so the range stays a range)."""
     if isinstance(rng, IntRange):
-        return trial.suggest_int(name, rng.low, rng.high)
+        top = rng.high if high is None else min(rng.high, high)
+        return trial.suggest_int(name, min(rng.low, top), top, log=rng.log and min(rng.low, top) >= 1)
     return trial.suggest_float(name, rng.low, rng.high, log=rng.log)
 
 
+def _method(trial: optuna.Trial, study: StudyConfig, depth_limit: int) -> dict:
+    """The adaptation method, and the freeze depth where the method has a frozen prefix."""
+    space = study.search
+    # A single method is not a choice: asking Optuna for it would only add a constant column.
+    method = trial.suggest_categorical("method", space.method) if len(space.method) > 1 else space.method[0]
+    # LoRA keeps at least one block above the frozen prefix to put its adapters in.
+    top = depth_limit - 1 if method == "lora" else depth_limit
+    depth = _suggest(trial, "freeze_depth", space.freeze_depth, high=top) if method in FROZEN_PREFIX_METHODS else 0
+    return {"method": method, "freeze_depth": depth}
+
+
+def _method_keys(trial: optuna.Trial, study: StudyConfig, method: str, epochs: int) -> dict:
+    """The method's own keys that the study searches, and the head warm-up (any method)."""
+    space = study.search
+    values = {"lora_targets": searched_lora_targets(study)[0]} if method == "lora" else {}
+    for key, methods in METHOD_KEYS.items():
+        searched = getattr(space, key)
+        if method in methods and searched is not None:
+            values[key] = trial.suggest_categorical(key, searched) if isinstance(searched, list) else _suggest(trial, key, searched)
+    if space.head_warmup_epochs is not None:
+        # At least one epoch is left to the method itself.
+        values["head_warmup_epochs"] = _suggest(trial, "head_warmup_epochs", space.head_warmup_epochs, high=epochs - 1)
+    return values
+
+
 def sample_trial(trial: optuna.Trial, study: StudyConfig, blocks: dict[str, int]) -> TrialConfig:
-    """Sample a TrialConfig; freeze depth is conditional on the chosen backbone's block count,
-    RandAugment's settings on RandAugment being chosen."""
+    """Sample a TrialConfig; freeze depth is conditional on the method and the chosen backbone's
+    block count, each method's keys on that method, RandAugment's settings on RandAugment."""
     space = study.search
     backbone = trial.suggest_categorical("backbone", study.backbones)
-    depth_high = min(space.freeze_depth.high, blocks[backbone])
     values = {
         "backbone": backbone,
-        "freeze_depth": trial.suggest_int("freeze_depth", min(space.freeze_depth.low, depth_high), depth_high),
+        **_method(trial, study, blocks[backbone]),
         "lr": _suggest(trial, "lr", space.lr),
         "batch_size": trial.suggest_categorical("batch_size", space.batch_size),
         "weight_decay": _suggest(trial, "weight_decay", space.weight_decay),
@@ -66,6 +110,7 @@ def sample_trial(trial: optuna.Trial, study: StudyConfig, blocks: dict[str, int]
         # A retry keeps the seed of the trial it repeats (it resumes that trial's checkpoint).
         "seed": study.sampler.seed + int(trial.user_attrs.get(RETRY_OF_ATTR, trial.number)),
     }
+    values |= _method_keys(trial, study, values["method"], values["epochs"])
     if space.scheduler is not None:
         values["scheduler"] = trial.suggest_categorical("scheduler", space.scheduler)
     if study.modality == "text":

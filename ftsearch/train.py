@@ -13,6 +13,7 @@ import gc
 import math
 import os
 import random
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -52,15 +53,28 @@ class TrainSettings:
     device: str = "cpu"
     compile: bool = False  # torch.compile the model's forward (dynamic shapes: batches vary in length)
     grad_accumulation: int = 1  # batches per optimiser step (the batch that fits times this = the effective batch)
+    head_warmup_epochs: int = 0  # epochs that train only the ``head`` parameter groups (linear probe, then fine-tune)
+
+
+@dataclass(frozen=True)
+class ParamGroup:
+    """Named parameters trained at ``lr_scale`` times the learning rate. ``head`` groups train from
+    the first epoch; the others join after ``TrainSettings.head_warmup_epochs``."""
+
+    params: list[tuple[str, nn.Parameter]]
+    lr_scale: float = 1.0
+    head: bool = False
 
 
 @dataclass(frozen=True)
 class EpochMetrics:
-    """What one epoch produced: its mean training loss and every validation metric."""
+    """What one epoch produced: its mean training loss, every validation metric, and the seconds
+    it took (training and validation)."""
 
     epoch: int
     train_loss: float
     metrics: dict[str, float]
+    seconds: float = field(default=0.0, compare=False)  # a rerun that trains the same takes other seconds
 
     def value(self, metric: str) -> float:
         return self.metrics[metric]
@@ -114,6 +128,23 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def peak_memory_mb(device: torch.device) -> float:
+    """The most memory this fit could have used, in MiB: on a GPU, what torch allocated since the
+    last ``reset_peak_memory(device)``; on the CPU, the process's peak resident set so far (the
+    operating system keeps one high-water mark per process, so it covers earlier fits too)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new GPU high-water mark for ``peak_memory_mb`` (the CPU's cannot be reset)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
 def _autocast(device: torch.device):
     # bf16 autocast needs no loss scaling; on the CPU it is slower than fp32, so CUDA only.
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -123,19 +154,48 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    # Biases and normalisation weights are not decayed, as in BERT's recipe.
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
+def make_optimizer(groups: list[ParamGroup], settings: TrainSettings) -> torch.optim.AdamW:
+    """AdamW over ``groups``, each at ``settings.lr * lr_scale`` and split into decayed weights and
+    undecayed biases and normalisation weights (BERT's recipe); each AdamW group keeps its
+    ParamGroup's ``head`` mark for the schedule."""
+    split = []
+    for group in groups:
+        decay, no_decay = [], []
+        for name, param in group.params:
             (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        for params, weight_decay in ((decay, settings.weight_decay), (no_decay, 0.0)):
+            if params:
+                split.append({"params": params, "weight_decay": weight_decay, "lr": settings.lr * group.lr_scale,
+                              "head": group.head})
+    return torch.optim.AdamW(split, lr=settings.lr, fused=settings.device.startswith("cuda"))
 
 
-def make_scheduler(name: str, optimizer: torch.optim.Optimizer, warmup: int, total: int):
+def default_groups(model: nn.Module) -> list[ParamGroup]:
+    """Every trainable parameter at the learning rate itself, all training from the first epoch."""
+    return [ParamGroup([(n, p) for n, p in model.named_parameters() if p.requires_grad], head=True)]
+
+
+def make_scheduler(name: str, optimizer: torch.optim.Optimizer, warmup: int, total: int, delayed: int = 0):
     """``transformers.get_scheduler``'s ``name`` schedule (linear, cosine, constant_with_warmup):
-    ``warmup`` steps rising from 0, then the schedule's decay over the rest of ``total``."""
-    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total)
+    ``warmup`` steps rising from 0, then the schedule's decay over the rest of ``total``.
+
+    With ``delayed`` steps, the groups not marked ``head`` stay at 0 for those steps and then run
+    the same schedule (its warm-up scaled) over the steps left: a linear probe, then fine-tuning.
+    """
+    if not delayed:
+        return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total)
+    # transformers builds its schedules as LambdaLR; one built on a throwaway optimiser gives the
+    # step -> factor function of each phase, so both keep transformers' exact shapes.
+    def shape(warmup_steps: int, steps: int):
+        probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        return get_scheduler(name, probe, num_warmup_steps=warmup_steps, num_training_steps=steps).lr_lambdas[0]
+
+    head = shape(warmup, total)
+    rest = total - delayed
+    body = shape(round(warmup * rest / total), rest)
+    lambdas = [head if group.get("head", True) else (lambda step: 0.0 if step < delayed else body(step - delayed))
+               for group in optimizer.param_groups]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
 
 
 @torch.inference_mode()
@@ -164,6 +224,7 @@ def fit(
     on_resume: ResumeCallback | None = None,
     *,
     scoring: Scoring,
+    groups: list[ParamGroup] | None = None,
 ) -> FitResult:
     """Fine-tune ``model`` with AdamW, a warm-up + decay schedule, gradient clipping; the loss and
     the validation metrics are ``scoring``'s (the problem type's).
@@ -176,6 +237,9 @@ def fit(
     stream, the history and the best epoch) is written there after each epoch; a call that finds
     that file resumes after its epoch, as if never interrupted (``result.resumed_from_epoch``,
     ``on_resume`` hears of the restored epochs). The caller deletes the file when it is done.
+
+    ``groups`` (default: every trainable parameter at ``settings.lr``) set a learning rate per
+    group (layer-wise decay, a head multiplier) and which train during the head warm-up.
     """
     set_seed(settings.seed)
     device = torch.device(settings.device)
@@ -184,7 +248,7 @@ def fit(
         # In place, so the state dict keeps its keys; dynamic, so each new batch length does not
         # trigger a recompilation.
         model.compile(dynamic=True)
-    steps = _Steps.start(model, settings, len(train_loader), scoring, on_step)
+    steps = _Steps.start(model, groups or default_groups(model), settings, len(train_loader), scoring, on_step)
     result = FitResult(status="completed")
     first_epoch = 1
     if checkpoint is not None and checkpoint.is_file():
@@ -195,12 +259,13 @@ def fit(
     steps.done = (first_epoch - 1) * steps.per_epoch
 
     for epoch in range(first_epoch, settings.epochs + 1):
+        started = time.perf_counter()
         train_loss, result.reason = steps.train_epoch(model, train_loader, epoch)
         if result.reason:
             result.status = "diverged"
             return result
         evaluation = evaluate(model, val_loader, device, scoring)
-        metrics = EpochMetrics(epoch, train_loss, evaluation.metrics)
+        metrics = EpochMetrics(epoch, train_loss, evaluation.metrics, time.perf_counter() - started)
         result.history.append(metrics)
         if _improves(metrics.value(settings.metric), result.best_value(settings.metric), settings.maximize):
             result.best_epoch = epoch
@@ -222,30 +287,36 @@ class _Steps:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     trainable: list[nn.Parameter]
+    later: list[nn.Parameter]  # the parameters that wait for the head warm-up to end
     settings: TrainSettings
     scoring: Scoring
     on_step: StepCallback | None
     per_epoch: int
     total: int
+    head_epochs: int = 0  # the head warm-up, at most every epoch but the last
     done: int = 0
 
     @classmethod
-    def start(cls, model: nn.Module, settings: TrainSettings, batches: int, scoring: Scoring,
-              on_step: StepCallback | None) -> _Steps:
-        device = torch.device(settings.device)
-        optimizer = torch.optim.AdamW(
-            _param_groups(model, settings.weight_decay), lr=settings.lr, fused=device.type == "cuda"
-        )
+    def start(cls, model: nn.Module, groups: list[ParamGroup], settings: TrainSettings, batches: int,
+              scoring: Scoring, on_step: StepCallback | None) -> _Steps:
+        optimizer = make_optimizer(groups, settings)
         per_epoch = math.ceil(batches / max(1, settings.grad_accumulation))
         total = settings.epochs * per_epoch
-        scheduler = make_scheduler(settings.scheduler, optimizer, int(settings.warmup_ratio * total), total)
+        head_epochs = max(0, min(settings.head_warmup_epochs, settings.epochs - 1))
+        scheduler = make_scheduler(settings.scheduler, optimizer, int(settings.warmup_ratio * total), total,
+                                   head_epochs * per_epoch)
         trainable = [p for p in model.parameters() if p.requires_grad]
-        return cls(optimizer, scheduler, trainable, settings, scoring, on_step, per_epoch, total)
+        later = [p for g in groups if not g.head for _, p in g.params] if head_epochs else []
+        return cls(optimizer, scheduler, trainable, later, settings, scoring, on_step, per_epoch, total, head_epochs)
 
     def train_epoch(self, model: nn.Module, loader: DataLoader, epoch: int) -> tuple[float, str]:
         """One pass over ``loader``: ``(mean training loss, '')``, or ``(nan, why)`` when the loss
         stopped being finite (nothing is trained on it)."""
         device, accumulation = torch.device(self.settings.device), max(1, self.settings.grad_accumulation)
+        # During the head warm-up the other parameters take no gradient at all: nothing is spent on
+        # them, and AdamW's moments for them start when they do.
+        for param in self.later:
+            param.requires_grad_(epoch > self.head_epochs)
         model.train()
         loss_sum, batches = 0.0, 0
         for step, batch in enumerate(loader, start=1):

@@ -14,14 +14,33 @@ from transformers import set_seed
 from ftsearch import progress, tracking
 from ftsearch.checkpoints import TrialCheckpoints
 from ftsearch.config import StudyConfig
-from ftsearch.generations import REASON_ATTR, RESUMED_ATTR, RETRY_OF_ATTR, RUN_ID_ATTR, best_trial, count_states
+from ftsearch.generations import (
+    EPOCH_SECONDS_ATTR,
+    METHOD_ATTR,
+    PEAK_MEMORY_ATTR,
+    REASON_ATTR,
+    RESUMED_ATTR,
+    RETRY_OF_ATTR,
+    RUN_ID_ATTR,
+    TRAINABLE_ATTR,
+    best_trial,
+    count_states,
+)
 from ftsearch.modalities.base import Modality
 from ftsearch.outcomes import Outcome, end_run, outcome_of
 from ftsearch.problems import ProblemType
 from ftsearch.problems.base import Evaluation
 from ftsearch.progress import BestTrial, Reporter, TrialCounts
 from ftsearch.space import TrialConfig, sample_trial
-from ftsearch.train import EpochMetrics, FitResult, TrainSettings, fit, free_memory
+from ftsearch.train import (
+    EpochMetrics,
+    FitResult,
+    TrainSettings,
+    fit,
+    free_memory,
+    peak_memory_mb,
+    reset_peak_memory,
+)
 
 OOM_TAG = "ftsearch.oom_retry"
 PROBLEM_STATE_ARTIFACT = "problem_state.json"  # thresholds / target scale the trial's model was saved with
@@ -110,7 +129,8 @@ class TrialRunner:
         trial.set_user_attr(RUN_ID_ATTR, run.run_id)
         # Params: exactly what Optuna sampled (so runs of one study share their columns); the full
         # resolved config, defaults included, is the artifact.
-        run.log_params({**trial.params, "seed": trial_cfg.seed})
+        run.log_params({**trial.params, "seed": trial_cfg.seed, "method": trial_cfg.method})
+        trial.set_user_attr(METHOD_ATTR, trial_cfg.method)
         if RETRY_OF_ATTR in trial.user_attrs:
             run.set_tag(RETRY_OF_ATTR, str(trial.user_attrs[RETRY_OF_ATTR]))
         run.log_dict(trial_cfg.model_dump(), "trial_config.json")
@@ -157,10 +177,12 @@ class TrialRunner:
         """Build, fit and save one attempt of the trial; ``logged`` holds the epochs already
         logged (by an attempt that ran out of memory, or inherited from a checkpoint)."""
         set_seed(trial_cfg.seed)  # the new head is drawn from the trial's seed
+        reset_peak_memory(self.prepared.device)
         setup = self.modality.build(trial_cfg)
         try:
             if not logged:
                 run.log_params({"trainable_params": setup.trainable_params, "total_params": setup.total_params})
+                trial.set_user_attr(TRAINABLE_ATTR, setup.trainable_params)
             if setup.feature_cache:
                 run.set_tag(FEATURE_CACHE_TAG, setup.feature_cache)
                 self.reporter.info(f"  frozen-prefix cache: {setup.feature_cache}")
@@ -168,14 +190,15 @@ class TrialRunner:
             result = fit(
                 setup.model, setup.train_loader, setup.val_loader, train_settings(trial_cfg, self.prepared, accumulation),
                 epochs.on_epoch_end, on_step=self.reporter.step, checkpoint=self.checkpoints.resume_file(trial),
-                on_resume=epochs.on_resume, scoring=self.modality.problem,
+                on_resume=epochs.on_resume, scoring=self.modality.problem, groups=setup.adapted.groups,
             )
+            self._record_cost(trial, run, result)
             # The decision rule (multi-label thresholds) tuned on the best epoch's validation outputs
             # is saved with the model: the test split and serving use it as is.
             problem = self.modality.problem if result.best_eval is None else self.modality.problem.tuned(result.best_eval)
             if result.status == "completed":
                 setup.model.load_state_dict(result.best_state)
-                self.modality.save(setup.model, trial_cfg, self.checkpoints.weights(trial.number), problem)
+                self.modality.save(setup.serving_model(), trial_cfg, self.checkpoints.weights(trial.number), problem)
             if result.best_epoch is not None:
                 run.log_metrics({"best_epoch": result.best_epoch}, step=result.best_epoch)
                 self._log_figures(run, result.best_eval, problem)
@@ -184,6 +207,15 @@ class TrialRunner:
             # Free the model and optimizer state before the next trial (no memory creeping up).
             del setup
             free_memory()
+
+    def _record_cost(self, trial: optuna.Trial, run: tracking.TrialRun, result: FitResult) -> None:
+        """Seconds per epoch and peak memory, on the run and on the trial (for the report)."""
+        seconds = [m.seconds for m in result.history if m.seconds > 0]
+        peak = peak_memory_mb(self.prepared.device)
+        run.log_metrics({"peak_memory_mb": peak}, step=len(result.history))
+        trial.set_user_attr(PEAK_MEMORY_ATTR, round(peak, 1))
+        if seconds:
+            trial.set_user_attr(EPOCH_SECONDS_ATTR, round(sum(seconds) / len(seconds), 3))
 
     def _log_figures(self, run: tracking.TrialRun, evaluation: Evaluation, problem: ProblemType) -> None:
         """The best epoch's figures and tables: the problem type's, then the modality's of the
@@ -245,7 +277,8 @@ class _EpochRecorder:
     def on_epoch_end(self, m: EpochMetrics) -> bool:
         if m.epoch not in self.logged:
             self.logged.add(m.epoch)
-            self.run.log_metrics({"train_loss": m.train_loss, **{f"val_{k}": v for k, v in m.metrics.items()}}, step=m.epoch)
+            self.run.log_metrics({"train_loss": m.train_loss, "epoch_seconds": m.seconds,
+                                  **{f"val_{k}": v for k, v in m.metrics.items()}}, step=m.epoch)
             self.trial.report(m.value(self.metric), m.epoch)
         self.reporter.epoch_ended(m.epoch, {"train loss": m.train_loss, **{f"val {k}": v for k, v in m.metrics.items()}})
         return self.trial.should_prune()
@@ -263,6 +296,6 @@ class _EpochRecorder:
 
 def _trial_line(trial_cfg: TrialConfig) -> str:
     """The sampled values, leaving out augmentations that stay off."""
-    shown = {**trial_cfg.model_dump(exclude_defaults=True), "freeze_depth": trial_cfg.freeze_depth}
+    shown = {"method": trial_cfg.method, **trial_cfg.model_dump(exclude_defaults=True), "freeze_depth": trial_cfg.freeze_depth}
     shown.pop("seed", None)
     return ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items())

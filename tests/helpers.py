@@ -58,6 +58,12 @@ def make_pairs(n: int, seed: int) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def labelled_reviews(n: int, seed: int) -> pd.DataFrame:
+    """``make_reviews`` as the ``text`` / ``label`` frame (0 neg, 1 pos) the token cache reads."""
+    data = make_reviews(n, seed)
+    return pd.DataFrame({"text": data["review"], "label": (data["sentiment"] == "pos").astype(int)})
+
+
 def make_tagged(n: int, seed: int) -> pd.DataFrame:
     """Texts with a set of tags (``tags``: a list of names): ``praise`` when they hold a positive
     word, ``complaint`` a negative one, ``plot`` the word plot; some hold two or none."""

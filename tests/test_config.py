@@ -65,6 +65,15 @@ def test_overrides_are_typed_and_win_over_the_plan():
         (["data.target_range=[5, 1]"], "target_range: low (5.0) must be below high (1.0)"),
         (["direction=minimize"], "direction: metric 'accuracy' is higher-is-better: use 'maximize' or leave direction out"),
         (["search.scheduler=[linear, warmup_stable_decay]"], "search.scheduler.1: Input should be 'linear', 'cosine'"),
+        (["search.method=[freeze, prefix]"], "search.method.1: Input should be 'full', 'freeze', 'lora' or 'bitfit'"),
+        (["search.method=[lora, lora]"], "search.method: each method at most once"),
+        (["search.lora_rank={low: 4, high: 64, log: true}"],
+         "search.lora_rank applies to the method(s) lora, and search.method is ['freeze']: add one of them"),
+        (["search.method=[lora, bitfit]", "search.lr_decay={low: 0.5, high: 1}"],
+         "search.lr_decay applies to the method(s) full, freeze"),
+        (["search.method=[lora]", "search.lora_rank={low: 0, high: 8, log: true}"], "a log range needs low >= 1"),
+        (["search.method=[lora]", "search.lora_targets=[query]"], "search.lora_targets.0: Input should be 'attention'"),
+        (["search.lr_decay={low: 0, high: 1}"], "search.lr_decay: range must lie within [0.05, 1.0]"),
     ],
 )
 def test_bad_values_name_file_key_and_what_is_allowed(overrides, expected):

@@ -289,7 +289,7 @@ def test_torchvision_backbone_builds_freezes_saves_and_reloads(monkeypatch, tmp_
     The weights download is replaced by a random init (no network here)."""
     import torchvision
 
-    from ftsearch.adaptation import FreezeDepth
+    from ftsearch.adaptation import adapt
     from ftsearch.models.vision import (
         build_classifier,
         load_image_classifier,
@@ -305,7 +305,9 @@ def test_torchvision_backbone_builds_freezes_saves_and_reloads(monkeypatch, tmp_
     model = build_classifier(backbone, 3)
     assert model.backbone.fc.out_features == 3
     total = sum(p.numel() for p in model.parameters())
-    assert FreezeDepth().apply(model, 2) < total and not model.backbone.conv1.weight.requires_grad
+    assert adapt(model, TrialConfig(backbone="torchvision/resnet18", freeze_depth=2, lr=1e-3, batch_size=4, weight_decay=0.0,
+                                    epochs=1, warmup_ratio=0.0)).trainable < total
+    assert not model.backbone.conv1.weight.requires_grad
     assert model.backbone.layer3[0].conv1.weight.requires_grad and not model.backbone.layer2[0].conv1.weight.requires_grad
     save_image_classifier(model, backbone, tmp_path / "saved", ("a", "b", "c"), {"problem": "single-label-classification"})
     reloaded, meta = load_image_classifier(tmp_path / "saved")
@@ -321,3 +323,31 @@ def test_torchvision_backbone_without_network_is_a_clear_error():
 
     with pytest.raises(FtsearchError, match="torchvision model 'resnet18' or its weights are not available"):
         resolve_vision_backbone("torchvision/resnet18")
+
+
+def test_an_image_lora_study_that_finds_no_target_layers_stops_before_anything_runs(write_image_study, capsys,
+                                                                                      state_dir):
+    # EfficientNet has no attention projections for LoRA to adapt.
+    path = write_image_study()
+    study = yaml.safe_load(path.read_text())
+    study["search"] |= {"method": ["freeze", "lora"], "lora_targets": ["all-linear", "attention"]}
+    path.write_text(yaml.safe_dump(study))
+    assert main(["search", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "search.method has lora, but lora_targets 'attention'" in err and "no attention projections" in err
+    assert not (state_dir / "optuna.journal").exists()
+
+
+def test_an_image_study_searching_lora_and_bitfit_registers_a_plain_model(write_image_study):
+    path = write_image_study()
+    study = yaml.safe_load(path.read_text())
+    study["search"] |= {"method": ["lora", "bitfit"], "lr": {"low": 1e-2, "high": 2e-2},  # lora: all-linear, the default
+                        "epochs": {"low": 2, "high": 2}}
+    study["sampler"] = {"name": "random", "seed": 1}
+    path.write_text(yaml.safe_dump(study))
+    assert main(["search", str(path)]) == 0
+    trials = optuna_study("shapes").get_trials()
+    assert {t.params["method"] for t in trials} == {"lora", "bitfit"}
+    uri = settings.tracking_uri()
+    version = MlflowClient(uri, registry_uri=uri).get_model_version_by_alias("tiny-shapes", "candidate")
+    assert 0.0 <= float(version.tags["test_accuracy"]) <= 1.0  # scored from the saved (merged) weights

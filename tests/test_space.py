@@ -63,3 +63,36 @@ def test_the_schedule_is_searched_only_when_the_study_lists_schedules():
         study.tell(trial, 0.5)
         assert trial.params["scheduler"] in ("linear", "cosine")
     assert chosen == {"linear", "cosine"}
+
+
+def test_each_method_samples_only_its_own_keys():
+    config = load_study("imdb", ["search.method=[full, freeze, lora, bitfit]", "search.lora_rank={low: 4, high: 64, log: true}",
+                                 "search.lora_targets=[attention, all-linear]", "search.lr_decay={low: 0.5, high: 1.0}",
+                                 "search.head_lr_multiplier={low: 1, high: 10, log: true}",
+                                 "search.head_warmup_epochs={low: 0, high: 5}"])
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = {}
+    for _ in range(40):
+        trial = study.ask()
+        cfg = sample_trial(trial, config, {"minilm-l6": 6})
+        study.tell(trial, 0.5)
+        seen.setdefault(cfg.method, []).append(cfg)
+        assert trial.params["method"] == cfg.method
+        assert ("lora_rank" in trial.params) == ("lora_targets" in trial.params) == (cfg.method == "lora")
+        assert ("lr_decay" in trial.params) == ("head_lr_multiplier" in trial.params) == (cfg.method in ("full", "freeze"))
+        assert ("freeze_depth" in trial.params) == (cfg.method != "full")
+        assert cfg.head_warmup_epochs < cfg.epochs  # at least one epoch is the method's own
+        if cfg.method == "full":
+            assert cfg.freeze_depth == 0
+        if cfg.method == "lora":
+            assert 4 <= cfg.lora_rank <= 64 and cfg.lora_targets in ("attention", "all-linear")
+        else:
+            assert cfg.lora_rank == 8  # the unsearched default
+    assert set(seen) == {"full", "freeze", "lora", "bitfit"}
+    assert {c.lora_targets for c in seen["lora"]} == {"attention", "all-linear"}
+
+
+def test_a_single_method_is_not_an_optuna_param():
+    trial = optuna.create_study().ask()
+    cfg = sample_trial(trial, load_study("imdb", ["search.method=[bitfit]"]), {"minilm-l6": 6})
+    assert cfg.method == "bitfit" and "method" not in trial.params and "lr_decay" not in trial.params

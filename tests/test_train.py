@@ -3,7 +3,6 @@
 from functools import partial
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from transformers import AutoTokenizer
@@ -13,7 +12,7 @@ from ftsearch.models.text import load_classifier
 from ftsearch.problems import problem_type
 from ftsearch.train import TrainSettings, evaluate, make_scheduler
 from ftsearch.train import fit as train_fit
-from tests.helpers import make_reviews
+from tests.helpers import labelled_reviews
 
 CLASSIFICATION = problem_type("single-label-classification")
 fit = partial(train_fit, scoring=CLASSIFICATION)  # every fit here trains a two-class classifier
@@ -23,13 +22,8 @@ fit = partial(train_fit, scoring=CLASSIFICATION)  # every fit here trains a two-
 def loaders(tiny_bert, tmp_path_factory):
     tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
     cache = tmp_path_factory.mktemp("tokens")
-
-    def frame(n, seed):
-        data = make_reviews(n, seed)
-        return pd.DataFrame({"text": data["review"], "label": (data["sentiment"] == "pos").astype(int)})
-
-    train = tokenize_cached(tokenizer, frame(240, 1), 32, cache)
-    val = tokenize_cached(tokenizer, frame(80, 3), 32, cache)
+    train = tokenize_cached(tokenizer, labelled_reviews(240, 1), 32, cache)
+    val = tokenize_cached(tokenizer, labelled_reviews(80, 3), 32, cache)
     return make_loader(train, 16, 0, shuffle=True), make_loader(val, 64, 0, shuffle=False)
 
 
@@ -120,13 +114,8 @@ def augmented_loaders(tiny_bert, tmp_path, batch_size=16):
     from ftsearch.augment import TokenAugment
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
-
-    def frame(n, seed):
-        data = make_reviews(n, seed)
-        return pd.DataFrame({"text": data["review"], "label": (data["sentiment"] == "pos").astype(int)})
-
-    train = tokenize_cached(tokenizer, frame(160, 1), 32, tmp_path)
-    val = tokenize_cached(tokenizer, frame(60, 3), 32, tmp_path)
+    train = tokenize_cached(tokenizer, labelled_reviews(160, 1), 32, tmp_path)
+    val = tokenize_cached(tokenizer, labelled_reviews(60, 3), 32, tmp_path)
     augment = TokenAugment(mask_prob=0.1, delete_prob=0.05, mask_id=tokenizer.mask_token_id)
     return (make_loader(train, batch_size, 0, shuffle=True, seed=7, augment=augment),
             make_loader(val, 64, 0, shuffle=False))

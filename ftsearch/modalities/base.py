@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
+from ftsearch.adaptation import Adapted
 from ftsearch.errors import FtsearchError
 from ftsearch.problems import ProblemType
 from ftsearch.problems.base import Evaluation
@@ -26,15 +27,24 @@ EVAL_BATCH_SIZE = 64
 
 @dataclass
 class TrialSetup:
-    """A trial's model (``model(**batch).logits``; the batch's ``labels`` are the targets) and its
-    loaders."""
+    """A trial's model (``model(**batch).logits``; the batch's ``labels`` are the targets), its
+    loaders, and how it was adapted (``ftsearch.adaptation``): its parameter groups for the
+    training loop, and what turns the trained model into the plain one to save."""
 
     model: torch.nn.Module
     train_loader: DataLoader
     val_loader: DataLoader
-    trainable_params: int
+    adapted: Adapted
     total_params: int
     feature_cache: str = ""  # how the frozen prefix was served, for the trial's log
+
+    @property
+    def trainable_params(self) -> int:
+        return self.adapted.trainable
+
+    def serving_model(self) -> torch.nn.Module:
+        """The trained model as a plain classifier (adapters merged, no cache wrapper)."""
+        return self.adapted.serving(self.model)
 
 
 class Modality(Protocol):
@@ -53,8 +63,9 @@ class Modality(Protocol):
         """The trial's adapted model and its train / validation loaders."""
 
     def save(self, model: torch.nn.Module, trial: TrialConfig, folder: Path, problem: ProblemType) -> None:
-        """Save the trained model as a servable folder (no pickle), with ``problem`` (the study's
-        problem type as tuned on validation: thresholds, target scale) in its metadata."""
+        """Save the trained ``model`` (a plain classifier: ``TrialSetup.serving_model()``) as a
+        servable folder (no pickle), with ``problem`` (the study's problem type as tuned on
+        validation: thresholds, target scale) in its metadata."""
 
     def test_setup(self, folder: Path) -> tuple[torch.nn.Module, DataLoader]:
         """A saved model and a loader over the held-out test split, prepared as it was trained."""

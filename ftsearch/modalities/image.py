@@ -8,7 +8,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, default_collate
 
-from ftsearch.adaptation import FreezeDepth
+from ftsearch.adaptation import adapt, check_lora_targets
 from ftsearch.augment import batch_mixer, image_eval_transform, image_train_transform
 from ftsearch.baseline import pooled_features
 from ftsearch.config import StudyConfig
@@ -21,7 +21,7 @@ from ftsearch.models.vision import (
     save_image_classifier,
 )
 from ftsearch.problems.base import Evaluation, ProblemType
-from ftsearch.space import TrialConfig
+from ftsearch.space import TrialConfig, searched_lora_targets
 
 ENTRY_FILE = Path(__file__).resolve().parent.parent / "pyfunc_entry_image.py"
 
@@ -51,12 +51,14 @@ class ImageModality:
     def __init__(self, config: StudyConfig, device: torch.device):
         """Scan and check the image folders and resolve the backbones; raises FtsearchError."""
         self.config, self.device, self.problem = config, device, config.problem
-        self.adaptation = FreezeDepth()
         self.splits: ImageSplits = load_image_splits(config.data, Path(config.source).parent)
         self.labels = self.splits.labels
         check_metric(config, self.labels)
         self.backbones = {name: resolve_vision_backbone(name) for name in config.backbones}
         self.blocks = {name: b.num_blocks for name, b in self.backbones.items()}
+        if "lora" in config.search.method:
+            for name, backbone in self.backbones.items():
+                check_lora_targets(build_classifier(backbone, 2), searched_lora_targets(config), name, config.source)
 
     def describe(self) -> str:
         names = ", ".join(f"{b.name} ({b.num_blocks} stages, {b.preprocessing['input_size'][-1]} px)" for b in self.backbones.values())
@@ -79,7 +81,7 @@ class ImageModality:
         return {"skipped_files.json": self.splits.skipped} if self.splits.skipped else {}
 
     def build(self, trial: TrialConfig) -> TrialSetup:
-        """The trial's classifier (stem and lowest stages frozen) and its loaders."""
+        """The trial's classifier, adapted (``ftsearch.adaptation``), and its loaders."""
         backbone = self.backbones[trial.backbone]
         train = self._loader(
             self.splits.train, image_train_transform(trial, backbone.preprocessing), trial.batch_size,
@@ -87,11 +89,10 @@ class ImageModality:
         )
         val = self._loader(self.splits.val, image_eval_transform(backbone.preprocessing), EVAL_BATCH_SIZE)
         model = build_classifier(backbone, self.problem.head_size(self.labels))
-        trainable = self.adaptation.apply(model, trial.freeze_depth)
-        return TrialSetup(model, train, val, trainable, count_params(model))
+        return TrialSetup(model, train, val, adapt(model, trial), count_params(model))
 
     def save(self, model: torch.nn.Module, trial: TrialConfig, folder: Path, problem: ProblemType) -> None:
-        save_image_classifier(self.adaptation.serving_model(model), self.backbones[trial.backbone], folder, self.labels,
+        save_image_classifier(model, self.backbones[trial.backbone], folder, self.labels,
                               problem.meta())
 
     def test_setup(self, folder: Path) -> tuple[torch.nn.Module, DataLoader]:

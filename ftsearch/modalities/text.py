@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from ftsearch.adaptation import FreezeDepth, FrozenPrefixCache
+from ftsearch.adaptation import FrozenPrefixCache, adapt, check_lora_targets
 from ftsearch.augment import TokenAugment
 from ftsearch.baseline import tfidf_features
 from ftsearch.config import StudyConfig
@@ -15,10 +15,10 @@ from ftsearch.data.text import TextSplits, load_text_splits, target_array
 from ftsearch.data.tokens import TokenizedSplit, make_loader, tokenize_cached
 from ftsearch.errors import FtsearchError
 from ftsearch.modalities.base import EVAL_BATCH_SIZE, TrialSetup, check_metric, count_params
-from ftsearch.models.text import load_classifier, load_tokenizer, resolve_backbone, set_head_bias
+from ftsearch.models.text import load_classifier, load_tokenizer, resolve_backbone, set_head_bias, skeleton
 from ftsearch.predictor import read_meta, save_classifier
 from ftsearch.problems.base import Evaluation, ProblemType
-from ftsearch.space import TrialConfig
+from ftsearch.space import TrialConfig, searched_lora_targets
 
 ENTRY_FILE = Path(__file__).resolve().parent.parent / "pyfunc_entry.py"
 
@@ -38,7 +38,6 @@ class TextModality:
         """Resolve backbones and tokenizers and load the data; raises FtsearchError, creates nothing."""
         self.config, self.device = config, device
         self.pair = config.data.text_pair_column is not None
-        self.adaptation = FreezeDepth()
         self.prefix_cache = FrozenPrefixCache(config.cache_frozen_prefix, device, EVAL_BATCH_SIZE)
         self.backbones = {name: resolve_backbone(name, config.trust_remote_code) for name in config.backbones}
         longest = max(config.search.max_length)
@@ -48,6 +47,10 @@ class TextModality:
                     f"{config.source}: search.max_length {longest} exceeds backbone {backbone.name!r}'s "
                     f"{backbone.max_positions} positions; lower search.max_length"
                 )
+        if "lora" in config.search.method:
+            for name, backbone in self.backbones.items():
+                check_lora_targets(skeleton(backbone, config.trust_remote_code), searched_lora_targets(config), name,
+                                   config.source)
         self.tokenizers = {name: load_tokenizer(b, config.trust_remote_code) for name, b in self.backbones.items()}
         self.splits: TextSplits = load_text_splits(config.data, Path(config.source).parent, config.problem.target_kind)
         self.labels = self.splits.labels
@@ -65,7 +68,7 @@ class TextModality:
         return f"data: {self.splits.sizes()}; backbones: {names}"
 
     def build(self, trial: TrialConfig) -> TrialSetup:
-        """The trial's adapted model (lowest blocks frozen) and its train / validation loaders.
+        """The trial's adapted model (``ftsearch.adaptation``) and its train / validation loaders.
 
         When the frozen prefix's outputs can be cached (see ``ftsearch.adaptation``), the model is
         wrapped to train from them and the loaders yield cached hidden states instead of tokens.
@@ -77,7 +80,7 @@ class TextModality:
                                 num_outputs=self.problem.head_size(self.labels))
         if (bias := self.problem.head_bias()) is not None:
             set_head_bias(model, bias)
-        trainable = self.adaptation.apply(model, trial.freeze_depth)
+        adapted = adapt(model, trial)
         tokens = {split: self._tokenized(trial.backbone, split, trial.max_length) for split in ("train", "val")}
         cached, note = self.prefix_cache.train_from_cache(
             model, trial.backbone, trial.freeze_depth, tokens, max_length=trial.max_length,
@@ -85,15 +88,15 @@ class TextModality:
             inputs_vary="token augmentation changes the inputs every epoch" if augment.active else "",
         )
         if cached is not None:
-            return TrialSetup(cached.model, cached.train_loader, cached.val_loader, trainable, count_params(model), note)
+            return TrialSetup(cached.model, cached.train_loader, cached.val_loader, adapted, count_params(model), note)
         cuda = self.device.type == "cuda"
         train = make_loader(tokens["train"], trial.batch_size, tokenizer.pad_token_id, shuffle=True, seed=trial.seed,
                             augment=augment, pin_memory=cuda)
         val = make_loader(tokens["val"], EVAL_BATCH_SIZE, tokenizer.pad_token_id, shuffle=False, pin_memory=cuda)
-        return TrialSetup(model, train, val, trainable, count_params(model), note)
+        return TrialSetup(model, train, val, adapted, count_params(model), note)
 
     def save(self, model: torch.nn.Module, trial: TrialConfig, folder: Path, problem: ProblemType) -> None:
-        save_classifier(self.adaptation.serving_model(model), self.tokenizers[trial.backbone], folder,
+        save_classifier(model, self.tokenizers[trial.backbone], folder,
                         trial.max_length, self.labels, problem.meta(), pair=self.pair)
 
     def test_setup(self, folder: Path) -> tuple[torch.nn.Module, torch.utils.data.DataLoader]:

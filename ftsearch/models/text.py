@@ -14,6 +14,7 @@ from torch import nn
 
 from ftsearch.catalog import TEXT_BACKBONES
 from ftsearch.errors import FtsearchError
+from ftsearch.models import Layers
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,16 @@ def load_classifier(
     )
 
 
+def skeleton(backbone: ResolvedBackbone, trust_remote_code: bool = False) -> nn.Module:
+    """The classifier's architecture without weights (on the meta device: no memory, nothing read),
+    for checks that need only its layout."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    config = AutoConfig.from_pretrained(backbone.source, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        return AutoModelForSequenceClassification.from_config(config, trust_remote_code=trust_remote_code)
+
+
 def set_head_bias(model: nn.Module, bias) -> None:
     """Start the classification head's output bias at ``bias`` (one value per output). The head
     is the last linear layer with that many outputs, which is where every transformers
@@ -132,6 +143,13 @@ def _embeddings(model: nn.Module) -> nn.Module:
 def frozen_prefix_modules(model: nn.Module, depth: int) -> list[nn.Module]:
     """The embeddings and the lowest ``depth`` blocks: what a freeze depth of ``depth`` freezes."""
     return [_embeddings(model), *transformer_blocks(model)[:depth]]
+
+
+def layers(model: nn.Module) -> Layers:
+    """The embeddings, the transformer blocks and the head (whatever the classifier holds besides
+    its base model: BERT's ``classifier``, DistilBERT's ``pre_classifier`` and ``classifier``)."""
+    head = [m for m in model.children() if m is not model.base_model and any(True for _ in m.parameters())]
+    return Layers([_embeddings(model)], list(transformer_blocks(model)), head)
 
 
 class _PassThroughEmbeddings(nn.Module):

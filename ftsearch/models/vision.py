@@ -19,6 +19,7 @@ from torch import nn
 
 from ftsearch.catalog import VISION_BACKBONES, VisionSpec
 from ftsearch.errors import FtsearchError
+from ftsearch.models import Layers
 
 META_FILE = "ftsearch.json"
 TORCHVISION_PREFIX = "torchvision/"
@@ -188,6 +189,12 @@ def frozen_prefix_modules(model: nn.Module, depth: int) -> list[nn.Module]:
     """The stem and the lowest ``depth`` stages: what a freeze depth of ``depth`` freezes."""
     all_stages = stages(model)
     return _stem(model, all_stages[0]) + all_stages[:depth]
+
+
+def layers(model: ImageClassifier) -> Layers:
+    """The stem, the stages and the head (the last linear layer) of an image classifier."""
+    all_stages = stages(model.backbone)
+    return Layers(_stem(model.backbone, all_stages[0]), all_stages, [classifier_head(model.backbone)[0]])
 
 
 class ImageClassifier(nn.Module):

@@ -11,8 +11,8 @@ yet says so in a sentence instead of failing.
 - ``collect``: gathering from Optuna and MLflow into a ``StudyReport``;
 - ``terminal``: ``print_report`` (rich);
 - ``html``: ``render_html`` through the Jinja2 template in ``templates/``;
-- ``views``: what both say (counts, the baseline comparison, the registered model's sentence,
-  test tables as cells and captions from artifact names);
+- ``views``: what both say (counts, the trials by adaptation method, the baseline comparison,
+  the registered model's sentence, test tables as cells and captions from artifact names);
 - this module: ``make_report``, which gathers, renders and writes.
 """
 

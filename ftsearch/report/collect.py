@@ -27,12 +27,25 @@ from ftsearch import settings, tracking
 from ftsearch.config import STUDIES_DIR, StudyConfig
 from ftsearch.distributed import storage
 from ftsearch.errors import FtsearchError
-from ftsearch.generations import PARENT_RUN_ATTR, REASON_ATTR, RUN_ID_ATTR, best_trial, count_states, latest_generation
+from ftsearch.generations import (
+    EPOCH_SECONDS_ATTR,
+    METHOD_ATTR,
+    PARENT_RUN_ATTR,
+    PEAK_MEMORY_ATTR,
+    REASON_ATTR,
+    RUN_ID_ATTR,
+    TRAINABLE_ATTR,
+    best_trial,
+    count_states,
+    latest_generation,
+)
 
 ALIASES = ("champion", "candidate")  # the first that exists is the model shown
 TEST_PREFIX = "test_"  # run metrics, version tags and root artifacts under this prefix are about the test split
 FIGURE_SUFFIX = ".png"  # test_<name>.png: a figure, shown as is
 TABLE_SUFFIX = ".json"  # test_<name>.json: a table when it holds a list of row objects (MLflow log_dict)
+# Trials of studies run before the method was recorded all froze a prefix: the only method then.
+LEGACY_METHOD = "freeze"
 # Leaderboard order: finished trials by value first, then those that stopped early, then the rest.
 _RANK_OF_STATE = {"COMPLETE": 0, "PRUNED": 1, "RUNNING": 2}
 
@@ -42,7 +55,11 @@ class TrialRow:
     """One trial as the leaderboard shows it.
 
     ``value`` is the best epoch's validation metric: the objective for a completed trial, the best
-    epoch reached for a pruned one (Optuna itself stores a pruned trial's *last* epoch).
+    epoch reached for a pruned one (Optuna itself stores a pruned trial's *last* epoch). ``method``
+    is how the backbone was adapted (an Optuna param only when the study searched several);
+    ``trainable_params``, ``epoch_seconds`` (mean seconds per epoch, training and validation) and
+    ``peak_memory_mb`` (MiB) are None for a trial that did not record them (older studies, a trial
+    that failed before training).
     """
 
     number: int
@@ -52,7 +69,11 @@ class TrialRow:
     seconds: float | None
     params: dict[str, Any]
     run_id: str | None
+    method: str
     reason: str = ""
+    trainable_params: int | None = None
+    epoch_seconds: float | None = None
+    peak_memory_mb: float | None = None
 
 
 @dataclass(frozen=True)
@@ -259,6 +280,7 @@ def _row(trial: FrozenTrial, curve: list[tuple[int, float]] | None, maximize: bo
     seconds = trial.duration.total_seconds() if trial.duration is not None else None
     if seconds is None and trial.state == TrialState.RUNNING and trial.datetime_start is not None:
         seconds = (dt.datetime.now() - trial.datetime_start).total_seconds()
+    attrs = trial.user_attrs
     return TrialRow(
         number=trial.number,
         state=trial.state.name,
@@ -266,8 +288,13 @@ def _row(trial: FrozenTrial, curve: list[tuple[int, float]] | None, maximize: bo
         epochs=epochs,
         seconds=seconds,
         params=dict(trial.params),
-        run_id=trial.user_attrs.get(RUN_ID_ATTR),
-        reason=trial.user_attrs.get(REASON_ATTR, ""),
+        run_id=attrs.get(RUN_ID_ATTR),
+        # The sampled method stands in for a trial that failed before recording it.
+        method=attrs.get(METHOD_ATTR) or trial.params.get("method", LEGACY_METHOD),
+        reason=attrs.get(REASON_ATTR, ""),
+        trainable_params=attrs.get(TRAINABLE_ATTR),
+        epoch_seconds=attrs.get(EPOCH_SECONDS_ATTR),
+        peak_memory_mb=attrs.get(PEAK_MEMORY_ATTR),
     )
 
 

@@ -26,9 +26,13 @@ from ftsearch.report.views import (
     comparison_gaps,
     comparison_rows,
     counts_text,
+    method_rows,
+    method_table,
+    methods_gap,
     model_metrics,
     model_sentence,
     ranking_text,
+    shown_params,
     split_params,
     state_label,
     table_view,
@@ -106,6 +110,7 @@ def render_html(report: StudyReport) -> str:
         model_tables=_model_tables(report),
         ranking=ranking_text(report),
         leaderboard=_leaderboard(report),
+        **_methods(report),
         plots=plots,
     )
 
@@ -129,13 +134,14 @@ def _model_tables(report: StudyReport) -> list[TableView]:
 def _leaderboard(report: StudyReport) -> dict:
     """Every trial's cells, with the varying params as columns and a reason column when any
     trial was pruned or failed with one; the params all trials share are listed once."""
-    varying, constant = split_params(report.rows)
+    params = [shown_params(row) for row in report.rows]
+    varying, constant = split_params(params)
     reasons = any(row.reason for row in report.rows)
     head = ["trial", "state", f"val {report.metric}", "epochs", "duration", *varying, *(["reason"] if reasons else [])]
     rows = []
-    for row in report.rows:
+    for row, values in zip(report.rows, params, strict=True):
         cells = [str(row.number), state_label(row), format_metric(row.value), str(row.epochs), format_seconds(row.seconds)]
-        cells += [format_value(row.params[n]) if n in row.params else MISSING for n in varying]
+        cells += [format_value(values[n]) if n in values else MISSING for n in varying]
         if reasons:
             cells.append(row.reason.splitlines()[0] if row.reason else "")
         rows.append({"css": row.state + (" best" if report.is_best(row) else ""), "cells": cells})
@@ -145,6 +151,13 @@ def _leaderboard(report: StudyReport) -> dict:
         "rows": rows,
         "constant": ", ".join(f"{k} {format_value(v)}" for k, v in constant.items()),
     }
+
+
+def _methods(report: StudyReport) -> dict:
+    """The per-method table, or the sentence that stands in for it (see ``methods_gap``)."""
+    summaries = method_rows(report)
+    gap = methods_gap(summaries)
+    return {"methods": None if gap else method_table(report, summaries), "methods_gap": gap}
 
 
 def _learning_curves_plot(report: StudyReport, figures: _Figures) -> Plot:
@@ -164,7 +177,7 @@ def _study_plots(report: StudyReport, figures: _Figures) -> list[Plot]:
     complete = [r for r in report.rows if r.state == "COMPLETE"]
     # Params every completed trial shares explain nothing: left out, they would only add flat axes
     # to the parallel coordinates and equal shares (1/n each when nothing matters) to importances.
-    varying, _ = split_params(complete)
+    varying, _ = split_params([r.params for r in complete])
     plots = []
     for anchor, title, needed, draw in [
         ("optimization-history", "Optimisation history", 1, vis.plot_optimization_history),

@@ -1,5 +1,6 @@
-"""The report in the terminal: the leaderboard, the baseline next to the best trial, and the
-registered model with its test tables, printed with rich (plain text when stdout is not a terminal)."""
+"""The report in the terminal: the leaderboard, the trials by method (when the study tried
+several), the baseline next to the best trial, and the registered model with its test tables,
+printed with rich (plain text when stdout is not a terminal)."""
 
 from __future__ import annotations
 
@@ -13,11 +14,15 @@ from rich.text import Text
 from ftsearch.formatting import MISSING, format_metric, format_seconds, format_value
 from ftsearch.report.collect import StudyReport, TrialRow
 from ftsearch.report.views import (
+    TableView,
     comparison_gaps,
     comparison_rows,
     counts_text,
+    method_rows,
+    method_table,
     model_sentence,
     ranking_text,
+    shown_params,
     split_params,
     state_label,
     table_view,
@@ -28,9 +33,10 @@ TABLE_ROWS = 10  # rows of each test table printed; the HTML report has them all
 
 
 def print_report(report: StudyReport, top: int = 10, console: Console | None = None) -> None:
-    """Print the leaderboard of the ``top`` trials, the baseline next to the best trial, and the
-    champion (or candidate) with its test metrics and the first ``TABLE_ROWS`` rows of each of its
-    test tables. Plain text when stdout is not a terminal."""
+    """Print the leaderboard of the ``top`` trials, every trial summed up by method when more than
+    one method has trials, the baseline next to the best trial, and the champion (or candidate)
+    with its test metrics and the first ``TABLE_ROWS`` rows of each of its test tables. Plain text
+    when stdout is not a terminal."""
     if console is None:
         # Piped or captured output is not squeezed to 80 columns; rich drops colours there itself.
         console = Console(width=None if sys.stdout.isatty() else 160)
@@ -40,6 +46,10 @@ def print_report(report: StudyReport, top: int = 10, console: Console | None = N
         _print_leaderboard(console, report, shown)
     else:
         console.print("No trial has run yet: nothing to rank.")
+    methods = method_rows(report)
+    if len(methods) > 1:  # with one method the leaderboard already says it all
+        view = method_table(report, methods)
+        console.print(_table(view, view.caption))
     _print_comparison(console, report)
     console.print(Text(model_sentence(report)))
     _print_tables(console, report)
@@ -49,7 +59,8 @@ def print_report(report: StudyReport, top: int = 10, console: Console | None = N
 
 def _print_leaderboard(console: Console, report: StudyReport, shown: list[TrialRow]) -> None:
     """The table of the trials shown, the params they share, and why any of them failed."""
-    varying, constant = split_params(shown)
+    params = [shown_params(row) for row in shown]
+    varying, constant = split_params(params)
     table = Table(
         title=f"Top {len(shown)} of {len(report.rows)} trials by validation {report.metric}, {ranking_text(report)}",
         box=box.SIMPLE_HEAVY, title_justify="left",
@@ -57,7 +68,7 @@ def _print_leaderboard(console: Console, report: StudyReport, shown: list[TrialR
     for header, justify in [("trial", "right"), ("state", "left"), (f"val {report.metric}", "right"),
                             ("epochs", "right"), ("duration", "right")]:
         table.add_column(header, justify=justify, no_wrap=True)
-    values = [{n: _short(format_value(row.params[n])) if n in row.params else MISSING for n in varying} for row in shown]
+    values = [{n: _short(format_value(p[n])) if n in p else MISSING for n in varying} for p in params]
     # One column per param while they fit the width; else one wrapped "params" column, which
     # stays readable where a dozen squeezed columns would fold every value over four lines.
     width = _FIXED_WIDTH + sum(3 + max(len(n), *(len(v[n]) for v in values)) for n in varying)
@@ -101,15 +112,19 @@ def _print_tables(console: Console, report: StudyReport) -> None:
     tables = report.model.tables if report.model is not None else {}
     for name, rows in tables.items():
         view = table_view(name, rows, TABLE_ROWS)
-        table = Table(title=f"{view.caption} ({name})", box=box.SIMPLE_HEAVY, title_justify="left")
-        for i, header in enumerate(view.head):
-            table.add_column(header, justify="left" if i in view.left else "right", overflow="fold")
-        for cells in view.rows:
-            table.add_row(*[Text(c) for c in cells])
-        console.print(table)
+        console.print(_table(view, f"{view.caption} ({name})"))
         if view.hidden:
             console.print(Text(f"{view.hidden} more row{'s' if view.hidden > 1 else ''} of {name} not shown "
                                f"(the HTML report has all {len(rows)})"))
+
+
+def _table(view: TableView, title: str) -> Table:
+    table = Table(title=title, box=box.SIMPLE_HEAVY, title_justify="left")
+    for i, header in enumerate(view.head):
+        table.add_column(header, justify="left" if i in view.left else "right", overflow="fold")
+    for cells in view.rows:
+        table.add_row(*[Text(c) for c in cells])
+    return table
 
 
 def _short(text: str) -> str:

@@ -1,14 +1,14 @@
 """What the terminal and the HTML report both say: the trial counts line, the params split into
-columns and constants, state labels, the baseline comparison, the sentence on the registered
-model and its test tables as cells. Plain strings; each renderer lays them out (and the HTML
-template escapes them)."""
+columns and constants, state labels, the per-method table, the baseline comparison, the sentence
+on the registered model and its test tables as cells. Plain strings; each renderer lays them out
+(and the HTML template escapes them)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
-from ftsearch.formatting import MISSING, format_metric
+from ftsearch.formatting import MISSING, format_metric, format_seconds
 from ftsearch.report.collect import TEST_PREFIX, StudyReport, TrialRow, study_argument
 
 
@@ -17,19 +17,25 @@ def counts_text(report: StudyReport) -> str:
     return ", ".join(f"{n} {state.lower()}" for state, n in report.counts.items()) or "no trials yet"
 
 
-def split_params(rows: list[TrialRow]) -> tuple[list[str], dict[str, Any]]:
-    """(params that differ between the rows, params every row shares with its value).
+def shown_params(row: TrialRow) -> dict[str, Any]:
+    """The params the leaderboard shows for a trial: its method first, then what Optuna sampled
+    (which holds the method itself only when the study searched more than one)."""
+    return {"method": row.method} | row.params
+
+
+def split_params(params: list[dict[str, Any]]) -> tuple[list[str], dict[str, Any]]:
+    """(names that differ between the trials' ``params``, names every trial shares with its value).
 
     A constant column says nothing about why one trial beat another; it is listed once instead.
-    Rows without the param (a trial that failed before sampling it) do not make it vary. With a
-    single row nothing is split off, so its params are still shown as columns.
+    Trials without the param (one that failed before sampling it) do not make it vary. With a
+    single trial nothing is split off, so its params are still shown as columns.
     """
-    names = list(dict.fromkeys(name for row in rows for name in row.params))
-    if len(rows) < 2:
+    names = list(dict.fromkeys(name for values in params for name in values))
+    if len(params) < 2:
         return names, {}
     constant = {}
     for name in names:
-        values = {repr(row.params[name]): row.params[name] for row in rows if name in row.params}
+        values = {repr(row[name]): row[name] for row in params if name in row}
         if len(values) == 1:
             constant[name] = next(iter(values.values()))
     return [n for n in names if n not in constant], constant
@@ -44,6 +50,120 @@ def state_label(row: TrialRow) -> str:
     if row.state == "PRUNED":
         return f"PRUNED at epoch {row.epochs}" if row.epochs else "PRUNED"
     return row.state
+
+
+@dataclass(frozen=True)
+class MethodSummary:
+    """One adaptation method's trials: how many and how they ended, the best of them (``best``,
+    None when none has a value yet) and what the method cost: the mean of the trials' seconds per
+    epoch, the trainable parameters of its best trial (else of any trial that recorded them) and
+    the most memory any trial peaked at (MiB). A cost no trial recorded is None."""
+
+    method: str
+    trials: int
+    complete: int
+    pruned: int
+    best: TrialRow | None
+    epoch_seconds: float | None
+    trainable_params: int | None
+    peak_memory_mb: float | None
+
+    @property
+    def recorded_cost(self) -> bool:
+        """Whether any of the method's trials recorded what it cost."""
+        return any(v is not None for v in (self.epoch_seconds, self.trainable_params, self.peak_memory_mb))
+
+
+def method_rows(report: StudyReport) -> list[MethodSummary]:
+    """A summary per method that has trials, ranked like the leaderboard: by the value of each
+    method's best trial in the study's direction, methods whose best was pruned after those whose
+    best completed, methods with no value last; ties by name."""
+    by_method: dict[str, list[TrialRow]] = {}
+    for row in report.rows:
+        by_method.setdefault(row.method, []).append(row)
+    summaries = [_method_summary(method, rows, report.maximize) for method, rows in by_method.items()]
+
+    def rank(summary: MethodSummary) -> tuple:
+        best = summary.best
+        if best is None or best.value is None:
+            return (2, 0.0, summary.method)
+        return (0 if best.state == "COMPLETE" else 1, -best.value if report.maximize else best.value, summary.method)
+
+    return sorted(summaries, key=rank)
+
+
+def _method_summary(method: str, rows: list[TrialRow], maximize: bool) -> MethodSummary:
+    best = _best_row(rows, maximize)
+    seconds = [r.epoch_seconds for r in rows if r.epoch_seconds is not None]
+    trainable = [r.trainable_params for r in ([best] if best else []) + rows if r.trainable_params is not None]
+    states = [r.state for r in rows]
+    return MethodSummary(
+        method=method,
+        trials=len(rows),
+        complete=states.count("COMPLETE"),
+        pruned=states.count("PRUNED"),
+        best=best,
+        epoch_seconds=sum(seconds) / len(seconds) if seconds else None,
+        trainable_params=trainable[0] if trainable else None,
+        peak_memory_mb=max((r.peak_memory_mb for r in rows if r.peak_memory_mb is not None), default=None),
+    )
+
+
+def _best_row(rows: list[TrialRow], maximize: bool) -> TrialRow | None:
+    """The best completed trial; when none completed, the pruned trial whose best epoch was best
+    (the leaderboard's value for it), so that a method the pruner always stopped still shows how
+    far it got."""
+    for state in ("COMPLETE", "PRUNED"):
+        scored = [r for r in rows if r.state == state and r.value is not None]
+        if scored:
+            return (max if maximize else min)(scored, key=lambda r: r.value)
+    return None
+
+
+def method_table(report: StudyReport, summaries: list[MethodSummary]) -> TableView:
+    """The cells of the per-method table of ``summaries`` (from ``method_rows``)."""
+    head = ["method", "trials", "complete", "pruned", f"best val {report.metric}", "best trial",
+            "time / epoch", "trainable params", "peak memory"]
+    rows = []
+    for s in summaries:
+        best = s.best
+        best_trial = MISSING if best is None else f"{best.number}" + ("" if best.state == "COMPLETE" else " (pruned)")
+        rows.append([s.method, str(s.trials), str(s.complete), str(s.pruned),
+                     format_metric(best.value if best else None), best_trial,
+                     format_seconds(s.epoch_seconds, tenths=True), format_count(s.trainable_params),
+                     format_mib(s.peak_memory_mb)])
+    return TableView("methods", f"By adaptation method, all {len(report.rows)} trials", head, rows, {0})
+
+
+def methods_gap(summaries: list[MethodSummary]) -> str | None:
+    """The sentence that stands in for the per-method table when it would only repeat the
+    leaderboard (no trial yet, or a single method and no cost recorded, as in studies run before
+    ftsearch recorded them); None when the table is worth showing."""
+    if not summaries:
+        return "No trial has run yet."
+    if len(summaries) > 1 or any(s.recorded_cost for s in summaries):
+        return None
+    return (f"Every trial used {summaries[0].method}, and none recorded its trainable parameters, "
+            "time per epoch or peak memory.")
+
+
+def format_count(n: int | None) -> str:
+    """A parameter count to 3 significant digits: ``578``, ``12.3k``, ``22.7M``, ``1.1B``."""
+    if n is None:
+        return MISSING
+    scaled, suffix = float(n), ""
+    for unit in ("k", "M", "B"):
+        if abs(scaled) < 999.5:  # not 1000: 999,999 rounded to 3 digits would read 1e+03k, not 1M
+            break
+        scaled, suffix = scaled / 1000, unit
+    return f"{scaled:.3g}{suffix}" if suffix else str(n)
+
+
+def format_mib(mib: float | None) -> str:
+    """Memory given in MiB: ``850 MiB``, or ``12.3 GiB`` from 1 GiB up."""
+    if mib is None:
+        return MISSING
+    return f"{mib:.0f} MiB" if round(mib) < 1024 else f"{mib / 1024:.1f} GiB"
 
 
 def comparison_rows(report: StudyReport) -> list[tuple[str, str, str]]:
@@ -110,8 +230,9 @@ TABLE_DECIMALS = 3  # floats in test tables (precision, recall, thresholds...)
 
 @dataclass(frozen=True)
 class TableView:
-    """A test table as cells: ``head`` is every column in order of first appearance, ``left`` the
-    text columns (aligned left), ``hidden`` how many rows were left out after ``rows``."""
+    """A table as cells (a test table, or the per-method table): ``head`` is every column in order
+    of first appearance, ``left`` the text columns (aligned left), ``hidden`` how many rows were
+    left out after ``rows``."""
 
     name: str
     caption: str

@@ -3,7 +3,6 @@
 from functools import partial
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from transformers import AutoTokenizer
@@ -15,17 +14,12 @@ from ftsearch.models.text import UpperBlocksClassifier, load_classifier, transfo
 from ftsearch.problems import problem_type
 from ftsearch.train import TrainSettings
 from ftsearch.train import fit as train_fit
-from tests.helpers import make_reviews
+from tests.helpers import labelled_reviews
 
 CPU = torch.device("cpu")
 fit = partial(train_fit, scoring=problem_type("single-label-classification"))
 
 
-def _frame(n, seed):
-    data = make_reviews(n, seed)
-    return pd.DataFrame({"text": data["review"], "label": (data["sentiment"] == "pos").astype(int)})
-
-fit = partial(train_fit, scoring=problem_type("single-label-classification"))
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +27,9 @@ def tokens(tiny_bert, tmp_path_factory):
     tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
     cache = tmp_path_factory.mktemp("tokens")
     return {
-        "train": tokenize_cached(tokenizer, _frame(160, 1), 32, cache),
-        "val": tokenize_cached(tokenizer, _frame(64, 3), 32, cache),
-        "other": tokenize_cached(tokenizer, _frame(64, 4), 32, cache),
+        "train": tokenize_cached(tokenizer, labelled_reviews(160, 1), 32, cache),
+        "val": tokenize_cached(tokenizer, labelled_reviews(64, 3), 32, cache),
+        "other": tokenize_cached(tokenizer, labelled_reviews(64, 4), 32, cache),
     }
 
 

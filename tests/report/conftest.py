@@ -121,3 +121,48 @@ def minimize_study(write_study):
     study.add_trial(create_trial(state=TrialState.PRUNED, params={"lr": 4e-3}, distributions=lr,
                                  intermediate_values={0: 0.8, 1: 0.1}))
     return config
+
+
+@pytest.fixture
+def methods_study(write_study):
+    """Make a study on accuracy in the test's Optuna storage whose trials used three methods, in
+    the given direction. Returns its config. Trial by trial (value: the objective, or for a pruned
+    trial its epochs):
+
+    0 freeze COMPLETE 0.70   578 trainable, 2 s/epoch, 900 MiB
+    1 lora   COMPLETE 0.80   12,300 trainable, 3 s/epoch, 1500 MiB
+    2 lora   COMPLETE 0.75   20,000 trainable, 5 s/epoch, 2500 MiB
+    3 lora   PRUNED   0.6, 0.95   20,000 trainable, 4 s/epoch, 3000 MiB
+    4 (none) COMPLETE 0.72   an older trial: no method, no costs recorded
+    5 bitfit PRUNED   0.99   1,234,567 trainable, 1 s/epoch, 700 MiB
+    """
+    import optuna
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+    from optuna.trial import TrialState, create_trial
+
+    from ftsearch.generations import EPOCH_SECONDS_ATTR, METHOD_ATTR, PEAK_MEMORY_ATTR, TRAINABLE_ATTR
+
+    distributions = {"lr": FloatDistribution(1e-4, 1e-1, log=True),
+                     "method": CategoricalDistribution(("freeze", "lora", "bitfit"))}
+    trials = [  # (method, state, value, intermediate values, trainable, seconds per epoch, peak MiB)
+        ("freeze", TrialState.COMPLETE, 0.70, {0: 0.70}, 578, 2.0, 900.0),
+        ("lora", TrialState.COMPLETE, 0.80, {0: 0.80}, 12_300, 3.0, 1500.0),
+        ("lora", TrialState.COMPLETE, 0.75, {0: 0.75}, 20_000, 5.0, 2500.0),
+        ("lora", TrialState.PRUNED, None, {0: 0.6, 1: 0.95}, 20_000, 4.0, 3000.0),
+        (None, TrialState.COMPLETE, 0.72, {0: 0.72}, None, None, None),
+        ("bitfit", TrialState.PRUNED, None, {0: 0.99}, 1_234_567, 1.0, 700.0),
+    ]
+
+    def make(direction: str):
+        config = load_study(str(write_study())).model_copy(update={"direction": direction})
+        study = optuna.create_study(study_name=config.name, storage=open_storage(), direction=direction)
+        for i, (method, state, value, intermediate, trainable, seconds, peak) in enumerate(trials):
+            params = {"lr": 1e-3 * (i + 1)} | ({"method": method} if method else {})
+            attrs = {METHOD_ATTR: method, TRAINABLE_ATTR: trainable, EPOCH_SECONDS_ATTR: seconds,
+                     PEAK_MEMORY_ATTR: peak} if method else {}
+            study.add_trial(create_trial(state=state, value=value, params=params, user_attrs=attrs,
+                                         distributions={k: distributions[k] for k in params},
+                                         intermediate_values=intermediate))
+        return config
+
+    return make

@@ -14,6 +14,7 @@ from ftsearch.cli import main
 from ftsearch.config import load_study
 from ftsearch.distributed.storage import open_storage
 from ftsearch.report import Baseline, ModelSummary, TrialRow, render_html
+from ftsearch.report.views import format_count, format_mib
 from tests.helpers import optuna_study, store
 from tests.report.samples import per_label_rows, png
 
@@ -29,7 +30,7 @@ def test_html_report_has_every_section_and_needs_no_network(in_reported):
     assert f"HTML report: {path}" in printed
     page = path.read_text(encoding="utf-8")
     markup = without_scripts(page)
-    for anchor in ("summary", "champion", "leaderboard", "learning-curves", "optimization-history",
+    for anchor in ("summary", "champion", "leaderboard", "methods", "learning-curves", "optimization-history",
                    "parallel-coordinates", "param-importances"):
         assert f'<section id="{anchor}">' in markup
     # Four plotly figures and one inline copy of plotly.js; nothing is fetched from elsewhere.
@@ -51,6 +52,20 @@ def test_html_report_has_every_section_and_needs_no_network(in_reported):
     assert re.search(r'"name":\s*"trial 2 \(pruned at epoch \d+\)"', page)
     for trial in study.trials:
         assert f"<td>{trial.number}</td>" in markup
+
+
+def test_a_study_of_one_method_shows_what_its_trials_cost(in_reported):
+    """A new study records each trial's method and costs: the Methods section has them although
+    the study tried a single method, and the leaderboard lists that method once."""
+    page = without_scripts((in_reported[0] / "mlruns" / "reports" / "tiny.html").read_text(encoding="utf-8"))
+    trials = optuna_study("tiny").trials
+    best = optuna_study("tiny").best_trial
+    seconds = sum(t.user_attrs["ftsearch.epoch_seconds"] for t in trials) / len(trials)
+    peak = max(t.user_attrs["ftsearch.peak_memory_mb"] for t in trials)
+    cells = [str(len(trials)), "2", "1", f"{best.value:.4f}", str(best.number), f"{seconds:.1f} s",
+             format_count(best.user_attrs["ftsearch.trainable_params"]), format_mib(peak)]
+    assert '<tr><td class="left">freeze</td>' + "".join(f"<td>{c}</td>" for c in cells) + "</tr>" in page
+    assert "Same in every trial: method freeze, backbone" in page
 
 
 def test_report_is_logged_on_the_study_parent_run(in_reported):
@@ -131,11 +146,12 @@ def test_a_minimize_study_ranks_lowest_first_and_compares_the_right_way(minimize
 
 def test_what_users_and_runs_wrote_is_escaped(handmade):
     row = TrialRow(number=0, state="FAIL", value=None, epochs=0, seconds=1.0, params={"backbone": "<b>bert</b>"},
-                   run_id=None, reason="boom <script>alert(1)</script>\nsecond line")
+                   run_id=None, method="<i>lora</i>", reason="boom <script>alert(1)</script>\nsecond line")
     page = render_html(handmade(rows=[row], counts={"FAIL": 1}, notes=["a note with <i>markup</i> & more"]))
     assert "<script>" not in page and "<b>" not in page and "<i>" not in page
     assert '<td class="left">boom &lt;script&gt;alert(1)&lt;/script&gt;</td>' in page and "second line" not in page
     assert "<td>&lt;b&gt;bert&lt;/b&gt;</td>" in page
+    assert "<td>&lt;i&gt;lora&lt;/i&gt;</td>" in page and "Every trial used &lt;i&gt;lora&lt;/i&gt;" in page
     assert "<li>a note with &lt;i&gt;markup&lt;/i&gt; &amp; more</li>" in page
     assert "1 fail; objective: maximize validation accuracy" in page
 

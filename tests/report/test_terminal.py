@@ -41,7 +41,9 @@ def test_leaderboard_lists_every_trial_with_the_studys_values(in_reported):
         assert format_value(trial.params["lr"]) in match.group(5)
         assert format_value(trial.params["token_mask"]) in match.group(5)
     assert "Top 3 of 3 trials by validation accuracy" in printed
-    assert "same in every trial shown: backbone" in printed and "batch_size 16" in printed
+    # Every trial recorded the study's one method: it is shared, and there is no table by method.
+    assert "same in every trial shown: method freeze, backbone" in printed and "batch_size 16" in printed
+    assert {t.user_attrs["ftsearch.method"] for t in trials} == {"freeze"} and "By adaptation method" not in printed
 
 
 def test_terminal_shows_baseline_next_to_the_best_trial_and_the_champion(in_reported):
