@@ -160,7 +160,7 @@ def test_a_real_search_prints_plain_lines_when_not_a_terminal(write_study, capsy
     lines = out.splitlines()
     assert lines[0].startswith("study tiny on CPU")
     assert any(line.startswith("optuna study tiny: 0 trial(s) done, 1 to run") for line in lines)
-    assert any(re.fullmatch(r"trial 0: backbone .*, lr .*, batch_size 16, .*", line) for line in lines)
+    assert any(re.fullmatch(r"trial 0: method freeze, backbone .*, lr .*, batch_size 16, .*", line) for line in lines)
     epochs = [line for line in lines if line.startswith("  epoch ")]
     assert [line.split(":")[0] for line in epochs] == ["  epoch 1/2", "  epoch 2/2"]
     assert any(re.fullmatch(r"trial 0: COMPLETE after [\d.]+ s, val accuracy [01]\.\d{4}", line) for line in lines), lines
