@@ -122,7 +122,10 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(run_one(study, method, args.trials, state))
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "summary"}), flush=True)
     out = Path(__file__).parent / "results" / f"methods-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.write_text(json.dumps({"machine": _machine(), "command": " ".join(sys.argv), "rows": rows}, indent=2))
+    # The state folder is left out of the record: it is this machine's, and nothing reads it back.
+    command = (f"python -m bench.methods --studies {' '.join(args.studies)} --methods {' '.join(args.methods)} "
+               f"--trials {args.trials}")
+    out.write_text(json.dumps({"machine": _machine(), "command": command, "rows": rows}, indent=2))
     print(f"\nMachine: {_machine()}\nRaw: {out}\n\n{markdown(rows)}")
     return 0
 

@@ -92,8 +92,7 @@ class ImageModality:
         return TrialSetup(model, train, val, adapt(model, trial), count_params(model))
 
     def save(self, model: torch.nn.Module, trial: TrialConfig, folder: Path, problem: ProblemType) -> None:
-        save_image_classifier(model, self.backbones[trial.backbone], folder, self.labels,
-                              problem.meta())
+        save_image_classifier(model, self.backbones[trial.backbone], folder, self.labels, problem.meta())
 
     def test_setup(self, folder: Path) -> tuple[torch.nn.Module, DataLoader]:
         model, meta = load_image_classifier(folder)
