@@ -1,4 +1,4 @@
-"""The ``ftsearch`` command: search, worker, promote, predict, report. Thin: parses arguments and calls the package."""
+"""The ``ftsearch`` command: search, check, worker, promote, predict, report. Thin: parses arguments and calls the package."""
 
 from __future__ import annotations
 
@@ -27,6 +27,16 @@ def _parser() -> argparse.ArgumentParser:
         "--workers", type=_positive_int, default=1, metavar="N",
         help="worker processes on this machine (one GPU each when there are GPUs; default 1)",
     )
+
+    check = commands.add_parser(
+        "check", help="check a study's data and print what was found (creates no study and no run)"
+    )
+    check.add_argument("study", help="a study name under studies/ (e.g. imdb) or a path to a study file")
+    check.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a study-file field, as for search (repeatable)")
+    check.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                       help="the device whose plan is checked (a CPU plan subsamples the data)")
+    check.add_argument("--output", type=Path, metavar="PATH", help="also write the report as JSON to PATH")
 
     worker = commands.add_parser(
         "worker", help="join a study that `ftsearch search` started (another machine: shared --storage and MLflow server)"
@@ -179,6 +189,18 @@ def _worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check(args: argparse.Namespace) -> int:
+    import json
+
+    from ftsearch.study import SearchOptions, prepare
+
+    prepared = prepare(SearchOptions(study=args.study, overrides=tuple(args.overrides), device=args.device))
+    if args.output is not None:
+        args.output.write_text(json.dumps(prepared.modality.checks.report, indent=2))
+        print(f"wrote the data report to {args.output}")
+    return 0
+
+
 def _promote(args: argparse.Namespace) -> int:
     from ftsearch.config import load_study
     from ftsearch.publish import promote
@@ -258,7 +280,7 @@ def _stderr_console():
     return Console(stderr=True)
 
 
-_COMMANDS = {"search": _search, "worker": _worker, "promote": _promote, "predict": _predict, "report": _report}
+_COMMANDS = {"search": _search, "check": _check, "worker": _worker, "promote": _promote, "predict": _predict, "report": _report}
 
 
 if __name__ == "__main__":

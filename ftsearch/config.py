@@ -118,8 +118,13 @@ class DataConfig(_Strict):
     train_size: int | None = Field(None, ge=10, description="subsample of train (null: all)")
     val_size: int | None = Field(None, ge=10, description="subsample of validation (null: all)")
     test_size: int | None = Field(None, ge=10, description="subsample of test (null: all)")
-    min_image_colors: int = Field(
-        64, ge=0, description="images with fewer distinct colours are skipped as placeholders (0: keep all)"
+    dedupe: Literal["off", "warn", "drop"] = Field(
+        "warn", description="examples repeated within a split or leaked across splits: off (not checked), warn "
+        "(reported), drop (train's repeats, then validation / test rows also in an earlier split, removed)"
+    )
+    placeholder_share: float | None = Field(
+        0.9, gt=0, le=1, description="images whose most common colour covers at least this share of their "
+        "pixels are skipped as placeholder graphics (null: keep all)"
     )
 
     @model_validator(mode="after")
@@ -146,7 +151,7 @@ IMAGE_AUGMENT_BOUNDS = {
 }
 TEXT_ONLY_DATA = {"test_file", "format", "val_file", "columns", "text_column", "text_pair_column", "label_column",
                   "val_fraction", "labels_file", "label_separator", "target_range"}
-IMAGE_ONLY_DATA = {"min_image_colors"}
+IMAGE_ONLY_DATA = {"placeholder_share"}
 _AUGMENTS = {False: set(TEXT_AUGMENT_BOUNDS), True: {*IMAGE_AUGMENT_BOUNDS, "auto_augment"}}  # keyed by "is image"
 
 

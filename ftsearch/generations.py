@@ -13,6 +13,7 @@ from optuna.trial import FrozenTrial, TrialState
 PARENT_RUN_ATTR = "mlflow_parent_run_id"  # study attribute: the MLflow parent run
 RUN_ID_ATTR = "mlflow_run_id"  # trial attribute: the trial's MLflow run
 CONFIG_ATTR = "ftsearch_config"  # study attribute: the search identity it was started with
+DATA_ATTR = "ftsearch.data_digests"  # study attribute: each split's content digest when it was started
 REASON_ATTR = "reason"  # trial attribute: why it was pruned or failed
 WORKER_ATTR = "ftsearch.worker"  # trial attribute: host:pid of the process that ran it
 RETRY_OF_ATTR = "ftsearch.retry_of"  # trial attribute: the trial a retry repeats (its checkpoint, its seed)

@@ -25,6 +25,7 @@ from ftsearch.distributed import parallel, storage, worker
 from ftsearch.errors import FtsearchError
 from ftsearch.generations import (
     CONFIG_ATTR,
+    DATA_ATTR,
     FINISHED_STATES,
     PARENT_RUN_ATTR,
     REASON_ATTR,
@@ -88,6 +89,10 @@ def prepare(options: SearchOptions, reporter: Reporter | None = None) -> Prepare
     reporter.info(f"study {config.name} on {device.type.upper()}: {config.plan_summary()}")
     modality = make_modality(config, device)
     reporter.info(modality.describe())
+    for note in modality.checks.notes:
+        reporter.info(note)
+    for warning in modality.checks.warnings:
+        reporter.warn(warning)
     return Prepared(config, device, modality, options.compile)
 
 
@@ -111,6 +116,7 @@ def _run_search(options: SearchOptions, reporter: Reporter) -> SearchSummary:
         _refuse_sqlite(url, f"--workers {options.workers}")
     optuna_storage = storage.open_storage(url, on_stale=worker.end_stale_trial)
     study = open_study(config, optuna_storage, options.fresh)
+    check_same_data(study, prepared.modality.checks.report["digests"])
     storage.fail_stale_trials(study)  # trials of a process that died while nobody was watching
     parent = tracking.StudyRun.open(
         config.name, study.user_attrs.get(PARENT_RUN_ATTR), tags={"optuna.study": study.study_name}
@@ -120,6 +126,8 @@ def _run_search(options: SearchOptions, reporter: Reporter) -> SearchSummary:
         study.set_user_attr(PARENT_RUN_ATTR, parent.run_id)
         if "config.json" not in _artifact_names(parent):
             parent.log_dict(config.model_dump(), "config.json")
+        tracking.log_datasets(parent.mlflow_client, parent.run_id, config.name, prepared.modality.checks.report,
+                              ("train", "val", "test"))
         for path, data in prepared.modality.parent_artifacts().items():
             parent.log_dict(data, path)  # rewritten on resume: the data may have changed since
             if path == "skipped_files.json":
@@ -173,6 +181,7 @@ def run_worker(options: SearchOptions, reporter: Reporter | None = None, wait: f
         _refuse_sqlite(url, "a worker")
         optuna_storage = storage.open_storage(url, on_stale=worker.end_stale_trial)
         study = _join_study(config, optuna_storage, wait, reporter)
+        check_same_data(study, prepared.modality.checks.report["digests"])
         parent = tracking.StudyRun.attach(config.name, study.user_attrs[PARENT_RUN_ATTR])
         runner = TrialRunner(prepared, parent, TrialCheckpoints.of(study.study_name), reporter)
         reporter.info(f"worker {worker.worker_name()} joined study {study.study_name}")
@@ -300,6 +309,23 @@ def _check_identity(study: optuna.Study, config: StudyConfig) -> None:
         raise FtsearchError(
             f"study {study.study_name!r} was started with a different configuration ({', '.join(changed)} "
             "changed); add --fresh to start a new study, or restore those values to resume it"
+        )
+
+
+def check_same_data(study: optuna.Study, digests: dict[str, str]) -> None:
+    """Resume (or join) a study only on the data it was started on: trials scored on other splits
+    cannot be compared, and the same file path may hold new rows. Records the digests of a study
+    that has none (a new one, or one started before they were kept)."""
+    started = study.user_attrs.get(DATA_ATTR)
+    if started is None:
+        study.set_user_attr(DATA_ATTR, digests)
+        return
+    changed = [split for split, digest in digests.items() if started.get(split) != digest]
+    if changed:
+        raise FtsearchError(
+            f"study {study.study_name!r} was started on other data: the {' / '.join(changed)} split(s) changed "
+            "since (new rows, files or subsample); add --fresh to start a new study on this data, or restore "
+            "the data to resume it"
         )
 
 

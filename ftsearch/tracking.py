@@ -7,6 +7,7 @@ ended with an explicit status: no run is left RUNNING.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from dataclasses import dataclass
@@ -19,7 +20,8 @@ matplotlib.use("Agg")  # headless: figures are only ever written to files
 import matplotlib.pyplot as plt
 import mlflow
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from ftsearch import settings
 
@@ -81,6 +83,23 @@ def _figure_artifact(mlflow_client: MlflowClient, run_id: str, figure, path: str
         mlflow_client.log_figure(run_id, figure, path)
     finally:
         plt.close(figure)
+
+
+def log_datasets(mlflow_client: MlflowClient, run_id: str, study_name: str, report: dict, splits: tuple[str, ...]) -> None:
+    """Log ``splits`` of the data checks' ``report`` as the run's MLflow dataset inputs (name,
+    content digest, source, rows; context train / validation / test), so the UI shows which data a
+    run saw and two runs on different data cannot be mistaken for each other."""
+    contexts = {"train": "training", "val": "validation", "test": "test"}
+    inputs = [
+        DatasetInput(
+            Dataset(name=f"{study_name}-{split}", digest=report["digests"][split], source_type="local",
+                    source=json.dumps({"uri": report["sources"][split]}),
+                    profile=json.dumps({"num_rows": report["sizes"][split]})),
+            tags=[InputTag(MLFLOW_DATASET_CONTEXT, contexts[split])],
+        )
+        for split in splits
+    ]
+    mlflow_client.log_inputs(run_id, datasets=inputs)
 
 
 @dataclass

@@ -134,6 +134,9 @@ class TrialRunner:
         if RETRY_OF_ATTR in trial.user_attrs:
             run.set_tag(RETRY_OF_ATTR, str(trial.user_attrs[RETRY_OF_ATTR]))
         run.log_dict(trial_cfg.model_dump(), "trial_config.json")
+        # A trial sees train and validation; the test split is the parent's, scored once.
+        tracking.log_datasets(run.mlflow_client, run.run_id, self.config.name, self.modality.checks.report,
+                              ("train", "val"))
         self.reporter.trial_started(trial.number, _trial_line(trial_cfg), trial_cfg.epochs)
 
     def _record_end(self, trial: optuna.Trial, run: tracking.TrialRun, outcome: Outcome) -> None:

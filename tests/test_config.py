@@ -49,7 +49,7 @@ def test_overrides_are_typed_and_win_over_the_plan():
         (["data.labels=[one]"], "data.labels"),
         (["cpu_plan.search.lrr=1"], "cpu_plan.search.lrr: unknown key; allowed here: lr, batch_size"),
         (["search.augment.hflip={low: 0, high: 0.5}"], "search.augment.hflip does not apply to text-classification"),
-        (["data.min_image_colors=10"], "data.min_image_colors does not apply to text-classification"),
+        (["data.placeholder_share=0.5"], "data.placeholder_share does not apply to text-classification"),
         (["data.labels=null"], "data.labels: required for text-classification"),
         (["task=text-regresion"], ("task: Input should be 'text-classification', 'text-pair-classification', "
                                    "'text-regression', 'multi-label-classification' or 'image-classification'")),

@@ -70,6 +70,40 @@ def test_undecodable_and_placeholder_files_are_skipped_and_listed(tiny_images):
     assert "placeholder" in reasons["placeholder.gif"]
 
 
+def test_grayscale_images_with_few_grey_levels_are_all_kept_and_copies_are_found(tmp_path):
+    """Real grayscale data (an X-ray, a scan) can have under 64 grey levels; only a picture nearly
+    all of one colour is a placeholder. A resized copy of a training image in val is a leak."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for name in ("a", "b"):
+            (tmp_path / split / name).mkdir(parents=True)
+            for i in range(6):
+                levels = rng.integers(0, 16, size=(5, 5)).repeat(16, axis=0).repeat(16, axis=1) * 16  # 16 grey levels
+                Image.fromarray(levels.astype(np.uint8), mode="L").save(tmp_path / split / name / f"{i}.png")
+    almost_flat = np.full((40, 40), 200, dtype=np.uint8)
+    almost_flat[:3] = 30  # 92.5% one grey
+    Image.fromarray(almost_flat, mode="L").save(tmp_path / "train" / "a" / "not-found.png")
+    Image.open(tmp_path / "train" / "b" / "0.png").convert("P").save(tmp_path / "train" / "b" / "palette.png")
+    Image.open(tmp_path / "train" / "a" / "1.png").resize((60, 60)).save(tmp_path / "val" / "a" / "copy.png")
+
+    splits = load_image_splits(DataConfig(dataset=str(tmp_path)))
+    assert len(splits.train) == 13 and len(splits.val) + len(splits.test) == 13
+    assert [Path(s["path"]).name for s in splits.skipped] == ["not-found.png"]
+    assert "92% of its pixels are one colour" in splits.skipped[0]["reason"]
+    assert splits.modes == {"L": 25, "P": 1}
+    assert splits.image_sizes["smallest"] == [60, 60] and splits.image_sizes["largest"] == [80, 80]
+    # The palette copy repeats a training image; the resized copy leaks into val or test.
+    assert splits.duplicates.within["train"] == 1
+    assert splits.duplicates.leaked["val"] + splits.duplicates.leaked["test"] == 1
+    assert load_image_splits(DataConfig(dataset=str(tmp_path), placeholder_share=None)).skipped == []
+    dropped = load_image_splits(DataConfig(dataset=str(tmp_path), dedupe="drop"))
+    assert len(dropped.train) == 12 and len(dropped.val) + len(dropped.test) == 12
+    assert "copy.png" not in {Path(p).name for p, _ in dropped.val + dropped.test}
+
+
 def test_subsampling_images_is_stratified_and_checked(tiny_images):
     splits = load_image_splits(DataConfig(dataset=str(tiny_images), train_size=20))
     assert len(splits.train) == 20 and sum(label for _, label in splits.train) == 10

@@ -64,7 +64,8 @@ def test_one_parent_and_a_child_run_per_trial_with_epoch_curves(in_searched):
     assert parent.data.metrics["baseline_val_accuracy"] >= 0.9
     assert {"baseline_test_accuracy", "baseline_val_f1"} <= set(parent.data.metrics)
     parent_artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"optimization_history.png", "param_importances.png", "best_params.json", "config.json"} <= parent_artifacts
+    assert {"optimization_history.png", "param_importances.png", "best_params.json", "config.json",
+            "data_report.json"} <= parent_artifacts
 
 
 def test_training_learns_the_task(in_searched):

@@ -7,11 +7,15 @@ test). Files that do not decode as images are skipped and reported, never a cras
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import imagehash
+import numpy as np
 from PIL import Image
 from sklearn.model_selection import train_test_split
 from torch.utils.data import Dataset
@@ -19,6 +23,7 @@ from torch.utils.data import Dataset
 from ftsearch import settings
 from ftsearch.catalog import IMAGE_FOLDERS
 from ftsearch.config import DataConfig
+from ftsearch.data.checks import Duplicates, find_duplicates, kept_rows
 from ftsearch.errors import FtsearchError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -35,6 +40,9 @@ class ImageSplits:
     test: list[Sample]
     labels: tuple[str, ...]
     skipped: list[dict[str, str]] = field(default_factory=list)
+    modes: dict[str, int] = field(default_factory=dict)  # PIL mode (L, RGB, RGBA, P, ...) -> images kept
+    image_sizes: dict[str, list[int]] = field(default_factory=dict)  # smallest / median / largest [w, h]
+    duplicates: Duplicates | None = None  # what data.dedupe found, before subsampling (None: off)
 
     def sizes(self) -> str:
         return f"train {len(self.train)} / val {len(self.val)} / test {len(self.test)}"
@@ -94,8 +102,9 @@ def load_image_splits(cfg: DataConfig, study_dir: Path | None = None) -> ImageSp
     """Scan, check and split the image folder named in ``cfg``."""
     root = find_image_folder(cfg, study_dir)
     skipped: list[dict[str, str]] = []
+    facts: dict[str, _Facts] = {}
     classes = _classes(root / "train")
-    scan = lambda folder: _scan(folder, classes, skipped, cfg.min_image_colors)
+    scan = lambda folder: _scan(folder, classes, skipped, facts, cfg.placeholder_share)
     train = scan(root / "train")
     val_classes = _classes(root / "val")
     if val_classes != classes:
@@ -115,13 +124,42 @@ def load_image_splits(cfg: DataConfig, study_dir: Path | None = None) -> ImageSp
             f"{root}: data.labels {list(cfg.labels)} do not match the class folders {list(classes)} "
             "(sorted by name); fix data.labels or leave it out"
         )
+    splits, duplicates = {"train": train, "val": val, "test": test}, None
+    if cfg.dedupe != "off":
+        keys = {split: np.array([facts[path].phash for path, _ in samples], dtype=object)
+                for split, samples in splits.items()}
+        duplicates = find_duplicates(keys)
+        if cfg.dedupe == "drop":
+            kept = kept_rows(keys)
+            duplicates.dropped = {split: int((~mask).sum()) for split, mask in kept.items()}
+            splits = {split: [s for s, keep in zip(samples, kept[split]) if keep] for split, samples in splits.items()}
+            emptied = [split for split, samples in splits.items() if not samples]
+            if emptied:
+                raise FtsearchError(f"{root}: data.dedupe: drop leaves no {' / '.join(emptied)} images; "
+                                    "every one is also in an earlier split. Use data.dedupe: warn")
     return ImageSplits(
-        train=_subsample(train, cfg.train_size, cfg.split_seed, "train"),
-        val=_subsample(val, cfg.val_size, cfg.split_seed, "val"),
-        test=_subsample(test, cfg.test_size, cfg.split_seed, "test"),
+        **{split: _subsample(samples, getattr(cfg, f"{split}_size"), cfg.split_seed, split)
+           for split, samples in splits.items()},
         labels=classes,
         skipped=skipped,
+        modes=dict(Counter(f.mode for f in facts.values())),
+        image_sizes=_size_summary([f.size for f in facts.values()]),
+        duplicates=duplicates,
     )
+
+
+@dataclass(frozen=True)
+class _Facts:
+    """What scanning learnt of a usable image."""
+
+    mode: str
+    size: tuple[int, int]
+    phash: str  # perceptual hash: equal for a resized or recompressed copy
+
+
+def _size_summary(sizes: list[tuple[int, int]]) -> dict[str, list[int]]:
+    by_area = sorted(sizes, key=lambda wh: wh[0] * wh[1])
+    return {"smallest": list(by_area[0]), "median": list(by_area[len(by_area) // 2]), "largest": list(by_area[-1])}
 
 
 def _classes(folder: Path) -> tuple[str, ...]:
@@ -136,17 +174,21 @@ def _classes(folder: Path) -> tuple[str, ...]:
     return classes
 
 
-def _scan(folder: Path, classes: tuple[str, ...], skipped: list[dict[str, str]], min_colors: int) -> list[Sample]:
+def _scan(
+    folder: Path, classes: tuple[str, ...], skipped: list[dict[str, str]], facts: dict[str, _Facts],
+    placeholder_share: float | None,
+) -> list[Sample]:
     samples = []
     for label, name in enumerate(classes):
         kept = 0
         for path in sorted((folder / name).rglob("*")):
             if not path.is_file() or any(part.startswith(".") for part in path.relative_to(folder).parts):
                 continue  # hidden files and folders (.ipynb_checkpoints, .DS_Store) are not data
-            problem = _unusable(path, min_colors)
-            if problem:
+            problem = _inspect(path, placeholder_share)
+            if isinstance(problem, str):
                 skipped.append({"path": str(path), "reason": problem})
                 continue
+            facts[str(path)] = problem
             samples.append((str(path), label))
             kept += 1
         if kept == 0:
@@ -154,11 +196,12 @@ def _scan(folder: Path, classes: tuple[str, ...], skipped: list[dict[str, str]],
     return samples
 
 
-def _unusable(path: Path, min_colors: int) -> str | None:
-    """Why ``path`` is not a usable training image, or None.
+def _inspect(path: Path, placeholder_share: float | None) -> str | _Facts:
+    """Why ``path`` is not a usable training image, or what it is.
 
-    It is decoded in full, so truncated and corrupt files are caught. A picture of very few
-    colours is a placeholder ("image not found" graphics from scraped data sets), not a photo.
+    It is decoded in full, so truncated and corrupt files are caught. A picture nearly all of one
+    colour is a placeholder ("image not found" graphics from scraped data sets), not a photo; the
+    share, not a count of colours, decides, since a real grayscale image can have few grey levels.
     """
     if path.suffix.lower() not in IMAGE_SUFFIXES:
         return f"not an image file type ({path.suffix or 'no suffix'})"
@@ -168,12 +211,21 @@ def _unusable(path: Path, min_colors: int) -> str | None:
             rgb.load()
             if min(rgb.size) < 8:
                 return f"too small ({rgb.size[0]}x{rgb.size[1]})"
-            colors = rgb.getcolors(min_colors - 1) if min_colors > 1 else None  # None: more colours than that
-            if colors is not None:
-                return f"only {len(colors)} distinct colours: a placeholder graphic, not a photo"
+            if placeholder_share is not None:
+                share = _dominant_share(rgb)
+                if share >= placeholder_share:
+                    return f"{share:.0%} of its pixels are one colour: a placeholder graphic, not a photo"
+            return _Facts(image.mode, rgb.size, str(imagehash.phash(rgb)))
     except Exception as err:  # noqa: BLE001 - PIL raises many types for broken files
         return f"{type(err).__name__}: {err}"
-    return None
+
+
+def _dominant_share(rgb: Image.Image) -> float:
+    """The share of the pixels that have the most common colour, on a nearest-neighbour sample of
+    at most 128 x 128 pixels (exact colours, so a flat area stays flat; cheap for large photos)."""
+    sample = rgb.resize((min(128, rgb.width), min(128, rgb.height)), Image.Resampling.NEAREST)
+    counts = sample.getcolors(sample.width * sample.height)
+    return max(count for count, _ in counts) / (sample.width * sample.height)
 
 
 def _split(samples: list[Sample], fraction: float, seed: int, origin: Path) -> tuple[list[Sample], list[Sample]]:
@@ -196,6 +248,16 @@ def _subsample(samples: list[Sample], size: int | None, seed: int, name: str) ->
             f"choose another data.{name}_size or null for all"
         ) from None
     return kept
+
+
+def digest(samples: list[Sample]) -> str:
+    """A short content hash of a split: every file's bytes and label, in order, so a replaced or
+    relabelled image changes it (the folder's location does not)."""
+    hashed = hashlib.sha256()
+    for path, label in samples:
+        hashed.update(f"{label}:".encode())
+        hashed.update(hashlib.sha256(Path(path).read_bytes()).digest())
+    return hashed.hexdigest()[:16]
 
 
 class ImageDataset(Dataset):

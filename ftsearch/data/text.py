@@ -27,6 +27,7 @@ from sklearn.model_selection import train_test_split
 from ftsearch import settings
 from ftsearch.catalog import TEXT_DATASETS, TextDatasetSpec
 from ftsearch.config import DataConfig
+from ftsearch.data.checks import Duplicates, find_duplicates, kept_rows, text_keys
 from ftsearch.errors import FtsearchError
 
 FORMATS = ("csv", "tsv", "jsonl", "json", "parquet")
@@ -42,12 +43,14 @@ class TextSplits:
     """Train, validation and test frames with columns ``text`` (str), ``text_pair`` (str, only
     when ``data.text_pair_column`` is set) and ``label``: an int64 class id, a float32 multi-hot
     vector per cell (object column), or a float, by the target kind. ``labels`` are the class
-    names, ``()`` for numeric targets."""
+    names, ``()`` for numeric targets. ``duplicates`` is what ``data.dedupe`` found in the splits
+    before subsampling (None when it is ``off``)."""
 
     train: pd.DataFrame
     val: pd.DataFrame
     test: pd.DataFrame
     labels: tuple[str, ...]
+    duplicates: Duplicates | None = None
 
     def sizes(self) -> str:
         return f"train {len(self.train)} / val {len(self.val)} / test {len(self.test)}"
@@ -96,11 +99,25 @@ def load_text_splits(cfg: DataConfig, study_dir: Path | None = None, target_kind
         train, frames["test"] = _split(train, cfg.val_fraction, seed, origin, stratify)
     if "val" not in frames:
         train, frames["val"] = _split(train, cfg.val_fraction, seed, origin, stratify)
+    splits, duplicates = {"train": train, "val": frames["val"], "test": frames["test"]}, None
+    if cfg.dedupe != "off":
+        # Before subsampling: a leak counts whether or not this plan's subsample happens to draw it,
+        # and a drop leaves data.*_size rows to draw from.
+        keys = {split: text_keys(frame) for split, frame in splits.items()}
+        duplicates = find_duplicates(keys)
+        if cfg.dedupe == "drop":
+            kept = kept_rows(keys)
+            duplicates.dropped = {split: int((~mask).sum()) for split, mask in kept.items()}
+            splits = {split: frame[kept[split]].reset_index(drop=True) for split, frame in splits.items()}
+            emptied = [split for split, frame in splits.items() if frame.empty]
+            if emptied:
+                raise FtsearchError(f"{origin}: data.dedupe: drop leaves no {' / '.join(emptied)} rows; "
+                                    "every such row is also in an earlier split. Use data.dedupe: warn")
     return TextSplits(
-        train=_subsample(train, cfg.train_size, seed, "train", stratify),
-        val=_subsample(frames["val"], cfg.val_size, seed, "val", stratify),
-        test=_subsample(frames["test"], cfg.test_size, seed, "test", stratify),
+        **{split: _subsample(frame, getattr(cfg, f"{split}_size"), seed, split, stratify)
+           for split, frame in splits.items()},
         labels=labels,
+        duplicates=duplicates,
     )
 
 

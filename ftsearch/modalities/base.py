@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ftsearch.adaptation import Adapted
+from ftsearch.data.checks import DataChecks
 from ftsearch.errors import FtsearchError
 from ftsearch.problems import ProblemType
 from ftsearch.problems.base import Evaluation
@@ -55,6 +56,7 @@ class Modality(Protocol):
     blocks: dict[str, int]  # backbone -> number of blocks that can be frozen
     entry_file: Path  # MLflow model code of the registered model
     baseline_name: str
+    checks: DataChecks  # what the data checks found, before any trial
 
     def describe(self) -> str:
         """One or more lines on the data and backbones, printed before the search."""
@@ -77,7 +79,7 @@ class Modality(Protocol):
         """The MLflow ``Schema`` of the served model's input columns."""
 
     def parent_artifacts(self) -> dict[str, object]:
-        """JSON artifacts for the study's parent run (files skipped, ...)."""
+        """JSON artifacts for the study's parent run (``data_report.json``, files skipped, ...)."""
 
     def baseline(self) -> dict[str, float]:
         """The classical baseline's ``baseline_<split>_<metric>`` scores on val and test."""

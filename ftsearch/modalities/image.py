@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader, default_collate
@@ -12,7 +13,8 @@ from ftsearch.adaptation import adapt, check_lora_targets
 from ftsearch.augment import batch_mixer, image_eval_transform, image_train_transform
 from ftsearch.baseline import pooled_features
 from ftsearch.config import StudyConfig
-from ftsearch.data.images import ImageDataset, ImageSplits, Sample, load_image_splits, loader_workers
+from ftsearch.data.checks import DataChecks, class_balance
+from ftsearch.data.images import ImageDataset, ImageSplits, Sample, digest, load_image_splits, loader_workers
 from ftsearch.modalities.base import EVAL_BATCH_SIZE, TrialSetup, check_metric, count_params
 from ftsearch.models.vision import (
     build_classifier,
@@ -59,6 +61,7 @@ class ImageModality:
         if "lora" in config.search.method:
             for name, backbone in self.backbones.items():
                 check_lora_targets(build_classifier(backbone, 2), searched_lora_targets(config), name, config.source)
+        self.checks = self._check_data()
 
     def describe(self) -> str:
         names = ", ".join(f"{b.name} ({b.num_blocks} stages, {b.preprocessing['input_size'][-1]} px)" for b in self.backbones.values())
@@ -78,7 +81,30 @@ class ImageModality:
         return self.problem.baseline(features, inverse_regularisation=1.0, max_iter=5000)
 
     def parent_artifacts(self) -> dict[str, object]:
-        return {"skipped_files.json": self.splits.skipped} if self.splits.skipped else {}
+        skipped = {"skipped_files.json": self.splits.skipped} if self.splits.skipped else {}
+        return {"data_report.json": self.checks.report, **skipped}
+
+    def _check_data(self) -> DataChecks:
+        splits = {"train": self.splits.train, "val": self.splits.val, "test": self.splits.test}
+        targets = {split: np.array([label for _, label in samples], dtype=np.int64) for split, samples in splits.items()}
+        checks = DataChecks({"sizes": {split: len(samples) for split, samples in splits.items()},
+                             "digests": {split: digest(samples) for split, samples in splits.items()},
+                             "sources": {split: self.config.data.dataset for split in splits},
+                             "skipped_files": len(self.splits.skipped),
+                             "modes": self.splits.modes, "image_sizes": self.splits.image_sizes})
+        if self.splits.duplicates is not None:
+            checks.report["duplicates"] = self.splits.duplicates.as_dict()
+            checks.warnings += self.splits.duplicates.lines()
+        checks.report["class_balance"], warnings = class_balance(targets, self.labels, self.config.metric)
+        checks.warnings += warnings
+        smallest, median, largest = (f"{w}x{h}" for w, h in self.splits.image_sizes.values())
+        checks.notes.append(f"image sizes: smallest {smallest}, median {median}, largest {largest}")
+        # PIL converts every mode to RGB for the backbone: say so when the data is not RGB already.
+        converted = {mode: n for mode, n in self.splits.modes.items() if mode != "RGB"}
+        if converted:
+            modes = ", ".join(f"{n} {mode}" for mode, n in sorted(converted.items()))
+            checks.notes.append(f"images converted to RGB: {modes} (L: grayscale, P: palette, RGBA: with alpha)")
+        return checks
 
     def build(self, trial: TrialConfig) -> TrialSetup:
         """The trial's classifier, adapted (``ftsearch.adaptation``), and its loaders."""

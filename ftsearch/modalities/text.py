@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -11,7 +12,8 @@ from ftsearch.adaptation import FrozenPrefixCache, adapt, check_lora_targets
 from ftsearch.augment import TokenAugment
 from ftsearch.baseline import tfidf_features
 from ftsearch.config import StudyConfig
-from ftsearch.data.text import TextSplits, load_text_splits, target_array
+from ftsearch.data.checks import DataChecks, class_balance, truncation, truncation_line
+from ftsearch.data.text import TextSplits, fingerprint, load_text_splits, target_array
 from ftsearch.data.tokens import TokenizedSplit, make_loader, tokenize_cached
 from ftsearch.errors import FtsearchError
 from ftsearch.modalities.base import EVAL_BATCH_SIZE, TrialSetup, check_metric, count_params
@@ -62,6 +64,7 @@ class TextModality:
         )
         self.blocks = {name: b.num_blocks for name, b in self.backbones.items()}
         self._tokens: dict[tuple[str, int, str], TokenizedSplit] = {}
+        self.checks = self._check_data()
 
     def describe(self) -> str:
         names = ", ".join(f"{b.name} ({b.num_blocks} blocks)" for b in self.backbones.values())
@@ -115,7 +118,33 @@ class TextModality:
         return self.problem.baseline(features, inverse_regularisation=4.0, max_iter=2000)
 
     def parent_artifacts(self) -> dict[str, object]:
-        return {}
+        return {"data_report.json": self.checks.report}
+
+    def _sources(self) -> dict[str, str]:
+        data = self.config.data
+        return {"train": data.dataset, "val": data.val_file or data.dataset, "test": data.test_file or data.dataset}
+
+    def _check_data(self) -> DataChecks:
+        splits = {"train": self.splits.train, "val": self.splits.val, "test": self.splits.test}
+        checks = DataChecks({"sizes": {split: len(frame) for split, frame in splits.items()},
+                             "digests": {split: fingerprint(frame) for split, frame in splits.items()},
+                             "sources": self._sources()})
+        if self.splits.duplicates is not None:
+            checks.report["duplicates"] = self.splits.duplicates.as_dict()
+            checks.warnings += self.splits.duplicates.lines()
+        if self.labels:
+            targets = {split: target_array(frame) for split, frame in splits.items()}
+            checks.report["class_balance"], warnings = class_balance(targets, self.labels, self.config.metric)
+            checks.warnings += warnings
+        # Lengths by the first backbone's tokenizer, untruncated: how much each max_length keeps.
+        backbone = self.config.backbones[0]
+        train = self.splits.train
+        pairs = train["text_pair"].tolist() if self.pair else None
+        encoded = self.tokenizers[backbone](train["text"].tolist(), pairs, verbose=False)["input_ids"]
+        cut = truncation(np.array([len(ids) for ids in encoded]), self.config.search.max_length)
+        checks.report["truncation"] = {"backbone": backbone, "split": "train", **cut}
+        checks.notes.append(truncation_line(cut, "train"))
+        return checks
 
     def example_figures(self, evaluation: Evaluation) -> dict[str, object]:
         """Nothing to draw for text; the problem type's figures say it."""

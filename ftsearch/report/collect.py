@@ -1,10 +1,10 @@
 """Gathering a report: what the Optuna storage and MLflow hold about one study, read once.
 
-Trials, states, values and params come from Optuna; learning curves, the baseline on the parent
-run, test metrics, the registered champion and its test figures and tables from MLflow. The test
-metrics, figures (``test_*.png``) and tables (``test_*.json``) are whatever the runs and model
-versions carry under a ``test_`` name: the problem type decides which exist, so nothing here
-names them.
+Trials, states, values and params come from Optuna; learning curves, the baseline and the data
+checks' findings (``data_report.json``) on the parent run, test metrics, the registered champion
+and its test figures and tables from MLflow. The test metrics, figures (``test_*.png``) and
+tables (``test_*.json``) are whatever the runs and model versions carry under a ``test_`` name:
+the problem type decides which exist, so nothing here names them.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ ALIASES = ("champion", "candidate")  # the first that exists is the model shown
 TEST_PREFIX = "test_"  # run metrics, version tags and root artifacts under this prefix are about the test split
 FIGURE_SUFFIX = ".png"  # test_<name>.png: a figure, shown as is
 TABLE_SUFFIX = ".json"  # test_<name>.json: a table when it holds a list of row objects (MLflow log_dict)
+DATA_REPORT = "data_report.json"  # the data checks' findings, at the root of the parent run (ftsearch.data.checks)
 # Trials of studies run before the method was recorded all froze a prefix: the only method then.
 LEGACY_METHOD = "freeze"
 # Leaderboard order: finished trials by value first, then those that stopped early, then the rest.
@@ -112,7 +113,9 @@ class StudyReport:
     """Everything a report shows, gathered once; rendering never goes back to the stores.
 
     ``counts`` is trials per state (COMPLETE, PRUNED, FAIL, RUNNING, WAITING), leaving out states
-    no trial is in; ``best_test`` the best trial's test metrics (empty until the search scored it).
+    no trial is in; ``best_test`` the best trial's test metrics (empty until the search scored it);
+    ``data`` the parent run's ``data_report.json`` as logged (None for a study run before the
+    search logged one, or when it cannot be read).
     """
 
     config: StudyConfig
@@ -127,6 +130,7 @@ class StudyReport:
     best_test: dict[str, float]
     model: ModelSummary | None
     notes: list[str] = field(default_factory=list)
+    data: dict[str, Any] | None = None
 
     @property
     def metric(self) -> str:
@@ -213,6 +217,7 @@ def collect(config: StudyConfig, storage_url: str | None = None) -> StudyReport:
         best_test=metrics_on_test(best_run.data.metrics) if best_run is not None else {},
         model=_registered_model(client, config.registered_model, config.metric, notes),
         notes=notes,
+        data=_data_report(client, parent_run_id, notes) if parent_run_id else None,
     )
 
 
@@ -315,6 +320,23 @@ def _baseline(parent, metric: str) -> Baseline | None:
     )
 
 
+def _data_report(client: MlflowClient, run_id: str, notes: list[str]) -> dict[str, Any] | None:
+    """The parent run's ``data_report.json``; None without a note when the run has none (a study
+    run before the search logged it), None with a note when it cannot be read or is no object."""
+    names = _artifact_names(client, run_id, notes)
+    if names is None or DATA_REPORT not in names:
+        return None
+    with tempfile.TemporaryDirectory() as folder:
+        data = _artifact_bytes(client, run_id, DATA_REPORT, folder, notes)
+    if data is None:
+        return None
+    found = _json(data)
+    if not isinstance(found, dict):
+        notes.append(f"{DATA_REPORT} of run {run_id} is not a JSON object: the data section is left out")
+        return None
+    return found
+
+
 def _registered_model(client: MlflowClient, name: str, metric: str, notes: list[str]) -> ModelSummary | None:
     for alias in ALIASES:
         try:
@@ -353,12 +375,10 @@ def _test_artifacts(
 ) -> tuple[dict[str, bytes], dict[str, list[dict[str, Any]]]]:
     """The run's test figures and tables (see ``ModelSummary``), in name order; an artifact that
     cannot be read, or a JSON file that is no table, is left out with a note."""
-    try:
-        listed = client.list_artifacts(run_id)  # the root only: the search logs test artifacts there
-    except Exception as err:  # noqa: BLE001 - a run that is gone or unreadable costs its figures only
-        notes.append(f"could not list the artifacts of run {run_id}: {_reason(err)}")
+    listed = _artifact_names(client, run_id, notes)
+    if listed is None:
         return {}, {}
-    names = sorted(a.path for a in listed if not a.is_dir and a.path.startswith(TEST_PREFIX))
+    names = sorted(name for name in listed if name.startswith(TEST_PREFIX))
     figures: dict[str, bytes] = {}
     tables: dict[str, list[dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory() as folder:
@@ -377,12 +397,28 @@ def _test_artifacts(
     return figures, tables
 
 
-def _table(data: bytes) -> list[dict[str, Any]] | None:
-    """The rows of a JSON table, None when the file holds anything else."""
+def _artifact_names(client: MlflowClient, run_id: str, notes: list[str]) -> list[str] | None:
+    """The files at the root of the run's artifacts (the search logs what the report reads
+    there), None with a note when they cannot be listed."""
     try:
-        rows = json.loads(data)
+        listed = client.list_artifacts(run_id)
+    except Exception as err:  # noqa: BLE001 - a run that is gone or unreadable costs what it holds only
+        notes.append(f"could not list the artifacts of run {run_id}: {_reason(err)}")
+        return None
+    return [a.path for a in listed if not a.is_dir]
+
+
+def _json(data: bytes) -> Any:
+    """The file's JSON value, None when it holds no JSON."""
+    try:
+        return json.loads(data)
     except (UnicodeDecodeError, ValueError):
         return None
+
+
+def _table(data: bytes) -> list[dict[str, Any]] | None:
+    """The rows of a JSON table, None when the file holds anything else."""
+    rows = _json(data)
     if not isinstance(rows, list) or not rows or not all(isinstance(row, dict) for row in rows):
         return None
     return rows

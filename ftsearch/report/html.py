@@ -26,6 +26,7 @@ from ftsearch.report.views import (
     comparison_gaps,
     comparison_rows,
     counts_text,
+    data_view,
     method_rows,
     method_table,
     methods_gap,
@@ -108,6 +109,8 @@ def render_html(report: StudyReport) -> str:
         model_metrics={k: format_metric(v) for k, v in model_metrics(report).items()},
         model_figures=_model_figures(report),
         model_tables=_model_tables(report),
+        # An older study's parent run has no data_report.json: the section is left out.
+        data=data_view(report.data) if report.data else None,
         ranking=ranking_text(report),
         leaderboard=_leaderboard(report),
         **_methods(report),

@@ -1,10 +1,11 @@
 """What the terminal and the HTML report both say: the trial counts line, the params split into
 columns and constants, state labels, the per-method table, the baseline comparison, the sentence
-on the registered model and its test tables as cells. Plain strings; each renderer lays them out
-(and the HTML template escapes them)."""
+on the registered model and its test tables as cells, and the data checks' findings as cells.
+Plain strings; each renderer lays them out (and the HTML template escapes them)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -266,3 +267,106 @@ def table_view(name: str, rows: list[dict[str, Any]], limit: int | None = None) 
     left = {i for i, column in enumerate(head) if any(isinstance(row.get(column), str) for row in rows)}
     cells = [[format_cell(row.get(column)) for column in head] for row in shown]
     return TableView(name, artifact_caption(name), head, cells, left, len(rows) - len(shown))
+
+
+@dataclass(frozen=True)
+class DataView:
+    """The data checks' findings as cells: a row per split (``splits``), the text's token lengths
+    (``tokens``, None when the data is no text) and sentences on what the tables cannot say."""
+
+    splits: TableView
+    tokens: TableView | None
+    notes: list[str]
+
+
+def data_view(data: dict[str, Any]) -> DataView:
+    """The cells and sentences of a ``data_report.json`` (``StudyReport.data``), whichever of its
+    parts the study's modality and ``data.dedupe`` left in it."""
+    truncation = data.get("truncation")
+    return DataView(_splits_table(data), _tokens_table(truncation) if truncation else None, _data_notes(data))
+
+
+def format_share(share: float | None) -> str:
+    """A share as a percentage to a tenth: ``44.0%``; an em dash for None."""
+    return MISSING if share is None else f"{share:.1%}"
+
+
+_Column = tuple[str, Callable[[str], str]]  # a column's name and its cell for a split
+
+
+def _splits_table(data: dict[str, Any]) -> TableView:
+    sizes, balance = data.get("sizes", {}), data.get("class_balance", {})
+    columns: list[_Column] = [("rows", lambda split: format_cell(sizes.get(split)))]
+    columns += _duplicate_columns(data["duplicates"]) if "duplicates" in data else []
+    columns += _balance_columns(balance)
+    head = ["split", *(name for name, _ in columns)]
+    rows = [[split, *(cell(split) for _, cell in columns)] for split in dict.fromkeys([*sizes, *balance])]
+    left = {0} | {i for i, name in enumerate(head) if name == "majority class"}
+    return TableView("data-splits", "Rows per split", head, rows, left)
+
+
+def _duplicate_columns(duplicates: dict[str, Any]) -> list[_Column]:
+    within, leaked = duplicates.get("within_split", {}), duplicates.get("leaked_from_earlier_splits", {})
+    dropped = duplicates.get("dropped", {})
+    columns: list[_Column] = [
+        ("repeated within the split", lambda split: format_cell(within.get(split))),
+        # Train has no earlier split to leak from: its cell is a dash, not a zero.
+        ("also in an earlier split", lambda split: format_cell(leaked.get(split))),
+    ]
+    if dropped:  # empty unless data.dedupe was drop
+        columns.append(("dropped", lambda split: format_cell(dropped.get(split))))
+    return columns
+
+
+def _balance_columns(balance: dict[str, Any]) -> list[_Column]:
+    def entry(split: str) -> dict[str, Any]:
+        return balance.get(split, {})
+
+    if any("per_label" in e for e in balance.values()):
+        return [("labels per example", lambda split: _decimals(entry(split).get("labels_per_example")))]
+    if balance:
+        return [("majority class", lambda split: format_cell(entry(split).get("majority"))),
+                ("majority share", lambda split: format_share(entry(split).get("majority_share")))]
+    return []
+
+
+def _decimals(value: float | None) -> str:
+    return MISSING if value is None else f"{value:.2f}"
+
+
+def _tokens_table(truncation: dict[str, Any]) -> TableView:
+    tokens, shares = truncation.get("tokens", {}), truncation.get("truncated_share", {})
+    head = ["split", "median tokens", "90th percentile", "longest", *(f"truncated at {m}" for m in shares)]
+    row = [truncation.get("split", MISSING), *(format_cell(tokens.get(k)) for k in ("median", "p90", "max")),
+           *(format_share(share) for share in shares.values())]
+    caption = (f"Token lengths by the {truncation.get('backbone', '?')} tokenizer, and the share of texts "
+               "each searched max_length truncates")
+    return TableView("data-tokens", caption, head, [row], {0})
+
+
+def _data_notes(data: dict[str, Any]) -> list[str]:
+    notes = _duplicate_notes(data["duplicates"]) if "duplicates" in data else [
+        "Duplicates and leaks across splits were not checked (data.dedupe: off)."]
+    if "class_balance" not in data:
+        notes.append("No class balance: the targets are numbers, not classes.")
+    if skipped := data.get("skipped_files"):
+        notes.append(f"{skipped} unusable image file(s) were skipped; skipped_files.json on the study's "
+                     "parent run lists them.")
+    return notes
+
+
+_DUPLICATES_NOTE = (
+    "Repeated and leaked rows are counted in the splits as loaded (texts compared ignoring case and whitespace, "
+    "images by perceptual hash), "
+    "before any dropping and subsampling; rows are what the trials used. A leak, a validation row whose text "
+    "train has or a test row whose text train or validation has, inflates that split's score."
+)
+
+
+def _duplicate_notes(duplicates: dict[str, Any]) -> list[str]:
+    notes = [_DUPLICATES_NOTE]
+    found = any(duplicates.get("within_split", {}).values()) or any(
+        duplicates.get("leaked_from_earlier_splits", {}).values())
+    if found and not duplicates.get("dropped"):
+        notes.append("The repeated and leaked rows were kept (data.dedupe: warn); data.dedupe: drop removes them.")
+    return notes

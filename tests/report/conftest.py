@@ -71,6 +71,7 @@ def handmade(write_study):
             "best_test": {},
             "model": None,
             "notes": [],
+            "data": None,
         }
         return StudyReport(**(fields | changes))
 

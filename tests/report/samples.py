@@ -1,4 +1,5 @@
-"""What a search logs on its best run's test split, made by hand: figures and a per-label table."""
+"""What a search logs, made by hand: its best run's test figures and per-label table, and the
+data checks' report on its parent run."""
 
 from __future__ import annotations
 
@@ -19,3 +20,23 @@ def per_label_rows(n: int) -> list[dict]:
     return [{"label": f"label-{i}", "precision": 0.9 - i / 100, "recall": 0.8, "f1": 0.857142 - i / 100,
              "support": 12 + i, "threshold": 0.5} for i in range(n)]
 
+
+
+def text_data_report() -> dict:
+    """A text search's ``data_report.json`` on IMDB, as ``data.dedupe: warn`` leaves it on the parent run."""
+    balance = {"per_class": {"negative": 11250, "positive": 11250}, "majority": "negative", "majority_share": 0.5}
+    return {
+        "sizes": {"train": 22500, "val": 2500, "test": 25000},
+        "duplicates": {"within_split": {"train": 79, "val": 2, "test": 199},
+                       "leaked_from_earlier_splits": {"val": 16, "test": 123}, "dropped": {}},
+        "class_balance": {"train": balance, "val": balance, "test": balance},
+        "truncation": {"backbone": "minilm-l6", "split": "train", "tokens": {"median": 233, "p90": 620, "max": 2467},
+                       "truncated_share": {"256": 0.44, "512": 0.1234}},
+    }
+
+
+def image_data_report() -> dict:
+    """An image search's ``data_report.json``: no duplicates or token lengths, skipped files counted."""
+    balance = {"per_class": {"ants": 124, "bees": 121}, "majority": "ants", "majority_share": 0.5061}
+    return {"sizes": {"train": 245, "val": 153, "test": 153}, "skipped_files": 2,
+            "class_balance": {"train": balance, "val": balance, "test": balance}}

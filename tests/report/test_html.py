@@ -1,5 +1,6 @@
 """The self-contained HTML report: every section, nothing fetched from elsewhere, its copy on the
-study's parent run, sentences where a half-run study has no data yet, and escaped user text."""
+study's parent run, sentences where a half-run study has no data yet, the data checks' findings
+(and no such section for a study run before they were logged), and escaped user text."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from ftsearch.distributed.storage import open_storage
 from ftsearch.report import Baseline, ModelSummary, TrialRow, render_html
 from ftsearch.report.views import format_count, format_mib
 from tests.helpers import optuna_study, store
-from tests.report.samples import per_label_rows, png
+from tests.report.samples import image_data_report, per_label_rows, png, text_data_report
 
 
 def without_scripts(page: str) -> str:
@@ -30,8 +31,8 @@ def test_html_report_has_every_section_and_needs_no_network(in_reported):
     assert f"HTML report: {path}" in printed
     page = path.read_text(encoding="utf-8")
     markup = without_scripts(page)
-    for anchor in ("summary", "champion", "leaderboard", "methods", "learning-curves", "optimization-history",
-                   "parallel-coordinates", "param-importances"):
+    for anchor in ("summary", "champion", "data", "leaderboard", "methods", "learning-curves",
+                   "optimization-history", "parallel-coordinates", "param-importances"):
         assert f'<section id="{anchor}">' in markup
     # Four plotly figures and one inline copy of plotly.js; nothing is fetched from elsewhere.
     assert page.count("Plotly.newPlot(") == 4
@@ -142,6 +143,46 @@ def test_a_minimize_study_ranks_lowest_first_and_compares_the_right_way(minimize
     maximize = handmade(baseline=Baseline("tf-idf", 0.6, 0.7), best=gathered.best, best_test={"test_accuracy": 0.8},
                         study=optuna.create_study(direction="maximize"))
     assert '<tr><td class="left">fine-tuned − baseline</td><td>-0.4000</td><td>+0.1000</td></tr>' in render_html(maximize)
+
+
+def test_the_data_section_shows_sizes_duplicates_leaks_balance_and_truncation(handmade):
+    page = render_html(handmade(data=text_data_report()))
+    assert '<section id="data"><h2>Data</h2>' in page
+    # Train has no earlier split to leak from; test's 123 rows are also in train or validation.
+    assert ('<tr><td class="left">train</td><td>22500</td><td>79</td><td>—</td>'
+            '<td class="left">negative</td><td>50.0%</td></tr>') in page
+    assert '<tr><td class="left">test</td><td>25000</td><td>199</td><td>123</td>' in page
+    assert "<th>truncated at 256</th><th>truncated at 512</th>" in page
+    assert ('<tr><td class="left">train</td><td>233</td><td>620</td><td>2467</td>'
+            "<td>44.0%</td><td>12.3%</td></tr>") in page
+    assert "Token lengths by the minilm-l6 tokenizer" in page
+    assert "were kept (data.dedupe: warn)" in page and "<th>dropped</th>" not in page
+
+
+def test_the_data_section_follows_what_the_study_checked(handmade):
+    """Dropped rows get a column; multi-label balance is labels per example; an image study has
+    no duplicates or token lengths but says how many files it skipped; regression has no balance."""
+    dropped = text_data_report()
+    dropped["duplicates"]["dropped"] = {"train": 79, "val": 16, "test": 130}
+    tags = {"per_label": {"praise": 9, "plot": 3}, "labels_per_example": 1.5}
+    dropped["class_balance"] = {"train": tags, "val": tags, "test": tags}
+    page = render_html(handmade(data=dropped))
+    assert '<tr><td class="left">test</td><td>25000</td><td>199</td><td>123</td><td>130</td><td>1.50</td></tr>' in page
+    assert "<th>labels per example</th>" in page and "majority" not in page and "were kept" not in page
+
+    image = render_html(handmade(data=image_data_report()))
+    assert '<tr><td class="left">val</td><td>153</td><td class="left">ants</td><td>50.6%</td></tr>' in image
+    assert "were not checked" in image and "2 unusable image file(s) were skipped" in image
+    assert "Token lengths" not in image
+
+    numbers = {k: v for k, v in text_data_report().items() if k != "class_balance"}
+    assert "No class balance: the targets are numbers" in render_html(handmade(data=numbers))
+
+
+def test_a_study_without_a_data_report_has_no_data_section(handmade):
+    page = render_html(handmade())
+    assert 'id="data"' not in page and "Token lengths" not in page
+    assert '<section id="leaderboard">' in page
 
 
 def test_what_users_and_runs_wrote_is_escaped(handmade):
