@@ -8,6 +8,7 @@ test). Files that do not decode as images are skipped and reported, never a cras
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import shutil
 from collections import Counter
@@ -43,6 +44,7 @@ class ImageSplits:
     modes: dict[str, int] = field(default_factory=dict)  # PIL mode (L, RGB, RGBA, P, ...) -> images kept
     image_sizes: dict[str, list[int]] = field(default_factory=dict)  # smallest / median / largest [w, h]
     duplicates: Duplicates | None = None  # what data.dedupe found, before subsampling (None: off)
+    digests: dict[str, str] = field(default_factory=dict)  # split -> content hash of its files and labels
 
     def sizes(self) -> str:
         return f"train {len(self.train)} / val {len(self.val)} / test {len(self.test)}"
@@ -137,15 +139,26 @@ def load_image_splits(cfg: DataConfig, study_dir: Path | None = None) -> ImageSp
             if emptied:
                 raise FtsearchError(f"{root}: data.dedupe: drop leaves no {' / '.join(emptied)} images; "
                                     "every one is also in an earlier split. Use data.dedupe: warn")
+    splits = {split: _subsample(samples, getattr(cfg, f"{split}_size"), cfg.split_seed, split)
+              for split, samples in splits.items()}
     return ImageSplits(
-        **{split: _subsample(samples, getattr(cfg, f"{split}_size"), cfg.split_seed, split)
-           for split, samples in splits.items()},
+        **splits,
         labels=classes,
         skipped=skipped,
         modes=dict(Counter(f.mode for f in facts.values())),
         image_sizes=_size_summary([f.size for f in facts.values()]),
         duplicates=duplicates,
+        digests={split: _digest(samples, facts) for split, samples in splits.items()},
     )
+
+
+def _digest(samples: list[Sample], facts: dict[str, _Facts]) -> str:
+    """A short content hash of a split: every file's bytes and label, in order, so a replaced or
+    relabelled image changes it (the folder's location does not)."""
+    hashed = hashlib.sha256()
+    for path, label in samples:
+        hashed.update(f"{label}:".encode() + facts[path].sha256)
+    return hashed.hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -155,6 +168,7 @@ class _Facts:
     mode: str
     size: tuple[int, int]
     phash: str  # perceptual hash: equal for a resized or recompressed copy
+    sha256: bytes  # of the file's bytes
 
 
 def _size_summary(sizes: list[tuple[int, int]]) -> dict[str, list[int]]:
@@ -206,7 +220,8 @@ def _inspect(path: Path, placeholder_share: float | None) -> str | _Facts:
     if path.suffix.lower() not in IMAGE_SUFFIXES:
         return f"not an image file type ({path.suffix or 'no suffix'})"
     try:
-        with Image.open(path) as image:
+        data = path.read_bytes()  # read once: decoded here and hashed for the split's digest
+        with Image.open(io.BytesIO(data)) as image:
             rgb = image.convert("RGB")
             rgb.load()
             if min(rgb.size) < 8:
@@ -215,7 +230,7 @@ def _inspect(path: Path, placeholder_share: float | None) -> str | _Facts:
                 share = _dominant_share(rgb)
                 if share >= placeholder_share:
                     return f"{share:.0%} of its pixels are one colour: a placeholder graphic, not a photo"
-            return _Facts(image.mode, rgb.size, str(imagehash.phash(rgb)))
+            return _Facts(image.mode, rgb.size, str(imagehash.phash(rgb)), hashlib.sha256(data).digest())
     except Exception as err:  # noqa: BLE001 - PIL raises many types for broken files
         return f"{type(err).__name__}: {err}"
 
@@ -248,16 +263,6 @@ def _subsample(samples: list[Sample], size: int | None, seed: int, name: str) ->
             f"choose another data.{name}_size or null for all"
         ) from None
     return kept
-
-
-def digest(samples: list[Sample]) -> str:
-    """A short content hash of a split: every file's bytes and label, in order, so a replaced or
-    relabelled image changes it (the folder's location does not)."""
-    hashed = hashlib.sha256()
-    for path, label in samples:
-        hashed.update(f"{label}:".encode())
-        hashed.update(hashlib.sha256(Path(path).read_bytes()).digest())
-    return hashed.hexdigest()[:16]
 
 
 class ImageDataset(Dataset):

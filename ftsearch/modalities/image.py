@@ -14,7 +14,7 @@ from ftsearch.augment import batch_mixer, image_eval_transform, image_train_tran
 from ftsearch.baseline import pooled_features
 from ftsearch.config import StudyConfig
 from ftsearch.data.checks import DataChecks, class_balance
-from ftsearch.data.images import ImageDataset, ImageSplits, Sample, digest, load_image_splits, loader_workers
+from ftsearch.data.images import ImageDataset, ImageSplits, Sample, load_image_splits, loader_workers
 from ftsearch.modalities.base import EVAL_BATCH_SIZE, TrialSetup, check_metric, count_params
 from ftsearch.models.vision import (
     build_classifier,
@@ -88,7 +88,7 @@ class ImageModality:
         splits = {"train": self.splits.train, "val": self.splits.val, "test": self.splits.test}
         targets = {split: np.array([label for _, label in samples], dtype=np.int64) for split, samples in splits.items()}
         checks = DataChecks({"sizes": {split: len(samples) for split, samples in splits.items()},
-                             "digests": {split: digest(samples) for split, samples in splits.items()},
+                             "digests": self.splits.digests,
                              "sources": {split: self.config.data.dataset for split in splits},
                              "skipped_files": len(self.splits.skipped),
                              "modes": self.splits.modes, "image_sizes": self.splits.image_sizes})
