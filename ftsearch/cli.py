@@ -192,11 +192,26 @@ def _worker(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace) -> int:
     import json
 
+    import matplotlib.pyplot as plt
+
+    from ftsearch.progress import make_reporter
     from ftsearch.study import SearchOptions, prepare
 
-    prepared = prepare(SearchOptions(study=args.study, overrides=tuple(args.overrides), device=args.device))
+    reporter = make_reporter(quiet=False)
+    prepared = prepare(SearchOptions(study=args.study, overrides=tuple(args.overrides), device=args.device), reporter)
+    report = dict(prepared.modality.checks.report)
+    found = prepared.modality.label_issues()
+    if found is not None:
+        for line in found.lines():
+            reporter.info(line)
+        report["label_issues"] = found.report
+    for name, figure in (found.figures if found is not None else {}).items():
+        if args.output is not None:
+            figure.savefig(args.output.with_name(name))
+            print(f"wrote {args.output.with_name(name)}")
+        plt.close(figure)
     if args.output is not None:
-        args.output.write_text(json.dumps(prepared.modality.checks.report, indent=2))
+        args.output.write_text(json.dumps(report, indent=2))
         print(f"wrote the data report to {args.output}")
     return 0
 

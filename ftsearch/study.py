@@ -21,6 +21,7 @@ from optuna.trial import FrozenTrial, TrialState
 from ftsearch import progress, publish, settings, tracking
 from ftsearch.checkpoints import TrialCheckpoints
 from ftsearch.config import StudyConfig, load_study
+from ftsearch.data.checks import LABEL_ISSUES
 from ftsearch.distributed import parallel, storage, worker
 from ftsearch.errors import FtsearchError
 from ftsearch.generations import (
@@ -423,10 +424,19 @@ def _best_weights(checkpoints: TrialCheckpoints, number: int, run_id: str, paren
 
 
 def _log_baseline(modality: Modality, parent: tracking.StudyRun, metric: str, reporter: Reporter) -> None:
-    """Train the classical baseline once per study, for context next to the fine-tuned trials."""
+    """Train the classical baseline once per study, for context next to the fine-tuned trials, and
+    list the train examples whose label it finds unlikely (``label_issues.json``)."""
     if f"baseline_val_{metric}" in parent.mlflow_client.get_run(parent.run_id).data.metrics:
         return
     scores = modality.baseline()
+    # Before the scores, which mark the baseline done: a resume after a failure here checks again.
+    found = modality.label_issues()
+    if found is not None:
+        parent.log_dict(found.report, LABEL_ISSUES)
+        for path, figure in found.figures.items():
+            parent.log_figure(figure, path)
+        for line in found.lines():
+            reporter.info(line)
     parent.mlflow_client.set_tag(parent.run_id, "baseline", modality.baseline_name)
     for key, value in scores.items():
         parent.mlflow_client.log_metric(parent.run_id, key, value)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -72,9 +73,10 @@ def test_undecodable_and_placeholder_files_are_skipped_and_listed(tiny_images):
 
 def test_grayscale_images_with_few_grey_levels_are_all_kept_and_copies_are_found(tmp_path):
     """Real grayscale data (an X-ray, a scan) can have under 64 grey levels; only a picture nearly
-    all of one colour is a placeholder. A resized copy of a training image in val is a leak."""
+    all of one colour is a placeholder. A resized copy of a training image in val is a leak, and so
+    is a brightened one (its perceptual hash 4 bits away)."""
     import numpy as np
-    from PIL import Image
+    from PIL import Image, ImageEnhance
 
     rng = np.random.default_rng(0)
     for split in ("train", "val"):
@@ -88,20 +90,51 @@ def test_grayscale_images_with_few_grey_levels_are_all_kept_and_copies_are_found
     Image.fromarray(almost_flat, mode="L").save(tmp_path / "train" / "a" / "not-found.png")
     Image.open(tmp_path / "train" / "b" / "0.png").convert("P").save(tmp_path / "train" / "b" / "palette.png")
     Image.open(tmp_path / "train" / "a" / "1.png").resize((60, 60)).save(tmp_path / "val" / "a" / "copy.png")
+    ImageEnhance.Brightness(Image.open(tmp_path / "train" / "a" / "3.png")).enhance(1.15).save(
+        tmp_path / "val" / "b" / "edited.png")
 
     splits = load_image_splits(DataConfig(dataset=str(tmp_path)))
-    assert len(splits.train) == 13 and len(splits.val) + len(splits.test) == 13
+    assert len(splits.train) == 13 and len(splits.val) + len(splits.test) == 14
     assert [Path(s["path"]).name for s in splits.skipped] == ["not-found.png"]
     assert "92% of its pixels are one colour" in splits.skipped[0]["reason"]
-    assert splits.modes == {"L": 25, "P": 1}
+    assert splits.modes == {"L": 26, "P": 1}
     assert splits.image_sizes["smallest"] == [60, 60] and splits.image_sizes["largest"] == [80, 80]
-    # The palette copy repeats a training image; the resized copy leaks into val or test.
+    # The palette copy repeats a training image; the resized and brightened copies leak into val or test.
     assert splits.duplicates.within["train"] == 1
-    assert splits.duplicates.leaked["val"] + splits.duplicates.leaked["test"] == 1
+    assert splits.duplicates.leaked["val"] + splits.duplicates.leaked["test"] == 2
     assert load_image_splits(DataConfig(dataset=str(tmp_path), placeholder_share=None)).skipped == []
     dropped = load_image_splits(DataConfig(dataset=str(tmp_path), dedupe="drop"))
     assert len(dropped.train) == 12 and len(dropped.val) + len(dropped.test) == 12
-    assert "copy.png" not in {Path(p).name for p, _ in dropped.val + dropped.test}
+    assert {"copy.png", "edited.png"}.isdisjoint(Path(p).name for p, _ in dropped.val + dropped.test)
+
+
+def mean_colours(backbone, loaders: dict) -> dict[str, tuple]:
+    """Each image's mean colour per channel, for ``pooled_features``: what a pretrained backbone's
+    features would tell circles (reddish) from squares (bluish) by; the random tiny CNN's do not."""
+    batches = {split: list(loader) for split, loader in loaders.items()}
+    return {split: (torch.cat([b["pixel_values"].mean(dim=(2, 3)) for b in found]).numpy(),
+                    torch.cat([b["labels"] for b in found]).numpy()) for split, found in batches.items()}
+
+
+def test_check_lists_circles_filed_as_squares_with_their_thumbnails(tmp_path, tiny_images, tiny_cnn, state_dir,
+                                                                    capsys, monkeypatch):
+    monkeypatch.setattr("ftsearch.modalities.image.pooled_features", mean_colours)
+    data = tmp_path / "shapes"
+    shutil.copytree(tiny_images, data)
+    for i in range(3):  # three circles filed as squares
+        (data / "train" / "circle" / f"{i}.png").rename(data / "train" / "square" / f"circle-{i}.png")
+    study = tmp_path / "mislabelled.yaml"
+    study.write_text(yaml.safe_dump(image_study(data, tiny_cnn)))
+    output = tmp_path / "check" / "report.json"
+    output.parent.mkdir()
+    assert main(["check", str(study), "--output", str(output)]) == 0
+    assert "likely label errors" in capsys.readouterr().out
+    issues = json.loads(output.read_text())["label_issues"]
+    listed = {row["path"]: row for row in issues["rows"]}
+    planted = {f"train/square/circle-{i}.png" for i in range(3)}
+    assert planted <= listed.keys() and issues["found"] <= 5
+    assert {(listed[p]["given"], listed[p]["suggested"]) for p in planted} == {("square", "circle")}
+    assert (output.parent / "label_issues.png").stat().st_size > 0
 
 
 def test_subsampling_images_is_stratified_and_checked(tiny_images):
@@ -135,6 +168,10 @@ def test_image_search_end_to_end(write_image_study, tiny_images, capsys):
     assert 0.0 <= parent.data.metrics["baseline_test_accuracy"] <= 1.0
     skipped = json.loads(Path(client.download_artifacts(parent.info.run_id, "skipped_files.json")).read_text())
     assert len(skipped) == 2
+    issues = json.loads(Path(client.download_artifacts(parent.info.run_id, "label_issues.json")).read_text())
+    assert issues["checked"] == 80 and {row["path"].split("/")[0] for row in issues["rows"]} <= {"train"}
+    logged = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert ("label_issues.png" in logged) == bool(issues["rows"])
     for child in children:
         assert {"crop_scale", "hflip", "auto_augment", "mixup_alpha", "cutmix_alpha"} <= set(child.data.params)
         assert len(client.get_metric_history(child.info.run_id, "val_accuracy")) == 4

@@ -4,7 +4,8 @@ searched ``max_length`` cuts.
 
 Texts are compared after case folding and whitespace collapsing, so "Great  film" and "great film"
 are one text; a sentence pair is compared as both of its texts. Images are compared by perceptual
-hash (equal for a resized or recompressed copy). ``data.dedupe`` says what is done with what is
+hash: equal, or within ``NEAR_DUPLICATE_BITS`` bits, for a resized, recompressed, slightly cropped
+or edited copy. ``data.dedupe`` says what is done with what is
 found: ``off`` (not checked), ``warn`` (reported) or ``drop`` (duplicates within train dropped,
 then validation rows also in train and test rows also in train or validation).
 """
@@ -17,6 +18,9 @@ import numpy as np
 import pandas as pd
 
 DEDUPE_MODES = ("off", "warn", "drop")
+LABEL_ISSUES = "label_issues.json"  # the likely label errors, on the study's parent run (ProblemType.label_issues)
+NEAR_DUPLICATE_BITS = 6  # of 64: a 3% crop moves the hash by 6 (median), distinct photos differ by 14+
+_PAIR_CHUNK = 256  # images compared with all others at once: 256 x 50,000 distances is 100 MB
 MAJORITY_SHARE = 0.7  # above it, accuracy rewards predicting the majority class
 # A leak is a later split's row whose text an earlier split has: the search saw it, or was chosen on it.
 _LEAKS = (("val", ("train",)), ("test", ("train", "val")))
@@ -59,6 +63,30 @@ class Duplicates:
         elif lines:
             lines.append("set data.dedupe: drop to remove them (off: do not check)")
         return lines
+
+
+def near_duplicate_keys(hashes: dict[str, list[str]], bits: int = NEAR_DUPLICATE_BITS) -> dict[str, np.ndarray]:
+    """A key per image that is equal for images whose perceptual hashes (hex, as ``imagehash``
+    writes them) differ in at most ``bits`` bits, chained: a cropped or lightly edited copy, not
+    only a resized one. The key is the image's connected component in the graph of such pairs."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    values = np.array([int(h, 16) for split in hashes.values() for h in split], dtype=np.uint64)
+    rows, columns = [], []
+    for start in range(0, len(values), _PAIR_CHUNK):
+        # Every pair once (a row against the rows after it): a chunk's distances to all later ones.
+        chunk = values[start:start + _PAIR_CHUNK, None]
+        near = np.bitwise_count(chunk ^ values[None, :]) <= bits
+        near &= np.arange(len(values))[None, :] > np.arange(start, start + len(chunk))[:, None]
+        i, j = np.nonzero(near)
+        rows.append(i + start)
+        columns.append(j)
+    rows, columns = np.concatenate(rows), np.concatenate(columns)
+    graph = coo_matrix((np.ones(len(rows)), (rows, columns)), shape=(len(values), len(values)))
+    component = connected_components(graph, directed=False)[1]
+    ends = np.cumsum([len(split) for split in hashes.values()])
+    return dict(zip(hashes, np.split(component, ends[:-1]), strict=True))
 
 
 def find_duplicates(keys: dict[str, np.ndarray]) -> Duplicates:

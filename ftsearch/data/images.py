@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import imagehash
-import numpy as np
 from PIL import Image
 from sklearn.model_selection import train_test_split
 from torch.utils.data import Dataset
@@ -24,7 +23,7 @@ from torch.utils.data import Dataset
 from ftsearch import settings
 from ftsearch.catalog import IMAGE_FOLDERS
 from ftsearch.config import DataConfig
-from ftsearch.data.checks import Duplicates, find_duplicates, kept_rows
+from ftsearch.data.checks import Duplicates, find_duplicates, kept_rows, near_duplicate_keys
 from ftsearch.errors import FtsearchError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -40,6 +39,7 @@ class ImageSplits:
     val: list[Sample]
     test: list[Sample]
     labels: tuple[str, ...]
+    root: Path | None = None  # the data set's folder, that paths are shown relative to
     skipped: list[dict[str, str]] = field(default_factory=list)
     modes: dict[str, int] = field(default_factory=dict)  # PIL mode (L, RGB, RGBA, P, ...) -> images kept
     image_sizes: dict[str, list[int]] = field(default_factory=dict)  # smallest / median / largest [w, h]
@@ -128,8 +128,8 @@ def load_image_splits(cfg: DataConfig, study_dir: Path | None = None) -> ImageSp
         )
     splits, duplicates = {"train": train, "val": val, "test": test}, None
     if cfg.dedupe != "off":
-        keys = {split: np.array([facts[path].phash for path, _ in samples], dtype=object)
-                for split, samples in splits.items()}
+        keys = near_duplicate_keys({split: [facts[path].phash for path, _ in samples]
+                                    for split, samples in splits.items()})
         duplicates = find_duplicates(keys)
         if cfg.dedupe == "drop":
             kept = kept_rows(keys)
@@ -144,6 +144,7 @@ def load_image_splits(cfg: DataConfig, study_dir: Path | None = None) -> ImageSp
     return ImageSplits(
         **splits,
         labels=classes,
+        root=root,
         skipped=skipped,
         modes=dict(Counter(f.mode for f in facts.values())),
         image_sizes=_size_summary([f.size for f in facts.values()]),

@@ -48,6 +48,29 @@ class TrialSetup:
         return self.adapted.serving(self.model)
 
 
+@dataclass
+class LabelCheck:
+    """``ProblemType.label_issues`` as JSON (``label_issues.json``), each row with its example
+    (``text`` / ``text_pair``, or an image's ``path``), and figures of them by artifact name."""
+
+    report: dict
+    figures: dict[str, object]
+
+    def lines(self, shown: int = 3) -> list[str]:
+        """For the terminal: how many, by what, and the ``shown`` worst with their examples."""
+        report = self.report
+        agreement = report.get("agreement")
+        # A weak estimator disagrees with many right labels: its count is read with its agreement.
+        fit = f"; it agrees with {agreement:.0%} of the given labels" if agreement is not None else ""
+        lines = [(f"likely label errors: {report['found']} of {report['checked']} train examples "
+                  f"({report['method']}{fit}); informational, nothing dropped")]
+        for row in report["rows"][:shown]:
+            example = row.get("path") or row.get("text", "")
+            lines.append(f"  train example {row['index']}: given {row['given']!r}, looks {row['suggested']!r} "
+                         f"(quality {row['quality']:.3f}): {example[:100]}")
+        return lines
+
+
 class Modality(Protocol):
     """The modality-specific half of a search."""
 
@@ -83,6 +106,10 @@ class Modality(Protocol):
 
     def baseline(self) -> dict[str, float]:
         """The classical baseline's ``baseline_<split>_<metric>`` scores on val and test."""
+
+    def label_issues(self) -> LabelCheck | None:
+        """Likely label errors in train by the baseline's estimator (``ProblemType.label_issues``),
+        each row with its example; None when train is too small to check."""
 
     def example_figures(self, evaluation: Evaluation) -> dict[str, object]:
         """Figures of the examples themselves (misclassified images, ...), by artifact name."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ from ftsearch.baseline import pooled_features
 from ftsearch.config import StudyConfig
 from ftsearch.data.checks import DataChecks, class_balance
 from ftsearch.data.images import ImageDataset, ImageSplits, Sample, load_image_splits, loader_workers
-from ftsearch.modalities.base import EVAL_BATCH_SIZE, TrialSetup, check_metric, count_params
+from ftsearch.modalities.base import EVAL_BATCH_SIZE, LabelCheck, TrialSetup, check_metric, count_params
 from ftsearch.models.vision import (
     build_classifier,
     load_image_classifier,
@@ -26,6 +27,8 @@ from ftsearch.problems.base import Evaluation, ProblemType
 from ftsearch.space import TrialConfig, searched_lora_targets
 
 ENTRY_FILE = Path(__file__).resolve().parent.parent / "pyfunc_entry_image.py"
+BASELINE_FIT = {"inverse_regularisation": 1.0, "max_iter": 5000}
+GRID_IMAGES = 36  # in a figure of images (misclassified, likely label errors): 6 rows of 6
 
 
 class _BatchCollator:
@@ -70,15 +73,31 @@ class ImageModality:
         lines += [f"  skipped {s['path']}: {s['reason']}" for s in self.splits.skipped]
         return "\n".join(lines)
 
-    def baseline(self) -> dict[str, float]:
+    @cached_property
+    def _baseline_features(self) -> dict[str, tuple]:
         backbone = self.backbones[self.config.backbones[0]]
         transform = image_eval_transform(backbone.preprocessing)
         loaders = {
             split: self._loader(getattr(self.splits, split), transform, EVAL_BATCH_SIZE)
             for split in ("train", "val", "test")
         }
-        features = pooled_features(build_classifier(backbone, self.problem.head_size(self.labels)).backbone, loaders)
-        return self.problem.baseline(features, inverse_regularisation=1.0, max_iter=5000)
+        return pooled_features(build_classifier(backbone, self.problem.head_size(self.labels)).backbone, loaders)
+
+    def baseline(self) -> dict[str, float]:
+        return self.problem.baseline(self._baseline_features, **BASELINE_FIT)
+
+    def label_issues(self) -> LabelCheck | None:
+        """Rows name each image by its path under the data set's folder, and ``label_issues.png``
+        shows them titled "given -> suggested"."""
+        found = self.problem.label_issues(*self._baseline_features["train"], self.labels, **BASELINE_FIT)
+        if found is None:
+            return None
+        paths = [self.splits.train[row["index"]][0] for row in found.rows]
+        rows = [{**row, "path": _relative(path, self.splits.root)} for row, path in zip(found.rows, paths, strict=True)]
+        index = {name: i for i, name in enumerate(self.labels)}
+        shown = [(path, index[row["given"]], index[row["suggested"]]) for row, path in zip(rows, paths, strict=True)]
+        figures = {"label_issues.png": image_grid(shown[:GRID_IMAGES], self.labels)} if shown else {}
+        return LabelCheck({**found.as_dict(), "rows": rows}, figures)
 
     def parent_artifacts(self) -> dict[str, object]:
         skipped = {"skipped_files.json": self.splits.skipped} if self.splits.skipped else {}
@@ -135,7 +154,7 @@ class ImageModality:
     def example_figures(self, evaluation: Evaluation) -> dict[str, object]:
         """A grid of the validation images the best epoch got wrong, with true and predicted labels."""
         wrong = [(self.splits.val[i][0], t, p) for i, t, p in self.problem.mistakes(evaluation)]
-        return {"misclassified.png": image_grid(wrong[:36], self.labels)} if wrong else {}
+        return {"misclassified.png": image_grid(wrong[:GRID_IMAGES], self.labels)} if wrong else {}
 
     def _loader(self, samples: list[Sample], transform, batch_size: int, *, shuffle: bool = False, seed: int = 0,
                 collate=None) -> DataLoader:
@@ -150,6 +169,13 @@ class ImageModality:
             persistent_workers=False,
             pin_memory=self.device.type == "cuda",
         )
+
+
+def _relative(path: str, root: Path | None) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(root.resolve())) if root is not None else str(path)
+    except ValueError:  # a file outside the data set's folder
+        return str(path)
 
 
 def image_grid(items: list[tuple[str, int, int]], labels: tuple[str, ...]):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -16,13 +17,16 @@ from ftsearch.data.checks import DataChecks, class_balance, truncation, truncati
 from ftsearch.data.text import TextSplits, fingerprint, load_text_splits, target_array
 from ftsearch.data.tokens import TokenizedSplit, make_loader, tokenize_cached
 from ftsearch.errors import FtsearchError
-from ftsearch.modalities.base import EVAL_BATCH_SIZE, TrialSetup, check_metric, count_params
+from ftsearch.modalities.base import EVAL_BATCH_SIZE, LabelCheck, TrialSetup, check_metric, count_params
 from ftsearch.models.text import load_classifier, load_tokenizer, resolve_backbone, set_head_bias, skeleton
 from ftsearch.predictor import read_meta, save_classifier
 from ftsearch.problems.base import Evaluation, ProblemType
 from ftsearch.space import TrialConfig, searched_lora_targets
 
 ENTRY_FILE = Path(__file__).resolve().parent.parent / "pyfunc_entry.py"
+# Sparse bigram features want weak regularisation.
+BASELINE_FIT = {"inverse_regularisation": 4.0, "max_iter": 2000}
+EXCERPT_CHARS = 300  # of a text listed as a likely label error: enough to judge the label by
 
 
 class TextModality:
@@ -112,10 +116,21 @@ class TextModality:
         model = load_classifier(folder, self.labels, num_outputs=self.problem.head_size(self.labels))
         return model, make_loader(tokens, EVAL_BATCH_SIZE, tokenizer.pad_token_id, shuffle=False)
 
+    @cached_property
+    def _baseline_features(self) -> dict[str, tuple]:
+        return tfidf_features({"train": self.splits.train, "val": self.splits.val, "test": self.splits.test})
+
     def baseline(self) -> dict[str, float]:
-        features = tfidf_features({"train": self.splits.train, "val": self.splits.val, "test": self.splits.test})
-        # Sparse bigram features want weak regularisation.
-        return self.problem.baseline(features, inverse_regularisation=4.0, max_iter=2000)
+        return self.problem.baseline(self._baseline_features, **BASELINE_FIT)
+
+    def label_issues(self) -> LabelCheck | None:
+        found = self.problem.label_issues(*self._baseline_features["train"], self.labels, **BASELINE_FIT)
+        if found is None:
+            return None
+        train = self.splits.train
+        columns = [c for c in ("text", "text_pair") if c in train.columns]
+        rows = [{**row, **{c: _excerpt(train[c].iloc[row["index"]]) for c in columns}} for row in found.rows]
+        return LabelCheck({**found.as_dict(), "rows": rows}, {})
 
     def parent_artifacts(self) -> dict[str, object]:
         return {"data_report.json": self.checks.report}
@@ -164,3 +179,7 @@ class TextModality:
         if key not in self._tokens:
             self._tokens[key] = tokenize_cached(self.tokenizers[backbone], getattr(self.splits, split), max_length)
         return self._tokens[key]
+
+
+def _excerpt(text: str) -> str:
+    return text if len(text) <= EXCERPT_CHARS else text[:EXCERPT_CHARS].rstrip() + "..."

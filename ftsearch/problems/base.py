@@ -9,6 +9,7 @@ argmax.
 
 from __future__ import annotations
 
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -28,6 +29,43 @@ class Evaluation:
     metrics: dict[str, float]
     y_true: np.ndarray
     outputs: np.ndarray
+
+
+@dataclass(frozen=True)
+class LabelIssues:
+    """Train examples whose given target the baseline, fitted without them (out of fold), finds
+    least likely: ``rows`` (``index`` in train, ``given``, ``suggested``, ``quality`` in [0, 1],
+    lower is worse), worst first, at most ``LABEL_ISSUES_LISTED`` of the ``found``. ``agreement``
+    is the share of rows whose out-of-fold prediction is their given target (None for numbers): a
+    weak estimator flags more rows, and the count should be read with it. Informational: nothing is
+    dropped."""
+
+    method: str
+    checked: int
+    found: int
+    rows: list[dict[str, Any]]
+    agreement: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "checked": self.checked, "found": self.found, "agreement": self.agreement,
+                "rows": self.rows}
+
+
+LABEL_ISSUES_LISTED = 50
+LABEL_FOLDS = 5  # cleanlab's own default for out-of-fold probabilities
+
+
+def out_of_fold(estimator, x, y: np.ndarray, method: str, *, stratified: bool) -> np.ndarray:
+    """``estimator``'s ``method`` output for every row, each from a fit on the other folds: what
+    the model thinks of a row it never saw, the input of confident learning."""
+    from sklearn.model_selection import KFold, StratifiedKFold, cross_val_predict
+
+    folds = (StratifiedKFold if stratified else KFold)(LABEL_FOLDS, shuffle=True, random_state=0)
+    with warnings.catch_warnings():
+        # A class with fewer rows than folds is missing from some fits: expected on rare classes.
+        warnings.filterwarnings("ignore", message="The least populated class")
+        warnings.filterwarnings("ignore", message="Label .* is present in all training examples")
+        return np.asarray(cross_val_predict(estimator, x, y, cv=folds, method=method))
 
 
 class ProblemType(ABC):
@@ -109,6 +147,12 @@ class ProblemType(ABC):
         """Fit the classical estimator on ``features['train']`` (``(x, y)``) and score it on the
         other splits: ``{"baseline_<split>_<metric>": value}`` for every metric. The modality
         made the features and knows how strongly they need regularising."""
+
+    @abstractmethod
+    def label_issues(self, x, y: np.ndarray, labels: tuple[str, ...], inverse_regularisation: float,
+                     max_iter: int) -> LabelIssues | None:
+        """The train rows ``(x, y)`` whose given target looks wrong to the baseline's estimator
+        fitted on the other folds; None when train is too small to hold out folds."""
 
     @abstractmethod
     def figures(self, evaluation: Evaluation, labels: tuple[str, ...]) -> dict[str, object]:

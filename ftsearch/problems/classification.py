@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
-from ftsearch.problems.base import Evaluation, ProblemType
+from ftsearch.problems.base import LABEL_FOLDS, LABEL_ISSUES_LISTED, Evaluation, LabelIssues, ProblemType, out_of_fold
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -68,10 +68,8 @@ class SingleLabelClassification(ProblemType):
         """Logistic regression on the train features, scored like the model on every other split:
         its log-probabilities stand in for the logits (same argmax, and their softmax is the
         probabilities), so every metric, ROC AUC included, is the model's."""
-        from sklearn.linear_model import LogisticRegression
-
         features = dict(features)
-        model = LogisticRegression(C=inverse_regularisation, max_iter=max_iter).fit(*features.pop("train"))
+        model = _estimator(inverse_regularisation, max_iter).fit(*features.pop("train"))
         classes = np.asarray(model.classes_).astype(int)
         # A class missing from train has no column in predict_log_proba; columns must be class ids
         # for the argmax to be one, so every class seen anywhere gets one (log-probability -inf).
@@ -83,6 +81,26 @@ class SingleLabelClassification(ProblemType):
             for metric, value in self.score(np.asarray(y), outputs).items():
                 scores[f"baseline_{split}_{metric}"] = value
         return scores
+
+    def label_issues(self, x, y: np.ndarray, labels: tuple[str, ...], inverse_regularisation: float,
+                     max_iter: int) -> LabelIssues | None:
+        """Confident learning (``cleanlab.filter.find_label_issues``) on the logistic regression's
+        out-of-fold probabilities, ranked by the probability of the given class (self-confidence)."""
+        from cleanlab.filter import find_label_issues
+        from cleanlab.rank import get_label_quality_scores
+
+        y = np.asarray(y)
+        present, given = np.unique(y, return_inverse=True)
+        if len(present) < 2 or len(y) < 2 * LABEL_FOLDS:
+            return None
+        # Columns of the classes train has, in order: cleanlab wants labels 0..K-1, each present.
+        probs = out_of_fold(_estimator(inverse_regularisation, max_iter), x, given, "predict_proba", stratified=True)
+        found = find_label_issues(given, probs, return_indices_ranked_by="self_confidence", n_jobs=1)
+        quality = get_label_quality_scores(given, probs, method="self_confidence")
+        rows = [{"index": int(i), "given": labels[present[given[i]]], "suggested": labels[present[probs[i].argmax()]],
+                 "quality": round(float(quality[i]), 4)} for i in found[:LABEL_ISSUES_LISTED]]
+        return LabelIssues(f"confident learning (cleanlab), {LABEL_FOLDS}-fold logistic regression",
+                           len(y), len(found), rows, round(float((probs.argmax(axis=1) == given).mean()), 4))
 
     def figures(self, evaluation: Evaluation, labels: tuple[str, ...]) -> dict[str, object]:
         """The confusion matrix over every class."""
@@ -114,6 +132,12 @@ class SingleLabelClassification(ProblemType):
         from mlflow.types import ColSpec, Schema
 
         return Schema([ColSpec("string", "label"), *(ColSpec("float", f"prob_{name}") for name in labels)])
+
+
+def _estimator(inverse_regularisation: float, max_iter: int):
+    from sklearn.linear_model import LogisticRegression
+
+    return LogisticRegression(C=inverse_regularisation, max_iter=max_iter)
 
 
 def _softmax(outputs: np.ndarray) -> np.ndarray:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 
-from ftsearch.problems.base import Evaluation, ProblemType
+from ftsearch.problems.base import LABEL_FOLDS, LABEL_ISSUES_LISTED, Evaluation, LabelIssues, ProblemType, out_of_fold
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -152,13 +152,11 @@ class MultiLabelClassification(ProblemType):
         in for the model's outputs. The thresholds are tuned on validation (or the first split
         after train) and the other splits are scored with them, as the model's test split is."""
         from scipy.special import logit
-        from sklearn.linear_model import LogisticRegression
-        from sklearn.multiclass import OneVsRestClassifier
 
         features = dict(features)
         x_train, y_train = features.pop("train")
         y_train = _targets(y_train)
-        model = OneVsRestClassifier(LogisticRegression(C=inverse_regularisation, max_iter=max_iter))
+        model = _estimator(inverse_regularisation, max_iter)
         with warnings.catch_warnings():
             # A label without positives (or without negatives) in train gets a constant predictor;
             # sklearn warns about each, which is expected on rare labels, not a fault.
@@ -185,6 +183,32 @@ class MultiLabelClassification(ProblemType):
                 evaluations[split] = tuned.evaluation(_targets(y), outputs(x))
         return {f"baseline_{split}_{metric}": value
                 for split in features for metric, value in evaluations[split].metrics.items()}
+
+    def label_issues(self, x, y: np.ndarray, labels: tuple[str, ...], inverse_regularisation: float,
+                     max_iter: int) -> LabelIssues | None:
+        """Confident learning for multi-label data (``cleanlab.filter.find_label_issues`` with
+        ``multi_label=True``) on the one-vs-rest logistic regression's out-of-fold probabilities:
+        rows whose given label set the other folds' model finds least likely."""
+        from cleanlab.filter import find_label_issues
+        from cleanlab.multilabel_classification.rank import get_label_quality_scores
+
+        y = _targets(y)
+        if len(y) < 2 * LABEL_FOLDS or not (y.sum(axis=0) > 0).all():
+            # cleanlab needs every label given at least once; so does a fold's model.
+            return None
+        probs = out_of_fold(_estimator(inverse_regularisation, max_iter), x, y, "predict_proba", stratified=False)
+        given = [np.flatnonzero(row).tolist() for row in y]
+        found = find_label_issues(given, probs, multi_label=True, return_indices_ranked_by="self_confidence", n_jobs=1)
+        quality = get_label_quality_scores(given, probs)
+
+        def names(ids) -> str:
+            return ", ".join(labels[j] for j in ids) or "(none)"
+
+        rows = [{"index": int(i), "given": names(given[i]), "suggested": names(np.flatnonzero(probs[i] >= 0.5)),
+                 "quality": round(float(quality[i]), 4)} for i in found[:LABEL_ISSUES_LISTED]]
+        return LabelIssues(f"confident learning (cleanlab, multi-label), {LABEL_FOLDS}-fold one-vs-rest "
+                           "logistic regression", len(y), len(found), rows,
+                           round(float(((probs >= 0.5) == y).all(axis=1).mean()), 4))
 
     def _per_label(self, evaluation: Evaluation) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
         """The thresholds ``score`` uses and per-label precision, recall, F1 and support at them."""
@@ -248,6 +272,13 @@ class MultiLabelClassification(ProblemType):
         from mlflow.types import ColSpec, Schema
 
         return Schema([ColSpec("string", "labels"), *(ColSpec("float", f"prob_{name}") for name in labels)])
+
+
+def _estimator(inverse_regularisation: float, max_iter: int):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.multiclass import OneVsRestClassifier
+
+    return OneVsRestClassifier(LogisticRegression(C=inverse_regularisation, max_iter=max_iter))
 
 
 def _targets(y_true) -> np.ndarray:

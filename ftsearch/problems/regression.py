@@ -9,11 +9,13 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from ftsearch.problems.base import Evaluation, ProblemType
+from ftsearch.problems.base import LABEL_FOLDS, LABEL_ISSUES_LISTED, Evaluation, LabelIssues, ProblemType, out_of_fold
 
 if TYPE_CHECKING:
     import pandas as pd
     import torch
+
+OUTLIER_Z = 3.5  # a modified z-score above it marks an outlier (Iglewicz and Hoaglin)
 
 
 class Regression(ProblemType):
@@ -108,21 +110,40 @@ class Regression(ProblemType):
         """Ridge regression (``alpha = 1 / inverse_regularisation``) of the standardised train
         targets, scored like the model (its predictions are the standardised outputs) on every
         other split. ``max_iter`` is unused: Ridge's default solvers are direct."""
-        from sklearn.linear_model import Ridge
-
         features = dict(features)
         x_train, y_train = features.pop("train")
         y_train = np.asarray(y_train, dtype=np.float64).ravel()
         # The model's standardisation, so that the baseline is judged exactly as the model is;
         # an unfitted type standardises by the train targets itself.
         scaling = self if self._fitted else self.fitted(y_train, target_range=self.target_range)
-        model = Ridge(alpha=1.0 / inverse_regularisation).fit(x_train, (y_train - scaling.mean) / scaling.std)
+        model = _estimator(inverse_regularisation).fit(x_train, (y_train - scaling.mean) / scaling.std)
         scores = {}
         for split, (x, y) in features.items():
             outputs = np.asarray(model.predict(x), dtype=np.float32).reshape(-1, 1)
             for metric, value in scaling.score(np.asarray(y), outputs).items():
                 scores[f"baseline_{split}_{metric}"] = value
         return scores
+
+    def label_issues(self, x, y: np.ndarray, labels: tuple[str, ...], inverse_regularisation: float,
+                     max_iter: int) -> LabelIssues | None:
+        """Targets far from the ridge regression's out-of-fold prediction: a modified z-score of
+        the residual over 3.5 (Iglewicz and Hoaglin's outlier rule, robust to the outliers it
+        looks for); ranked by cleanlab's residual label quality. Confident learning needs classes."""
+        from cleanlab.regression.rank import get_label_quality_scores
+
+        y = np.asarray(y, dtype=np.float64).ravel()
+        if len(y) < 2 * LABEL_FOLDS:
+            return None
+        predicted = out_of_fold(_estimator(inverse_regularisation), x, y, "predict", stratified=False)
+        residual = y - predicted
+        deviation = np.abs(residual - np.median(residual))
+        z = 0.6745 * deviation / max(float(np.median(deviation)), 1e-12)
+        quality = get_label_quality_scores(y, predicted, method="residual")
+        found = [i for i in np.argsort(quality, kind="stable") if z[i] > OUTLIER_Z]
+        rows = [{"index": int(i), "given": f"{y[i]:.4g}", "suggested": f"{predicted[i]:.4g}",
+                 "quality": round(float(quality[i]), 4)} for i in found[:LABEL_ISSUES_LISTED]]
+        return LabelIssues(f"residual outliers (modified z > {OUTLIER_Z}), {LABEL_FOLDS}-fold ridge regression",
+                           len(y), len(found), rows)
 
     def figures(self, evaluation: Evaluation, labels: tuple[str, ...]) -> dict[str, object]:
         """``scatter.png``: predicted against true targets, with the line y = x."""
@@ -184,3 +205,9 @@ def _correlation(correlate, y_true: np.ndarray, predicted: np.ndarray) -> float:
         return 0.0
     value = float(correlate(y_true, predicted)[0])
     return value if math.isfinite(value) else 0.0
+
+
+def _estimator(inverse_regularisation: float):
+    from sklearn.linear_model import Ridge
+
+    return Ridge(alpha=1.0 / inverse_regularisation)

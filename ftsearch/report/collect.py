@@ -25,6 +25,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from ftsearch import settings, tracking
 from ftsearch.config import STUDIES_DIR, StudyConfig
+from ftsearch.data.checks import LABEL_ISSUES
 from ftsearch.distributed import storage
 from ftsearch.errors import FtsearchError
 from ftsearch.generations import (
@@ -45,6 +46,7 @@ TEST_PREFIX = "test_"  # run metrics, version tags and root artifacts under this
 FIGURE_SUFFIX = ".png"  # test_<name>.png: a figure, shown as is
 TABLE_SUFFIX = ".json"  # test_<name>.json: a table when it holds a list of row objects (MLflow log_dict)
 DATA_REPORT = "data_report.json"  # the data checks' findings, at the root of the parent run (ftsearch.data.checks)
+LABEL_ISSUE_FIGURE = "label_issues.png"  # image studies: thumbnails of the likely label errors, beside LABEL_ISSUES
 # Trials of studies run before the method was recorded all froze a prefix: the only method then.
 LEGACY_METHOD = "freeze"
 # Leaderboard order: finished trials by value first, then those that stopped early, then the rest.
@@ -114,8 +116,9 @@ class StudyReport:
 
     ``counts`` is trials per state (COMPLETE, PRUNED, FAIL, RUNNING, WAITING), leaving out states
     no trial is in; ``best_test`` the best trial's test metrics (empty until the search scored it);
-    ``data`` the parent run's ``data_report.json`` as logged (None for a study run before the
-    search logged one, or when it cannot be read).
+    ``data`` the parent run's ``data_report.json`` as logged, with ``label_issues.json`` under
+    ``label_issues`` (None for a study run before the search logged one, or when it cannot be
+    read); ``data_figures`` the parent run's figures of the data (``label_issues.png``), as PNG bytes.
     """
 
     config: StudyConfig
@@ -131,6 +134,7 @@ class StudyReport:
     model: ModelSummary | None
     notes: list[str] = field(default_factory=list)
     data: dict[str, Any] | None = None
+    data_figures: dict[str, bytes] = field(default_factory=dict)
 
     @property
     def metric(self) -> str:
@@ -217,7 +221,7 @@ def collect(config: StudyConfig, storage_url: str | None = None) -> StudyReport:
         best_test=metrics_on_test(best_run.data.metrics) if best_run is not None else {},
         model=_registered_model(client, config.registered_model, config.metric, notes),
         notes=notes,
-        data=_data_report(client, parent_run_id, notes) if parent_run_id else None,
+        **(_data_report(client, parent_run_id, notes) if parent_run_id else {}),
     )
 
 
@@ -320,21 +324,30 @@ def _baseline(parent, metric: str) -> Baseline | None:
     )
 
 
-def _data_report(client: MlflowClient, run_id: str, notes: list[str]) -> dict[str, Any] | None:
-    """The parent run's ``data_report.json``; None without a note when the run has none (a study
-    run before the search logged it), None with a note when it cannot be read or is no object."""
+def _data_report(client: MlflowClient, run_id: str, notes: list[str]) -> dict[str, Any]:
+    """``data`` and ``data_figures`` of the report (see ``StudyReport``): none without a note when
+    the parent run has no ``data_report.json`` (a study run before the search logged it), none with
+    a note when it cannot be read or is no object; a ``label_issues.json`` that is no object is
+    left out with a note."""
     names = _artifact_names(client, run_id, notes)
     if names is None or DATA_REPORT not in names:
-        return None
+        return {}
     with tempfile.TemporaryDirectory() as folder:
-        data = _artifact_bytes(client, run_id, DATA_REPORT, folder, notes)
-    if data is None:
-        return None
-    found = _json(data)
-    if not isinstance(found, dict):
-        notes.append(f"{DATA_REPORT} of run {run_id} is not a JSON object: the data section is left out")
-        return None
-    return found
+        found = {name: _artifact_bytes(client, run_id, name, folder, notes)
+                 for name in (DATA_REPORT, LABEL_ISSUES, LABEL_ISSUE_FIGURE) if name in names}
+    data = _json(found[DATA_REPORT]) if found[DATA_REPORT] is not None else None
+    if not isinstance(data, dict):
+        if found[DATA_REPORT] is not None:
+            notes.append(f"{DATA_REPORT} of run {run_id} is not a JSON object: the data section is left out")
+        return {}
+    if found.get(LABEL_ISSUES) is not None:
+        issues = _json(found[LABEL_ISSUES])
+        if isinstance(issues, dict):
+            data["label_issues"] = issues
+        else:
+            notes.append(f"{LABEL_ISSUES} of run {run_id} is not a JSON object: the likely label errors are left out")
+    figure = found.get(LABEL_ISSUE_FIGURE)
+    return {"data": data, "data_figures": {LABEL_ISSUE_FIGURE: figure} if figure is not None else {}}
 
 
 def _registered_model(client: MlflowClient, name: str, metric: str, notes: list[str]) -> ModelSummary | None:

@@ -46,7 +46,8 @@ ROUGH_IMPORTANCES = 10  # below this many completed trials, importances get a ca
 
 @dataclass(frozen=True)
 class Picture:
-    """A test figure of the registered model's run: its artifact name, caption and data URI."""
+    """A figure shown as an image (a test figure of the registered model's run, a figure of the
+    data): its artifact name, caption and data URI."""
 
     name: str
     caption: str
@@ -111,6 +112,8 @@ def render_html(report: StudyReport) -> str:
         model_tables=_model_tables(report),
         # An older study's parent run has no data_report.json: the section is left out.
         data=data_view(report.data) if report.data else None,
+        data_figures=[Picture(name, "Likely label errors in train, titled given -> suggested", _png_uri(png))
+                      for name, png in report.data_figures.items()],
         ranking=ranking_text(report),
         leaderboard=_leaderboard(report),
         **_methods(report),

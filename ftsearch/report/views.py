@@ -277,13 +277,16 @@ class DataView:
     splits: TableView
     tokens: TableView | None
     notes: list[str]
+    label_issues: TableView | None = None
 
 
 def data_view(data: dict[str, Any]) -> DataView:
     """The cells and sentences of a ``data_report.json`` (``StudyReport.data``), whichever of its
-    parts the study's modality and ``data.dedupe`` left in it."""
+    parts the study's modality and ``data.dedupe`` left in it, and of its ``label_issues``."""
     truncation = data.get("truncation")
-    return DataView(_splits_table(data), _tokens_table(truncation) if truncation else None, _data_notes(data))
+    issues = data.get("label_issues")
+    return DataView(_splits_table(data), _tokens_table(truncation) if truncation else None, _data_notes(data),
+                    _label_issues_table(issues) if issues else None)
 
 
 def format_share(share: float | None) -> str:
@@ -344,6 +347,20 @@ def _tokens_table(truncation: dict[str, Any]) -> TableView:
     return TableView("data-tokens", caption, head, [row], {0})
 
 
+def _label_issues_table(issues: dict[str, Any]) -> TableView:
+    rows = issues.get("rows", [])
+    examples = [c for c in ("text", "text_pair", "path") if any(c in row for row in rows)]
+    head = ["train example", "given", "suggested", "label quality", *examples]
+    cells = [[format_cell(row.get("index")), format_cell(row.get("given")), format_cell(row.get("suggested")),
+              format_cell(row.get("quality")), *(format_cell(row.get(c)) for c in examples)] for row in rows]
+    caption = (f"Likely label errors: {issues.get('found', MISSING)} of {issues.get('checked', MISSING)} train "
+               f"examples by {issues.get('method', '?')}, worst first (informational: they were trained on)")
+    if issues.get("agreement") is not None:
+        caption += f"; out of fold, it agrees with {format_share(issues['agreement'])} of the given labels"
+    return TableView("data-label-issues", caption, head, cells, {0, 1, 2, *range(4, len(head))},
+                     hidden=max(0, int(issues.get("found", 0)) - len(rows)))
+
+
 def _data_notes(data: dict[str, Any]) -> list[str]:
     notes = _duplicate_notes(data["duplicates"]) if "duplicates" in data else [
         "Duplicates and leaks across splits were not checked (data.dedupe: off)."]
@@ -357,7 +374,7 @@ def _data_notes(data: dict[str, Any]) -> list[str]:
 
 _DUPLICATES_NOTE = (
     "Repeated and leaked rows are counted in the splits as loaded (texts compared ignoring case and whitespace, "
-    "images by perceptual hash), "
+    "images by perceptual hash, within a few bits), "
     "before any dropping and subsampling; rows are what the trials used. A leak, a validation row whose text "
     "train has or a test row whose text train or validation has, inflates that split's score."
 )

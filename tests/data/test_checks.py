@@ -11,7 +11,14 @@ import yaml
 
 from ftsearch.cli import main
 from ftsearch.config import DataConfig
-from ftsearch.data.checks import class_balance, find_duplicates, kept_rows, text_keys, truncation
+from ftsearch.data.checks import (
+    class_balance,
+    find_duplicates,
+    kept_rows,
+    near_duplicate_keys,
+    text_keys,
+    truncation,
+)
 from ftsearch.data.text import load_text_splits
 from ftsearch.errors import FtsearchError
 from tests.helpers import make_reviews, runs, tiny_study
@@ -47,10 +54,15 @@ def test_a_pair_is_a_duplicate_only_when_both_texts_are():
     assert found.within["train"] == 0 and found.leaked == {"val": 1, "test": 0}
 
 
+FLIPPED = [100, 131, 162, 193]
+
+
 @pytest.fixture
 def leaky_files(tmp_path):
-    """A train file with 5 repeated reviews and a test file of which 7 rows are train reviews."""
+    """A train file with 5 repeated reviews and 4 given the wrong sentiment (``FLIPPED``), and a
+    test file of which 7 rows are train reviews."""
     train, test = make_reviews(200, seed=11), make_reviews(40, seed=12)
+    train.loc[FLIPPED, "sentiment"] = train.loc[FLIPPED, "sentiment"].map({"neg": "pos", "pos": "neg"})
     train = pd.concat([train, train.head(5)], ignore_index=True)
     test = pd.concat([test, train.iloc[20:27].assign(review=lambda f: f["review"].str.upper())], ignore_index=True)
     paths = {"train": tmp_path / "train.csv", "test": tmp_path / "test.csv"}
@@ -90,6 +102,18 @@ def test_drop_that_empties_a_split_is_an_error(tmp_path):
         load_text_splits(data_config(paths, dedupe="drop"))
 
 
+def test_images_within_a_few_hash_bits_share_a_key_chained_across_splits():
+    base = 0x0F0F_0F0F_0F0F_0F0F
+    near = base ^ 0b111  # 3 bits away
+    nearer_to_near = near ^ (0b111 << 8)  # 6 from base, 3 from near: chained to it
+    far = base ^ 0xFFFF  # 16 bits away
+    hashes = {"train": [f"{base:016x}", f"{far:016x}"], "val": [f"{near:016x}"], "test": [f"{nearer_to_near:016x}"]}
+    keys = near_duplicate_keys(hashes, bits=3)
+    assert keys["train"][0] == keys["val"][0] == keys["test"][0] != keys["train"][1]
+    assert find_duplicates(keys).leaked == {"val": 1, "test": 1}
+    assert len(set(np.concatenate(list(near_duplicate_keys(hashes, bits=2).values())))) == 4
+
+
 def test_a_skewed_class_balance_is_warned_about_under_accuracy_only():
     y = np.array([0] * 80 + [1] * 20)
     balance, warnings = class_balance({"train": y}, ("ham", "spam"), "accuracy")
@@ -119,6 +143,15 @@ def test_check_prints_the_findings_and_creates_nothing(tmp_path, tiny_bert, leak
     assert report["duplicates"]["leaked_from_earlier_splits"]["test"] == 7
     assert report["sizes"]["test"] == 47
     assert report["truncation"]["truncated_share"].keys() == {"32"}
+    # Every flipped review that landed in train (not in the validation rows carved from it) is
+    # listed as a likely label error, with its text.
+    reviews = pd.read_csv(leaky_files["train"])["review"]
+    train = set(load_text_splits(data_config(leaky_files)).train["text"])
+    flipped = {reviews[i] for i in FLIPPED} & train
+    listed = {row["text"]: row for row in report["label_issues"]["rows"]}
+    assert flipped and flipped <= listed.keys() and report["label_issues"]["found"] <= len(flipped) + 3
+    assert {listed[text]["given"] != listed[text]["suggested"] for text in flipped} == {True}
+    assert "likely label errors" in printed.out + printed.err
     # No Optuna storage, no MLflow store: nothing to clean up after a look at the data.
     assert not state_dir.exists() or not any(state_dir.iterdir())
 
@@ -130,6 +163,8 @@ def test_a_study_resumed_on_changed_data_is_refused_naming_the_split(tmp_path, t
     assert main(["search", str(study_file), "--quiet"]) == 0
     report = json.loads(next((tmp_path / "mlruns" / "artifacts").rglob("data_report.json")).read_text())
     assert report["duplicates"]["leaked_from_earlier_splits"]["test"] == 7
+    issues = json.loads(next((tmp_path / "mlruns" / "artifacts").rglob("label_issues.json")).read_text())
+    assert issues["checked"] == report["sizes"]["train"] and issues["found"] >= 1
     test = pd.read_csv(leaky_files["test"])
     test.iloc[:3].assign(review="a new review").pipe(lambda rows: pd.concat([test, rows])).to_csv(
         leaky_files["test"], index=False)

@@ -116,3 +116,22 @@ def test_figures_are_a_confusion_matrix_over_every_class():
     axes = figures["confusion_matrix.png"].axes[0]
     assert [t.get_text() for t in axes.get_xticklabels()] == list(LABELS)
     plt.close(figures["confusion_matrix.png"])
+
+
+def test_label_issues_find_the_planted_flips_by_out_of_fold_confident_learning():
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1, 2], 60)
+    x = rng.normal(size=(180, 4)) + 4 * np.eye(3, 4)[y]  # three well separated clusters
+    flipped = [5, 70, 130, 150]
+    given = y.copy()
+    given[flipped] = (y[flipped] + 1) % 3
+    found = CLASSIFICATION.label_issues(x, given, LABELS, inverse_regularisation=1.0, max_iter=1000)
+    assert found.checked == 180 and found.found == len(found.rows)
+    assert found.agreement == pytest.approx(176 / 180, abs=0.02)  # right where the given label is
+    assert {row["index"] for row in found.rows} == set(flipped)
+    row = next(row for row in found.rows if row["index"] == 70)
+    assert (row["given"], row["suggested"]) == ("pos", "neutral") and 0 <= row["quality"] < 0.5
+    assert [r["quality"] for r in found.rows] == sorted(r["quality"] for r in found.rows)  # worst first
+    # Too few rows to hold out folds, or a single class: nothing to say.
+    assert CLASSIFICATION.label_issues(x[:6], given[:6], LABELS, 1.0, 1000) is None
+    assert CLASSIFICATION.label_issues(x, np.zeros(180, dtype=np.int64), LABELS, 1.0, 1000) is None

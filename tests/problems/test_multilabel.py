@@ -240,3 +240,20 @@ def test_the_head_starts_at_each_labels_prior_log_odds():
     bias = MULTI.fitted(targets).head_bias()
     # Prevalences 0.75, 0.25 and 0 (clipped, so the log-odds stay finite).
     assert np.allclose(bias[:2], logit([0.75, 0.25]), atol=1e-6) and bias[2] == pytest.approx(logit(1e-4), rel=1e-4)
+
+
+def test_label_issues_find_a_planted_missing_and_a_planted_wrong_label():
+    rng = np.random.default_rng(1)
+    y = (rng.random((240, 3)) < 0.4).astype(np.float32)
+    x = rng.normal(scale=0.3, size=(240, 3)) + 3 * y  # each label has its own feature
+    given = y.copy()
+    given[10] = 1 - given[10]  # every label of row 10 flipped
+    given[99, :] = 0
+    given[99, np.argmin(y[99])] = 1  # row 99 given only a label it does not have
+    found = MULTI.label_issues(x, given, LABELS, inverse_regularisation=1.0, max_iter=1000)
+    assert {10, 99} <= {row["index"] for row in found.rows} and found.found <= 6
+    row = next(row for row in found.rows if row["index"] == 10)
+    names = lambda labels: ", ".join(LABELS[j] for j in np.flatnonzero(labels)) or "(none)"
+    assert (row["given"], row["suggested"]) == (names(given[10]), names(y[10]))
+    # A label nobody has cannot be checked by confident learning.
+    assert MULTI.label_issues(x, np.column_stack([given[:, :2], np.zeros(240)]), LABELS, 1.0, 1000) is None

@@ -151,3 +151,14 @@ def test_prediction_table_and_its_schema_name_the_same_column():
     assert list(table.columns) == ["prediction"] == REGRESSION.output_schema(()).input_names()
     assert table["prediction"].dtype == np.float64
     assert table["prediction"].tolist() == [3.0, 5.0]
+
+
+def test_label_issues_are_the_targets_far_from_the_out_of_fold_prediction():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(200, 3))
+    y = x @ np.array([1.0, -2.0, 0.5]) + rng.normal(scale=0.1, size=200)
+    y[[3, 150]] += [8.0, -6.0]  # two mistyped targets
+    found = REGRESSION.label_issues(x, y, (), inverse_regularisation=1.0, max_iter=0)
+    assert [row["index"] for row in found.rows] == [3, 150] and found.found == 2 and found.checked == 200
+    assert float(found.rows[0]["given"]) == pytest.approx(y[3], rel=1e-3)
+    assert float(found.rows[0]["suggested"]) == pytest.approx(y[3] - 8.0, abs=0.5)

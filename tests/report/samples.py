@@ -35,6 +35,16 @@ def text_data_report() -> dict:
     }
 
 
+def label_issues() -> dict:
+    """A text search's ``label_issues.json``: 2 of the 103 likely label errors listed, one with markup."""
+    return {"method": "confident learning (cleanlab), 5-fold logistic regression", "checked": 1600, "found": 103,
+            "agreement": 0.8431,
+            "rows": [{"index": 997, "given": "negative", "suggested": "positive", "quality": 0.1342,
+                      "text": "this is a great movie."},
+                     {"index": 12, "given": "positive", "suggested": "negative", "quality": 0.2,
+                      "text": "<b>awful</b>"}]}
+
+
 def image_data_report() -> dict:
     """An image search's ``data_report.json``: no duplicates or token lengths, skipped files counted."""
     balance = {"per_class": {"ants": 124, "bees": 121}, "majority": "ants", "majority_share": 0.5061}

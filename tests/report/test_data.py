@@ -8,11 +8,12 @@ import pytest
 
 from ftsearch import report
 from ftsearch.config import load_study
+from ftsearch.data.checks import LABEL_ISSUES
 from ftsearch.distributed.storage import open_storage
 from ftsearch.generations import PARENT_RUN_ATTR
 from ftsearch.report.collect import DATA_REPORT
 from tests.helpers import store
-from tests.report.samples import text_data_report
+from tests.report.samples import label_issues, text_data_report
 
 
 @pytest.fixture
@@ -38,6 +39,20 @@ def test_the_data_report_on_the_parent_run_is_collected(parent_with):
     gathered = report.collect(config)
     assert gathered.data == text_data_report()
     assert gathered.notes == []
+
+
+def test_the_label_issues_beside_the_data_report_are_collected_into_it(parent_with):
+    config, _ = parent_with({DATA_REPORT: text_data_report(), LABEL_ISSUES: label_issues()})
+    gathered = report.collect(config)
+    assert gathered.data == {**text_data_report(), "label_issues": label_issues()}
+    assert gathered.data_figures == {} and gathered.notes == []
+
+
+def test_label_issues_that_are_no_object_are_left_out_with_a_note(parent_with):
+    config, run_id = parent_with({DATA_REPORT: text_data_report(), LABEL_ISSUES: [1]})
+    gathered = report.collect(config)
+    assert gathered.data == text_data_report()
+    assert gathered.notes == [f"{LABEL_ISSUES} of run {run_id} is not a JSON object: the likely label errors are left out"]
 
 
 def test_a_study_run_before_data_reports_has_none_and_no_note(parent_with):

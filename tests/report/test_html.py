@@ -17,7 +17,7 @@ from ftsearch.distributed.storage import open_storage
 from ftsearch.report import Baseline, ModelSummary, TrialRow, render_html
 from ftsearch.report.views import format_count, format_mib
 from tests.helpers import optuna_study, store
-from tests.report.samples import image_data_report, per_label_rows, png, text_data_report
+from tests.report.samples import image_data_report, label_issues, per_label_rows, png, text_data_report
 
 
 def without_scripts(page: str) -> str:
@@ -177,6 +177,20 @@ def test_the_data_section_follows_what_the_study_checked(handmade):
 
     numbers = {k: v for k, v in text_data_report().items() if k != "class_balance"}
     assert "No class balance: the targets are numbers" in render_html(handmade(data=numbers))
+
+
+def test_the_data_section_lists_the_likely_label_errors_and_shows_their_thumbnails(handmade):
+    page = render_html(handmade(data={**text_data_report(), "label_issues": label_issues()}))
+    assert "Likely label errors: 103 of 1600 train examples by confident learning (cleanlab)" in page
+    assert "out of fold, it agrees with 84.3% of the given labels" in page
+    assert ('<tr><td class="left">997</td><td class="left">negative</td><td class="left">positive</td>'
+            '<td>0.134</td><td class="left">this is a great movie.</td></tr>') in page
+    assert "&lt;b&gt;awful&lt;/b&gt;" in page and "101 more not listed." in page
+    assert "label_issues.png" not in page  # a text study has no thumbnails
+
+    grid = png((200, 30, 30))
+    thumbnails = handmade(data=image_data_report(), data_figures={"label_issues.png": grid})
+    assert f'src="data:image/png;base64,{base64.b64encode(grid).decode()}"' in render_html(thumbnails)
 
 
 def test_a_study_without_a_data_report_has_no_data_section(handmade):
