@@ -17,6 +17,7 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from torch.utils.data import DataLoader
 
 from ftsearch.data.text import target_array
+from ftsearch.errors import BaselineUnavailable
 
 
 def tfidf_features(splits: dict[str, pd.DataFrame]) -> dict[str, tuple]:
@@ -29,7 +30,13 @@ def tfidf_features(splits: dict[str, pd.DataFrame]) -> dict[str, tuple]:
     vectorizer = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True, max_features=500_000)
     train = splits["train"]
     pair = "text_pair" in train
-    vectorizer.fit(pd.concat([train["text"], train["text_pair"]]) if pair else train["text"])
+    try:
+        vectorizer.fit(pd.concat([train["text"], train["text_pair"]]) if pair else train["text"])
+    except ValueError as err:  # "empty vocabulary" / "After pruning, no terms remain": no word is in two texts
+        raise BaselineUnavailable(
+            f"the TF-IDF baseline found no word of two or more letters or digits used in at least two train texts "
+            f"({err}); texts of numbers, symbols or single characters only have none"
+        ) from err
 
     def features(frame: pd.DataFrame):
         a = vectorizer.transform(frame["text"])

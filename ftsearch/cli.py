@@ -194,13 +194,18 @@ def _check(args: argparse.Namespace) -> int:
 
     import matplotlib.pyplot as plt
 
+    from ftsearch.errors import BaselineUnavailable
     from ftsearch.progress import make_reporter
     from ftsearch.study import SearchOptions, prepare
 
     reporter = make_reporter(quiet=False)
     prepared = prepare(SearchOptions(study=args.study, overrides=tuple(args.overrides), device=args.device), reporter)
     report = dict(prepared.modality.checks.report)
-    found = prepared.modality.label_issues()
+    try:
+        found = prepared.modality.label_issues()
+    except BaselineUnavailable as err:
+        found = None
+        reporter.warn(f"likely label errors not checked: {err}")
     if found is not None:
         for line in found.lines():
             reporter.info(line)

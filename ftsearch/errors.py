@@ -7,3 +7,8 @@ class FtsearchError(Exception):
     The CLI prints its message and exits with status 2; nothing has been created when it is raised
     before the search starts.
     """
+
+
+class BaselineUnavailable(FtsearchError):
+    """The classical baseline cannot be fitted on this data (a TF-IDF vocabulary left empty by
+    texts of numbers or symbols only): the search reports it and goes on without a baseline."""

@@ -23,7 +23,7 @@ from ftsearch.checkpoints import TrialCheckpoints
 from ftsearch.config import StudyConfig, load_study
 from ftsearch.data.checks import LABEL_ISSUES
 from ftsearch.distributed import parallel, storage, worker
-from ftsearch.errors import FtsearchError
+from ftsearch.errors import BaselineUnavailable, FtsearchError
 from ftsearch.generations import (
     CONFIG_ATTR,
     DATA_ATTR,
@@ -428,7 +428,13 @@ def _log_baseline(modality: Modality, parent: tracking.StudyRun, metric: str, re
     list the train examples whose label it finds unlikely (``label_issues.json``)."""
     if f"baseline_val_{metric}" in parent.mlflow_client.get_run(parent.run_id).data.metrics:
         return
-    scores = modality.baseline()
+    try:
+        scores = modality.baseline()
+    except BaselineUnavailable as err:
+        # Context, not the search: said, tagged, and the trials run without it.
+        reporter.warn(f"no baseline: {err}")
+        parent.mlflow_client.set_tag(parent.run_id, tracking.BASELINE_SKIPPED_TAG, str(err))
+        return
     # Before the scores, which mark the baseline done: a resume after a failure here checks again.
     found = modality.label_issues()
     if found is not None:

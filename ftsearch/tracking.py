@@ -30,6 +30,7 @@ REASON_TAG = "ftsearch.reason"
 TRIAL_TAG = "ftsearch.trial_number"
 STUDY_TAG = "ftsearch.study"
 PARENT_TAG = "mlflow.parentRunId"
+BASELINE_SKIPPED_TAG = "baseline_skipped"  # on the parent run: why no classical baseline could be fitted
 
 # Optuna's final trial state -> MLflow run status: a pruned trial ran correctly and ended early.
 RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "FINISHED", "FAIL": "FAILED", "KILLED": "KILLED"}

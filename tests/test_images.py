@@ -18,7 +18,7 @@ from ftsearch.config import DataConfig
 from ftsearch.data.images import load_image_splits
 from ftsearch.errors import FtsearchError
 from ftsearch.space import TrialConfig
-from tests.helpers import optuna_study
+from tests.helpers import draw_shapes, optuna_study
 
 
 def image_study(tiny_images: Path, tiny_cnn: Path, **changes) -> dict:
@@ -106,6 +106,29 @@ def test_grayscale_images_with_few_grey_levels_are_all_kept_and_copies_are_found
     dropped = load_image_splits(DataConfig(dataset=str(tmp_path), dedupe="drop"))
     assert len(dropped.train) == 12 and len(dropped.val) + len(dropped.test) == 12
     assert {"copy.png", "edited.png"}.isdisjoint(Path(p).name for p, _ in dropped.val + dropped.test)
+
+
+def test_bombs_dangling_links_and_link_loops_are_handled_and_links_out_are_followed(tmp_path, monkeypatch):
+    """A decompression bomb is skipped before it is decoded, a link to a missing file is skipped
+    and listed, a link to a parent folder does not loop, and a link to an image elsewhere is used."""
+    from PIL import Image
+
+    draw_shapes(tmp_path / "data" / "train", 4, seed=3)
+    draw_shapes(tmp_path / "data" / "val", 4, seed=4)
+    circles = tmp_path / "data" / "train" / "circle"
+    Image.new("RGB", (200, 200)).save(circles / "huge.png")  # 40,000 pixels: a bomb under the limit below
+    (circles / "gone.png").symlink_to(tmp_path / "no-such.png")
+    (circles / "loop").symlink_to(circles.parent)
+    draw_shapes(tmp_path / "elsewhere", 1, seed=5)
+    (circles / "linked.png").symlink_to(tmp_path / "elsewhere" / "circle" / "0.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 30_000)  # a 48x48 shape is 2,304
+
+    splits = load_image_splits(DataConfig(dataset=str(tmp_path / "data"), dedupe="off"))
+    reasons = {Path(s["path"]).name: s["reason"] for s in splits.skipped}
+    assert set(reasons) == {"huge.png", "gone.png"}
+    assert reasons["huge.png"].startswith("a decompression bomb or a huge scan (Image size (40000 pixels)")
+    assert reasons["gone.png"] == f"a link to a missing file ({tmp_path / 'no-such.png'})"
+    assert sum(Path(p).name == "linked.png" for p, _ in splits.train) == 1 and len(splits.train) == 9
 
 
 def mean_colours(backbone, loaders: dict) -> dict[str, tuple]:

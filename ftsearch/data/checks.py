@@ -109,6 +109,19 @@ def kept_rows(keys: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return kept
 
 
+def unsplittable(err: ValueError, labels) -> str:
+    """Why scikit-learn could not split or subsample rows stratified by ``labels``, in one short
+    clause: its own message lists every class with too few rows, thousands of them for a column
+    of ids mistaken for labels."""
+    counts = pd.Series(list(labels)).value_counts()
+    single = int((counts < 2).sum())
+    if single:
+        return (f"{single} of the {len(counts)} classes have a single row, and a stratified split needs two "
+                "of each (is the label column an id?)")
+    reason = str(err)
+    return reason if len(reason) <= 300 else reason[:300] + "..."
+
+
 def class_balance(targets: dict[str, np.ndarray], labels: tuple[str, ...], metric: str) -> tuple[dict, list[str]]:
     """Examples per class and the majority class's share, by split (multi-label: examples per
     label and the mean labels per example); and the warnings they call for."""

@@ -11,6 +11,7 @@ import hashlib
 import io
 import os
 import shutil
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from torch.utils.data import Dataset
 from ftsearch import settings
 from ftsearch.catalog import IMAGE_FOLDERS
 from ftsearch.config import DataConfig
-from ftsearch.data.checks import Duplicates, find_duplicates, kept_rows, near_duplicate_keys
+from ftsearch.data.checks import Duplicates, find_duplicates, kept_rows, near_duplicate_keys, unsplittable
 from ftsearch.errors import FtsearchError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -196,9 +197,16 @@ def _scan(
     samples = []
     for label, name in enumerate(classes):
         kept = 0
+        # rglob does not follow links to folders (a link to a parent cannot loop); links to files
+        # are followed wherever they point, as data sets built from links into a raw folder need.
         for path in sorted((folder / name).rglob("*")):
-            if not path.is_file() or any(part.startswith(".") for part in path.relative_to(folder).parts):
+            if any(part.startswith(".") for part in path.relative_to(folder).parts):
                 continue  # hidden files and folders (.ipynb_checkpoints, .DS_Store) are not data
+            if path.is_symlink() and not path.exists():
+                skipped.append({"path": str(path), "reason": f"a link to a missing file ({os.readlink(path)})"})
+                continue
+            if not path.is_file():
+                continue
             problem = _inspect(path, placeholder_share)
             if isinstance(problem, str):
                 skipped.append({"path": str(path), "reason": problem})
@@ -222,7 +230,12 @@ def _inspect(path: Path, placeholder_share: float | None) -> str | _Facts:
         return f"not an image file type ({path.suffix or 'no suffix'})"
     try:
         data = path.read_bytes()  # read once: decoded here and hashed for the split's digest
-        with Image.open(io.BytesIO(data)) as image:
+        with warnings.catch_warnings():
+            # PIL only warns between MAX_IMAGE_PIXELS and twice that (and raises above): an image
+            # that large is a decompression bomb or a scan no backbone needs, decoded in full here.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+        with image:
             rgb = image.convert("RGB")
             rgb.load()
             if min(rgb.size) < 8:
@@ -232,6 +245,8 @@ def _inspect(path: Path, placeholder_share: float | None) -> str | _Facts:
                 if share >= placeholder_share:
                     return f"{share:.0%} of its pixels are one colour: a placeholder graphic, not a photo"
             return _Facts(image.mode, rgb.size, str(imagehash.phash(rgb)), hashlib.sha256(data).digest())
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
+        return f"a decompression bomb or a huge scan ({err}); downscale it"
     except Exception as err:  # noqa: BLE001 - PIL raises many types for broken files
         return f"{type(err).__name__}: {err}"
 
@@ -249,7 +264,7 @@ def _split(samples: list[Sample], fraction: float, seed: int, origin: Path) -> t
     try:
         kept, held = train_test_split(samples, test_size=fraction, random_state=seed, stratify=labels)
     except ValueError as err:
-        raise FtsearchError(f"{origin}: too few images to split in two per class ({err})") from None
+        raise FtsearchError(f"{origin}: too few images to split in two per class ({unsplittable(err, labels)})") from None
     return kept, held
 
 
@@ -260,7 +275,8 @@ def _subsample(samples: list[Sample], size: int | None, seed: int, name: str) ->
         kept, _ = train_test_split(samples, train_size=size, random_state=seed, stratify=[y for _, y in samples])
     except ValueError as err:
         raise FtsearchError(
-            f"data.{name}_size {size}: cannot draw a stratified subsample of {len(samples)} images ({err}); "
+            f"data.{name}_size {size}: cannot draw a stratified subsample of {len(samples)} images "
+            f"({unsplittable(err, [y for _, y in samples])}); "
             f"choose another data.{name}_size or null for all"
         ) from None
     return kept

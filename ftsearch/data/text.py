@@ -27,7 +27,7 @@ from sklearn.model_selection import train_test_split
 from ftsearch import settings
 from ftsearch.catalog import TEXT_DATASETS, TextDatasetSpec
 from ftsearch.config import DataConfig
-from ftsearch.data.checks import Duplicates, find_duplicates, kept_rows, text_keys
+from ftsearch.data.checks import Duplicates, find_duplicates, kept_rows, text_keys, unsplittable
 from ftsearch.errors import FtsearchError
 
 FORMATS = ("csv", "tsv", "jsonl", "json", "parquet")
@@ -417,7 +417,8 @@ def _split(
     except ValueError as err:
         raise FtsearchError(
             f"{origin}: cannot carve a {'stratified ' if stratify else ''}{fraction:.0%} split from "
-            f"{len(frame)} rows ({err}); add data or change data.val_fraction"
+            f"{len(frame)} rows ({unsplittable(err, frame['label'] if stratify else [])}); add data or change "
+            "data.val_fraction"
         ) from None
     return kept.reset_index(drop=True), held.reset_index(drop=True)
 
@@ -432,6 +433,7 @@ def _subsample(frame: pd.DataFrame, size: int | None, seed: int, name: str, stra
     except ValueError as err:
         raise FtsearchError(
             f"data.{name}_size {size}: cannot draw a {'stratified ' if stratify else ''}subsample of "
-            f"{len(frame)} rows ({err}); choose another data.{name}_size or null for all"
+            f"{len(frame)} rows ({unsplittable(err, frame['label'] if stratify else [])}); choose another "
+            f"data.{name}_size or null for all"
         ) from None
     return kept.reset_index(drop=True)

@@ -115,6 +115,19 @@ class Modality(Protocol):
         """Figures of the examples themselves (misclassified images, ...), by artifact name."""
 
 
+def check_classes(config, labels: tuple[str, ...], train_targets) -> None:
+    """A single-label classifier needs train examples of two classes at least: refused before
+    anything is created, not found by the baseline after the study exists."""
+    if config.problem.target_kind != "class":
+        return
+    present = sorted({int(t) for t in train_targets})
+    if len(present) < 2:
+        only = ", ".join(repr(labels[i]) for i in present) or "none"
+        raise FtsearchError(f"{config.source}: every train example has the same class ({only}, "
+                            f"{len(train_targets)} rows); a classifier needs examples of two classes at least. "
+                            "Check data.label_column and the train file")
+
+
 def check_metric(config, labels: tuple[str, ...]) -> None:
     """The study's metric must apply to the classes the data turned out to have (``roc_auc`` needs
     two): checked once they are known, as the study file may not list them (a labels file, image

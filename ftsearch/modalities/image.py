@@ -16,7 +16,7 @@ from ftsearch.baseline import pooled_features
 from ftsearch.config import StudyConfig
 from ftsearch.data.checks import DataChecks, class_balance
 from ftsearch.data.images import ImageDataset, ImageSplits, Sample, load_image_splits, loader_workers
-from ftsearch.modalities.base import EVAL_BATCH_SIZE, LabelCheck, TrialSetup, check_metric, count_params
+from ftsearch.modalities.base import EVAL_BATCH_SIZE, LabelCheck, TrialSetup, check_classes, check_metric, count_params
 from ftsearch.models.vision import (
     build_classifier,
     load_image_classifier,
@@ -59,6 +59,7 @@ class ImageModality:
         self.splits: ImageSplits = load_image_splits(config.data, Path(config.source).parent)
         self.labels = self.splits.labels
         check_metric(config, self.labels)
+        check_classes(config, self.labels, [label for _, label in self.splits.train])
         self.backbones = {name: resolve_vision_backbone(name) for name in config.backbones}
         self.blocks = {name: b.num_blocks for name, b in self.backbones.items()}
         if "lora" in config.search.method:

@@ -17,7 +17,7 @@ from ftsearch.data.checks import DataChecks, class_balance, truncation, truncati
 from ftsearch.data.text import TextSplits, fingerprint, load_text_splits, target_array
 from ftsearch.data.tokens import TokenizedSplit, make_loader, tokenize_cached
 from ftsearch.errors import FtsearchError
-from ftsearch.modalities.base import EVAL_BATCH_SIZE, LabelCheck, TrialSetup, check_metric, count_params
+from ftsearch.modalities.base import EVAL_BATCH_SIZE, LabelCheck, TrialSetup, check_classes, check_metric, count_params
 from ftsearch.models.text import load_classifier, load_tokenizer, resolve_backbone, set_head_bias, skeleton
 from ftsearch.predictor import read_meta, save_classifier
 from ftsearch.problems.base import Evaluation, ProblemType
@@ -61,6 +61,7 @@ class TextModality:
         self.splits: TextSplits = load_text_splits(config.data, Path(config.source).parent, config.problem.target_kind)
         self.labels = self.splits.labels
         check_metric(config, self.labels)
+        check_classes(config, self.labels, target_array(self.splits.train))
         # What the problem type learns from the training targets (a regression target's scale).
         self.problem = config.problem.fitted(
             target_array(self.splits.train), target_range=config.data.target_range, thresholds=config.thresholds,

@@ -152,7 +152,8 @@ class ProblemType(ABC):
     def label_issues(self, x, y: np.ndarray, labels: tuple[str, ...], inverse_regularisation: float,
                      max_iter: int) -> LabelIssues | None:
         """The train rows ``(x, y)`` whose given target looks wrong to the baseline's estimator
-        fitted on the other folds; None when train is too small to hold out folds."""
+        fitted on the other folds; None when train is too small to hold out folds, or a class
+        (multi-label: a label) is too rare or too common to be judged that way."""
 
     @abstractmethod
     def figures(self, evaluation: Evaluation, labels: tuple[str, ...]) -> dict[str, object]:

@@ -90,8 +90,10 @@ class SingleLabelClassification(ProblemType):
         from cleanlab.rank import get_label_quality_scores
 
         y = np.asarray(y)
-        present, given = np.unique(y, return_inverse=True)
-        if len(present) < 2 or len(y) < 2 * LABEL_FOLDS:
+        present, given, counts = np.unique(y, return_inverse=True, return_counts=True)
+        # A class of one row leaves the fold that holds it out without the class, and a fold's
+        # model of one class cannot be fitted.
+        if len(present) < 2 or counts.min() < 2 or len(y) < 2 * LABEL_FOLDS:
             return None
         # Columns of the classes train has, in order: cleanlab wants labels 0..K-1, each present.
         probs = out_of_fold(_estimator(inverse_regularisation, max_iter), x, given, "predict_proba", stratified=True)

@@ -193,8 +193,9 @@ class MultiLabelClassification(ProblemType):
         from cleanlab.multilabel_classification.rank import get_label_quality_scores
 
         y = _targets(y)
-        if len(y) < 2 * LABEL_FOLDS or not (y.sum(axis=0) > 0).all():
-            # cleanlab needs every label given at least once; so does a fold's model.
+        positives = y.sum(axis=0)
+        if len(y) < 2 * LABEL_FOLDS or not ((positives > 0) & (positives < len(y))).all():
+            # cleanlab needs every label both given and not given somewhere in train.
             return None
         probs = out_of_fold(_estimator(inverse_regularisation, max_iter), x, y, "predict_proba", stratified=False)
         given = [np.flatnonzero(row).tolist() for row in y]

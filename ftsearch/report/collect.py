@@ -135,6 +135,7 @@ class StudyReport:
     notes: list[str] = field(default_factory=list)
     data: dict[str, Any] | None = None
     data_figures: dict[str, bytes] = field(default_factory=dict)
+    baseline_skipped: str = ""  # why the search could fit no baseline (tag ``baseline_skipped``)
 
     @property
     def metric(self) -> str:
@@ -217,6 +218,7 @@ def collect(config: StudyConfig, storage_url: str | None = None) -> StudyReport:
         counts={state: n for state, n in count_states(trials).items() if n},
         curves=curves,
         baseline=_baseline(parent, config.metric),
+        baseline_skipped=parent.data.tags.get(tracking.BASELINE_SKIPPED_TAG, "") if parent is not None else "",
         best=best,
         best_test=metrics_on_test(best_run.data.metrics) if best_run is not None else {},
         model=_registered_model(client, config.registered_model, config.metric, notes),

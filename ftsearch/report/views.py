@@ -196,7 +196,8 @@ def comparison_gaps(report: StudyReport) -> list[str]:
     """Sentences saying which side of the baseline comparison is missing, if any."""
     gaps = []
     if report.baseline is None:
-        gaps.append("No classical baseline was logged on the study's parent run.")
+        gaps.append(f"No classical baseline: {report.baseline_skipped}." if report.baseline_skipped
+                    else "No classical baseline was logged on the study's parent run.")
     if report.best is None:
         gaps.append("No trial has completed yet, so there is no fine-tuned model to compare.")
     elif f"test_{report.metric}" not in report.best_test:

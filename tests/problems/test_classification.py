@@ -135,3 +135,9 @@ def test_label_issues_find_the_planted_flips_by_out_of_fold_confident_learning()
     # Too few rows to hold out folds, or a single class: nothing to say.
     assert CLASSIFICATION.label_issues(x[:6], given[:6], LABELS, 1.0, 1000) is None
     assert CLASSIFICATION.label_issues(x, np.zeros(180, dtype=np.int64), LABELS, 1.0, 1000) is None
+
+
+def test_label_issues_skip_a_class_of_one_row_that_a_fold_could_not_learn():
+    x = np.random.default_rng(0).normal(size=(20, 3))
+    assert CLASSIFICATION.label_issues(x, np.array([0] * 19 + [1]), LABELS[:2], 1.0, 100) is None
+    assert CLASSIFICATION.label_issues(x, np.array([0] * 18 + [1] * 2), LABELS[:2], 1.0, 100) is not None

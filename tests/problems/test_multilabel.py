@@ -255,5 +255,6 @@ def test_label_issues_find_a_planted_missing_and_a_planted_wrong_label():
     row = next(row for row in found.rows if row["index"] == 10)
     names = lambda labels: ", ".join(LABELS[j] for j in np.flatnonzero(labels)) or "(none)"
     assert (row["given"], row["suggested"]) == (names(given[10]), names(y[10]))
-    # A label nobody has cannot be checked by confident learning.
+    # A label nobody has, or everybody has, cannot be checked by confident learning.
     assert MULTI.label_issues(x, np.column_stack([given[:, :2], np.zeros(240)]), LABELS, 1.0, 1000) is None
+    assert MULTI.label_issues(x, np.column_stack([given[:, :2], np.ones(240)]), LABELS, 1.0, 1000) is None
