@@ -189,7 +189,7 @@ class TrialRunner:
             if setup.feature_cache:
                 run.set_tag(FEATURE_CACHE_TAG, setup.feature_cache)
                 self.reporter.info(f"  frozen-prefix cache: {setup.feature_cache}")
-            epochs = _EpochRecorder(trial, run, self.reporter, self.config.metric, logged)
+            epochs = _EpochRecorder(trial, run, self.reporter, self.config.metric, logged, trial_cfg.epochs)
             result = fit(
                 setup.model, setup.train_loader, setup.val_loader, train_settings(trial_cfg, self.prepared, accumulation),
                 epochs.on_epoch_end, on_step=self.reporter.step, checkpoint=self.checkpoints.resume_file(trial),
@@ -274,8 +274,10 @@ class _EpochRecorder:
     """The fit callbacks of one trial: each epoch logged once to MLflow and reported to Optuna
     (which may prune), and epochs inherited from a checkpoint replayed into a retry's run."""
 
-    def __init__(self, trial: optuna.Trial, run: tracking.TrialRun, reporter: Reporter, metric: str, logged: set[int]):
+    def __init__(self, trial: optuna.Trial, run: tracking.TrialRun, reporter: Reporter, metric: str, logged: set[int],
+                 last_epoch: int):
         self.trial, self.run, self.reporter, self.metric, self.logged = trial, run, reporter, metric, logged
+        self.last_epoch = last_epoch
 
     def on_epoch_end(self, m: EpochMetrics) -> bool:
         if m.epoch not in self.logged:
@@ -284,7 +286,9 @@ class _EpochRecorder:
                                   **{f"val_{k}": v for k, v in m.metrics.items()}}, step=m.epoch)
             self.trial.report(m.value(self.metric), m.epoch)
         self.reporter.epoch_ended(m.epoch, {"train loss": m.train_loss, **{f"val {k}": v for k, v in m.metrics.items()}})
-        return self.trial.should_prune()
+        # Pruning saves the epochs still to come: after the last one it would only throw away a
+        # finished model, whose value the study would then never count as complete.
+        return m.epoch < self.last_epoch and self.trial.should_prune()
 
     def on_resume(self, history: list[EpochMetrics]) -> None:
         # A retry is a new run: it carries the epochs it inherits, so its curve is whole.

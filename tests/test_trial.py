@@ -29,3 +29,20 @@ def test_a_fit_ends_a_trial_completed_with_its_best_value_pruned_or_diverged(wri
     assert fit_outcome(stopped, config) == Outcome("PRUNED", "pruned by the median pruner after epoch 1")
     diverged = FitResult("diverged", reason="non-finite loss (nan) at epoch 1, step 3")
     assert fit_outcome(diverged, config) == Outcome("PRUNED", "non-finite loss (nan) at epoch 1, step 3")
+
+
+def test_a_trial_is_never_pruned_after_its_last_epoch():
+    """The median pruner may say prune at any reported step; after the last epoch that would
+    throw away a finished model, so the recorder only asks before it."""
+    from types import SimpleNamespace
+
+    from ftsearch.trial import _EpochRecorder
+
+    reported = []
+    trial = SimpleNamespace(report=lambda value, step: reported.append((step, value)), should_prune=lambda: True)
+    run = SimpleNamespace(log_metrics=lambda metrics, step: None)
+    reporter = SimpleNamespace(epoch_ended=lambda epoch, values: None)
+    recorder = _EpochRecorder(trial, run, reporter, "accuracy", set(), last_epoch=2)
+    assert recorder.on_epoch_end(EpochMetrics(1, 0.7, {"accuracy": 0.5})) is True
+    assert recorder.on_epoch_end(EpochMetrics(2, 0.6, {"accuracy": 0.4})) is False
+    assert reported == [(1, 0.5), (2, 0.4)]  # the last epoch is still reported to Optuna
