@@ -210,11 +210,11 @@ def _check(args: argparse.Namespace) -> int:
         for line in found.lines():
             reporter.info(line)
         report["label_issues"] = found.report
-    for name, figure in (found.figures if found is not None else {}).items():
-        if args.output is not None:
-            figure.savefig(args.output.with_name(name))
-            print(f"wrote {args.output.with_name(name)}")
-        plt.close(figure)
+        for name, figure in found.figures.items():
+            if args.output is not None:
+                figure.savefig(args.output.with_name(name))
+                print(f"wrote {args.output.with_name(name)}")
+            plt.close(figure)
     if args.output is not None:
         args.output.write_text(json.dumps(report, indent=2))
         print(f"wrote the data report to {args.output}")

@@ -19,6 +19,7 @@ import pandas as pd
 
 DEDUPE_MODES = ("off", "warn", "drop")
 LABEL_ISSUES = "label_issues.json"  # the likely label errors, on the study's parent run (ProblemType.label_issues)
+LABEL_ISSUE_FIGURE = "label_issues.png"  # image studies: their thumbnails, beside LABEL_ISSUES
 NEAR_DUPLICATE_BITS = 6  # of 64: a 3% crop moves the hash by 6 (median), distinct photos differ by 14+
 _PAIR_CHUNK = 256  # images compared with all others at once: 256 x 50,000 distances is 100 MB
 MAJORITY_SHARE = 0.7  # above it, accuracy rewards predicting the majority class

@@ -117,7 +117,8 @@ class Modality(Protocol):
 
 def check_classes(config, labels: tuple[str, ...], train_targets) -> None:
     """A single-label classifier needs train examples of two classes at least: refused before
-    anything is created, not found by the baseline after the study exists."""
+    anything is created, not found by the baseline after the study exists. (Image folders cannot
+    get here: every class folder must keep an image, ``ftsearch.data.images``.)"""
     if config.problem.target_kind != "class":
         return
     present = sorted({int(t) for t in train_targets})

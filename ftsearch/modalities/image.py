@@ -14,9 +14,9 @@ from ftsearch.adaptation import adapt, check_lora_targets
 from ftsearch.augment import batch_mixer, image_eval_transform, image_train_transform
 from ftsearch.baseline import pooled_features
 from ftsearch.config import StudyConfig
-from ftsearch.data.checks import DataChecks, class_balance
+from ftsearch.data.checks import LABEL_ISSUE_FIGURE, DataChecks, class_balance
 from ftsearch.data.images import ImageDataset, ImageSplits, Sample, load_image_splits, loader_workers
-from ftsearch.modalities.base import EVAL_BATCH_SIZE, LabelCheck, TrialSetup, check_classes, check_metric, count_params
+from ftsearch.modalities.base import EVAL_BATCH_SIZE, LabelCheck, TrialSetup, check_metric, count_params
 from ftsearch.models.vision import (
     build_classifier,
     load_image_classifier,
@@ -59,7 +59,6 @@ class ImageModality:
         self.splits: ImageSplits = load_image_splits(config.data, Path(config.source).parent)
         self.labels = self.splits.labels
         check_metric(config, self.labels)
-        check_classes(config, self.labels, [label for _, label in self.splits.train])
         self.backbones = {name: resolve_vision_backbone(name) for name in config.backbones}
         self.blocks = {name: b.num_blocks for name, b in self.backbones.items()}
         if "lora" in config.search.method:
@@ -93,11 +92,12 @@ class ImageModality:
         found = self.problem.label_issues(*self._baseline_features["train"], self.labels, **BASELINE_FIT)
         if found is None:
             return None
-        paths = [self.splits.train[row["index"]][0] for row in found.rows]
-        rows = [{**row, "path": _relative(path, self.splits.root)} for row, path in zip(found.rows, paths, strict=True)]
         index = {name: i for i, name in enumerate(self.labels)}
-        shown = [(path, index[row["given"]], index[row["suggested"]]) for row, path in zip(rows, paths, strict=True)]
-        figures = {"label_issues.png": image_grid(shown[:GRID_IMAGES], self.labels)} if shown else {}
+        shown = [(self.splits.train[row["index"]][0], index[row["given"]], index[row["suggested"]])
+                 for row in found.rows]
+        rows = [{**row, "path": _relative(path, self.splits.root)}
+                for row, (path, _, _) in zip(found.rows, shown, strict=True)]
+        figures = {LABEL_ISSUE_FIGURE: image_grid(shown[:GRID_IMAGES], self.labels)} if shown else {}
         return LabelCheck({**found.as_dict(), "rows": rows}, figures)
 
     def parent_artifacts(self) -> dict[str, object]:

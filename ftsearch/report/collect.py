@@ -25,7 +25,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from ftsearch import settings, tracking
 from ftsearch.config import STUDIES_DIR, StudyConfig
-from ftsearch.data.checks import LABEL_ISSUES
+from ftsearch.data.checks import LABEL_ISSUE_FIGURE, LABEL_ISSUES
 from ftsearch.distributed import storage
 from ftsearch.errors import FtsearchError
 from ftsearch.generations import (
@@ -46,7 +46,6 @@ TEST_PREFIX = "test_"  # run metrics, version tags and root artifacts under this
 FIGURE_SUFFIX = ".png"  # test_<name>.png: a figure, shown as is
 TABLE_SUFFIX = ".json"  # test_<name>.json: a table when it holds a list of row objects (MLflow log_dict)
 DATA_REPORT = "data_report.json"  # the data checks' findings, at the root of the parent run (ftsearch.data.checks)
-LABEL_ISSUE_FIGURE = "label_issues.png"  # image studies: thumbnails of the likely label errors, beside LABEL_ISSUES
 # Trials of studies run before the method was recorded all froze a prefix: the only method then.
 LEGACY_METHOD = "freeze"
 # Leaderboard order: finished trials by value first, then those that stopped early, then the rest.
