@@ -18,6 +18,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from ftsearch import settings, tracking
+from ftsearch.disk import DiskFull, writing
 from ftsearch.errors import FtsearchError
 from ftsearch.generations import RETRY_OF_ATTR
 
@@ -79,8 +80,12 @@ class TrialCheckpoints:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
         try:
-            mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=WEIGHTS_ARTIFACT, dst_path=str(partial),
-                                                tracking_uri=tracking_uri)
+            with writing(folder):
+                mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=WEIGHTS_ARTIFACT,
+                                                    dst_path=str(partial), tracking_uri=tracking_uri)
+        except DiskFull:  # it already says what to free
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
         except Exception as err:  # noqa: BLE001 - said below, with what to do
             shutil.rmtree(partial, ignore_errors=True)
             raise FtsearchError(f"cannot download the best trial's weights from run {run_id}: {err}") from None

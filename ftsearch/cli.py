@@ -1,4 +1,4 @@
-"""The ``ftsearch`` command: search, check, worker, promote, predict, report. Thin: parses arguments and calls the package."""
+"""The ``ftsearch`` command: search, check, worker, promote, predict, report, repair-journal. Thin: parses arguments and calls the package."""
 
 from __future__ import annotations
 
@@ -77,6 +77,12 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--pair-column", metavar="NAME", help="--input's column of the second texts of pairs")
     predict.add_argument("--columns", nargs="+", metavar="NAME",
                          help="names of --input's columns, for a .csv / .tsv file without a header row")
+
+    repair = commands.add_parser(
+        "repair-journal",
+        help="repair an Optuna journal file that a stopped writer left damaged (stop its searches and workers first)",
+    )
+    repair.add_argument("path", nargs="?", type=Path, help="the journal file (default: mlruns/optuna.journal)")
     return parser
 
 
@@ -300,7 +306,29 @@ def _stderr_console():
     return Console(stderr=True)
 
 
-_COMMANDS = {"search": _search, "check": _check, "worker": _worker, "promote": _promote, "predict": _predict, "report": _report}
+def _repair_journal(args: argparse.Namespace) -> int:
+    from ftsearch import settings
+    from ftsearch.distributed.journal import repair_journal
+    from ftsearch.distributed.storage import FlockLock
+    from ftsearch.errors import FtsearchError
+
+    path = args.path or Path(settings.optuna_storage_url(None))
+    if not path.is_file():
+        raise FtsearchError(f"no journal file at {path}")
+    done = repair_journal(path, FlockLock(path))
+    if done.original is None:
+        print(f"{path}: nothing to repair")
+        return 0
+    split = ", ".join(map(str, done.split_lines)) or "none"
+    print(f"{path}: repaired ({done.dropped_bytes} torn bytes dropped; records split out of lines: {split}); "
+          f"the journal as it was is kept in {done.original}")
+    return 0
+
+
+_COMMANDS = {
+    "search": _search, "check": _check, "worker": _worker, "promote": _promote, "predict": _predict, "report": _report,
+    "repair-journal": _repair_journal,
+}
 
 
 if __name__ == "__main__":

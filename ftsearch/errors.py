@@ -1,4 +1,4 @@
-"""The one exception type that reaches the user as a message instead of a traceback."""
+"""The exception types that reach the user as a message instead of a traceback."""
 
 
 class FtsearchError(Exception):

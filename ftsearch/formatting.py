@@ -50,3 +50,8 @@ def format_metric(value: float | None, *, signed: bool = False) -> str:
 def format_params(params: Mapping[str, object], digits: int = 3) -> str:
     """``lr 0.00561, batch_size 16``: params on one line, floats to ``digits`` significant digits."""
     return ", ".join(f"{name} {format_value(value, digits)}" for name, value in params.items())
+
+
+def first_line(err: BaseException) -> str:
+    """An error's first line (its type's name when it says nothing): what a warning quotes of it."""
+    return str(err).splitlines()[0] if str(err) else type(err).__name__

@@ -1,7 +1,8 @@
 """The MLflow Model Registry: registering a study's best model, promotion by alias, loading.
 
 Registration is all or nothing: a version that cannot get its tags and its ``candidate`` alias
-is deleted again. Aliases only (``candidate``, ``champion``); registry stages are deprecated.
+is deleted again, and a model that cannot be logged (a full disk: ``DiskFull``) leaves no files
+in the artifact store. Aliases only (``candidate``, ``champion``); registry stages are deprecated.
 """
 
 from __future__ import annotations
@@ -9,6 +10,9 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import io
+import shutil
+import tempfile
+import urllib.parse
 from pathlib import Path
 
 import mlflow
@@ -16,8 +20,10 @@ import pandas as pd
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model, ModelSignature
+from mlflow.utils.file_utils import local_file_uri_to_path
 
 from ftsearch import tracking
+from ftsearch.disk import writing
 from ftsearch.errors import FtsearchError
 
 CANDIDATE = "candidate"
@@ -62,20 +68,33 @@ def register_best(
     logged = mlflow.initialize_logged_model(
         name="model", source_run_id=run_id, experiment_id=run.info.experiment_id, params=run.data.params
     )
-    info = Model.log(
-        artifact_path=None,  # MLflow 3 names a model by ``name``; the old argument is still required
-        name="model",
-        flavor=mlflow.pyfunc,
-        run_id=run_id,
-        model_id=logged.model_id,
-        python_model=str(entry_file),
-        artifacts={"model": str(model_folder)},
-        input_example=input_example,
-        signature=signature,
-        # The package travels with the model, so it loads where ftsearch is not installed.
-        code_paths=[str(PACKAGE_DIR)],
-        pip_requirements=_requirements(),
-    )
+    stored = _local_folder(logged.artifact_location)
+    # MLflow stages the model in the temporary folder, then copies it to the artifact store: a
+    # full disk in either is named by ``writing``.
+    with writing(stored or Path(tempfile.gettempdir())):
+        try:
+            info = Model.log(
+                artifact_path=None,  # MLflow 3 names a model by ``name``; the old argument is still required
+                name="model",
+                flavor=mlflow.pyfunc,
+                run_id=run_id,
+                model_id=logged.model_id,
+                python_model=str(entry_file),
+                artifacts={"model": str(model_folder)},
+                input_example=input_example,
+                signature=signature,
+                # The package travels with the model, so it loads where ftsearch is not installed.
+                code_paths=[str(PACKAGE_DIR)],
+                pip_requirements=_requirements(),
+            )
+        except Exception:
+            # What MLflow had copied is of no use, and on a full disk it is space the next attempt
+            # needs: deleted before ``writing`` measures the free space.
+            if stored is not None:
+                shutil.rmtree(stored, ignore_errors=True)
+            with contextlib.suppress(MlflowException):  # the error above is the one to report
+                mlflow_client.delete_logged_model(logged.model_id)
+            raise
 
     version = None
     try:
@@ -91,6 +110,14 @@ def register_best(
             mlflow_client.delete_model_version(registered_name, version.version)
         raise
     return version
+
+
+def _local_folder(uri: str) -> Path | None:
+    """The folder of an artifact location on this machine's file system, or None (a server)."""
+    scheme = urllib.parse.urlparse(uri).scheme
+    if scheme not in ("", "file"):
+        return None
+    return Path(local_file_uri_to_path(uri))
 
 
 def _versions_of_run(registered_name: str, run_id: str) -> list[ModelVersion]:

@@ -479,6 +479,7 @@ def score_on_test(folder: Path, prepared: Prepared, run_id: str) -> dict[str, fl
         tracking.close_figures(figures.values())
     for path, rows in problem.tables(evaluation, modality.labels).items():
         run.log_dict(rows, f"test_{path}")
+    run.flush()  # the version is registered only once its run holds the test metrics
     return metrics
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import matplotlib
@@ -21,6 +21,8 @@ import matplotlib.pyplot as plt
 import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
+from mlflow.exceptions import MlflowException
+from mlflow.utils.async_logging.run_operations import RunOperations
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from ftsearch import settings
@@ -31,6 +33,10 @@ TRIAL_TAG = "ftsearch.trial_number"
 STUDY_TAG = "ftsearch.study"
 PARENT_TAG = "mlflow.parentRunId"
 BASELINE_SKIPPED_TAG = "baseline_skipped"  # on the parent run: why no classical baseline could be fitted
+
+# What a tracking call raises when the store cannot be reached or refuses (an HTTP server away for
+# longer than MLflow's retries, a broken database): callers that can go on without the call catch it.
+TrackingError = MlflowException
 
 # Optuna's final trial state -> MLflow run status: a pruned trial ran correctly and ended early.
 RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "FINISHED", "FAIL": "FAILED", "KILLED": "KILLED"}
@@ -105,10 +111,18 @@ def log_datasets(mlflow_client: MlflowClient, run_id: str, study_name: str, repo
 
 @dataclass
 class TrialRun:
-    """The child run of one trial."""
+    """The child run of one trial.
+
+    Its metrics are sent in the background (MLflow's asynchronous logging), so training goes on
+    while a tracking server is away: MLflow's HTTP client retries each batch with backoff (by
+    default 7 times over about 4 minutes, ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` and
+    ``MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR``). :meth:`flush` waits for them, and sends a batch MLflow
+    gave up on once more; a metric is identified by its key, step, value and timestamp, so a batch
+    that arrives twice is stored once."""
 
     mlflow_client: MlflowClient
     run_id: str
+    _pending: list[tuple[RunOperations, list[Metric]]] = field(default_factory=list, repr=False)
 
     def log_params(self, params: dict[str, Any]) -> None:
         self.mlflow_client.log_batch(self.run_id, params=[Param(k, str(v)) for k, v in params.items()])
@@ -120,16 +134,31 @@ class TrialRun:
         self.mlflow_client.set_tag(self.run_id, key, value)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Queue ``metrics`` at ``step`` for the background sender; returns at once."""
         now = int(time.time() * 1000)
-        self.mlflow_client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        self._pending.append((self.mlflow_client.log_batch(self.run_id, metrics=batch, synchronous=False), batch))
+
+    def flush(self) -> None:
+        """Wait until every queued metric is stored. A batch whose retries ran out (the server away
+        longer than that) is sent again, synchronously, with the same retries: a second chance to
+        outlast the outage before :class:`TrackingError` says it could not."""
+        pending, self._pending = self._pending, []
+        for operation, batch in pending:
+            try:
+                operation.wait()
+            except Exception:  # noqa: BLE001 - whatever the sender met, the batch is sent once more
+                self.mlflow_client.log_batch(self.run_id, metrics=batch)
 
     def log_figure(self, figure, path: str) -> None:
         """Log a matplotlib figure as ``path`` and close it."""
         _figure_artifact(self.mlflow_client, self.run_id, figure, path)
 
     def finish(self, state: str, reason: str = "") -> None:
-        """Tag the Optuna state (and reason) and end the run with the matching status."""
+        """Wait for the queued metrics, tag the Optuna state (and reason) and end the run with the
+        matching status."""
         try:
+            self.flush()
             self.mlflow_client.set_tag(self.run_id, STATE_TAG, state)
             if reason:
                 self.mlflow_client.set_tag(self.run_id, REASON_TAG, reason[:5000])

@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from transformers import get_scheduler, set_seed
 
+from ftsearch.disk import replacing
 from ftsearch.errors import FtsearchError
 from ftsearch.problems.base import Evaluation
 
@@ -236,7 +237,8 @@ def fit(
     With ``checkpoint``, everything needed to go on (weights, optimiser, scheduler, every random
     stream, the history and the best epoch) is written there after each epoch; a call that finds
     that file resumes after its epoch, as if never interrupted (``result.resumed_from_epoch``,
-    ``on_resume`` hears of the restored epochs). The caller deletes the file when it is done.
+    ``on_resume`` hears of the restored epochs). The caller deletes the file when it is done. A
+    full disk raises ``DiskFull`` naming the file, which still holds the previous epoch's state.
 
     ``groups`` (default: every trainable parameter at ``settings.lr``) set a learning rate per
     group (layer-wise decay, a head multiplier) and which train during the head warm-up.
@@ -387,10 +389,13 @@ def _save(path: Path, epoch: int, model, optimizer, scheduler, loader: DataLoade
             "metrics": best.metrics, "y_true": torch.from_numpy(best.y_true), "outputs": torch.from_numpy(best.outputs),
         },
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    torch.save(state, partial)
-    os.replace(partial, path)  # a kill while writing leaves the previous epoch's file whole
+    # A kill or a full disk while writing leaves the previous epoch's file whole.
+    with replacing(path) as partial, open(partial, "wb") as file:
+        # Through a Python file: torch's own writer of a path reports a full disk without its OS
+        # error, a file object raises that error for ``replacing`` to recognise.
+        torch.save(state, file)
+        file.flush()
+        os.fsync(file.fileno())  # whole on disk before it replaces the previous epoch's file
 
 
 def _restore(path: Path, model, optimizer, scheduler, loader: DataLoader, result: FitResult) -> int:

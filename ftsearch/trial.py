@@ -14,6 +14,7 @@ from transformers import set_seed
 from ftsearch import progress, tracking
 from ftsearch.checkpoints import TrialCheckpoints
 from ftsearch.config import StudyConfig
+from ftsearch.formatting import first_line
 from ftsearch.generations import (
     EPOCH_SECONDS_ATTR,
     METHOD_ATTR,
@@ -148,7 +149,13 @@ class TrialRunner:
             # killed before that leaves a retry that needs it, even after the last epoch.
             if outcome.reason:
                 trial.set_user_attr(REASON_ATTR, outcome.reason)
-            end_run(run, outcome)
+            try:
+                end_run(run, outcome)
+            except tracking.TrackingError as err:
+                # The tracking server was away for longer than the retries: the trial's result
+                # stands in the study, and the search ends the run at the study's end.
+                self.reporter.warn(f"trial {trial.number}: could not end its MLflow run {run.run_id} ({first_line(err)[:300]}); "
+                                   "the search ends it when the study finishes")
         reason = "" if outcome.state == "ABANDONED" else outcome.reason
         self.reporter.trial_ended(trial.number, "FAIL" if judged_dead else outcome.state, reason, outcome.value)
 
@@ -257,7 +264,10 @@ class TrialRunner:
         self.reporter.trials_updated(trial_counts(trials), best_info(best))
         self.checkpoints.keep_only({t.number for t in trials if t.state.is_finished()}, None if best is None else best.number)
         if best is not None and best.number == trial.number:
-            self.parent.log_best(self.config.metric, best.value, best.number, best.params)
+            try:
+                self.parent.log_best(self.config.metric, best.value, best.number, best.params)
+            except tracking.TrackingError as err:  # logged again when the study finishes
+                self.reporter.warn(f"could not record the new best trial on the MLflow parent run ({first_line(err)[:300]})")
 
     def _share_if_best(self, trial: optuna.Trial, value: float, run: tracking.TrialRun) -> None:
         """With a shared tracking server, upload the weights of a trial that beats (or ties) the

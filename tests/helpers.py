@@ -209,3 +209,26 @@ def optuna_study(name: str):
     from ftsearch.distributed.storage import open_storage
 
     return optuna.load_study(study_name=name, storage=open_storage())
+
+
+# Training loops on the tiny reviews (test_train.py, test_disk_full.py).
+def review_loaders(tiny_bert: Path, cache: Path, train_rows: int, val_rows: int, val_batch: int) -> tuple:
+    """(train, validation) loaders over tiny labelled reviews, tokenised to 32 tokens."""
+    from transformers import AutoTokenizer
+
+    from ftsearch.data.tokens import make_loader, tokenize_cached
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    train = tokenize_cached(tokenizer, labelled_reviews(train_rows, 1), 32, cache)
+    val = tokenize_cached(tokenizer, labelled_reviews(val_rows, 3), 32, cache)
+    return make_loader(train, 16, 0, shuffle=True), make_loader(val, val_batch, 0, shuffle=False)
+
+
+def seeded_classifier(tiny_bert: Path):
+    """The tiny BERT with a two-class head drawn from seed 0."""
+    import torch
+
+    from ftsearch.models.text import load_classifier
+
+    torch.manual_seed(0)
+    return load_classifier(tiny_bert, ("neg", "pos"))

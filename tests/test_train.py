@@ -8,11 +8,10 @@ import torch
 from transformers import AutoTokenizer
 
 from ftsearch.data.tokens import make_loader, tokenize_cached
-from ftsearch.models.text import load_classifier
 from ftsearch.problems import problem_type
 from ftsearch.train import TrainSettings, evaluate, make_scheduler
 from ftsearch.train import fit as train_fit
-from tests.helpers import labelled_reviews
+from tests.helpers import labelled_reviews, review_loaders, seeded_classifier
 
 CLASSIFICATION = problem_type("single-label-classification")
 fit = partial(train_fit, scoring=CLASSIFICATION)  # every fit here trains a two-class classifier
@@ -20,16 +19,11 @@ fit = partial(train_fit, scoring=CLASSIFICATION)  # every fit here trains a two-
 
 @pytest.fixture(scope="module")
 def loaders(tiny_bert, tmp_path_factory):
-    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
-    cache = tmp_path_factory.mktemp("tokens")
-    train = tokenize_cached(tokenizer, labelled_reviews(240, 1), 32, cache)
-    val = tokenize_cached(tokenizer, labelled_reviews(80, 3), 32, cache)
-    return make_loader(train, 16, 0, shuffle=True), make_loader(val, 64, 0, shuffle=False)
+    return review_loaders(tiny_bert, tmp_path_factory.mktemp("tokens"), 240, 80, 64)
 
 
 def model(tiny_bert):
-    torch.manual_seed(0)
-    return load_classifier(tiny_bert, ("neg", "pos"))
+    return seeded_classifier(tiny_bert)
 
 
 def test_fit_learns_and_keeps_the_best_epoch(tiny_bert, loaders):
@@ -136,7 +130,7 @@ def test_a_run_resumed_from_its_checkpoint_ends_exactly_like_an_uninterrupted_on
 
     with pytest.raises(KeyboardInterrupt):
         fit(model(tiny_bert), *augmented_loaders(tiny_bert, tmp_path), settings, killed_after_epoch_2, checkpoint=checkpoint)
-    assert checkpoint.is_file() and not list(checkpoint.parent.glob(".*partial"))
+    assert checkpoint.is_file() and not list(checkpoint.parent.glob(".*partial*"))
 
     restored = []
     # A new process: a freshly built model and loaders (epoch counters at 0), the same seed.

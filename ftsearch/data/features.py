@@ -9,11 +9,13 @@ only the blocks above k from them.
 An entry is keyed by a hash of the frozen weights themselves, k, the maximum length, the token
 ids and the precision they were computed in, so any change of those misses the cache. The cache
 has a size budget (``$FTSEARCH_FEATURE_CACHE_GB``, default 8) and evicts least recently used
-entries to stay within it.
+entries to stay within it. An entry that meets a full disk is not left half written: the trial
+trains without the cache, and its log says why.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -28,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ftsearch import settings
 from ftsearch.data.tokens import LengthGroupedBatches, PadCollator, TokenizedSplit, batched_loader, pad_right
+from ftsearch.disk import DiskFull, writing
 from ftsearch.errors import FtsearchError
 from ftsearch.models.text import frozen_prefix_modules, prefix_hidden_states
 
@@ -171,8 +174,9 @@ def prefix_features(
 ) -> tuple[FeatureSplit | None, str]:
     """The split's hidden states after the lowest ``depth`` blocks, from the cache or computed now.
 
-    Returns ``(None, why)`` when the entry cannot fit in the cache's budget (the caller then
-    trains without the cache), else ``(features, 'hit' | 'computed in N s')``.
+    Returns ``(None, why)`` when the entry cannot fit in the cache's budget or the disk is full
+    (the caller then trains without the cache; no partial entry is left), else
+    ``(features, 'hit' | 'computed in N s')``.
     """
     hidden = model.config.hidden_size
     tokens = int(sum(len(ids) for ids in split.ids))
@@ -186,31 +190,55 @@ def prefix_features(
         entry = _open(folder)
         if entry is not None:
             return entry, "hit"
-    root.mkdir(parents=True, exist_ok=True)
-    _make_room(root, needed, budget)
     start = time.monotonic()
     # Written under a private name, then renamed: a concurrent worker never sees a partial entry.
     partial = root / f".{folder.name}.{os.getpid()}.tmp"
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir()
     try:
-        offsets = np.cumsum([0] + [len(ids) for ids in split.ids]).astype(np.int64)
-        store = np.lib.format.open_memmap(partial / FEATURES_FILE, mode="w+", dtype=np.float16, shape=(tokens, hidden))
-        _compute_into(store, offsets, model, depth, split, pad_id, device, batch_size)
-        store.flush()
-        del store
-        np.savez(partial / INDEX_FILE, offsets=offsets, labels=np.asarray(split.labels))
-        try:
-            os.rename(partial, folder)
-        except OSError:  # another worker finished the same entry first; theirs is as good
-            shutil.rmtree(partial, ignore_errors=True)
-    except BaseException:
+        with writing(folder):
+            try:
+                root.mkdir(parents=True, exist_ok=True)
+                _make_room(root, needed, budget)
+                shutil.rmtree(partial, ignore_errors=True)
+                partial.mkdir()
+                offsets = np.cumsum([0] + [len(ids) for ids in split.ids]).astype(np.int64)
+                store = _allocate(partial / FEATURES_FILE, (tokens, hidden))
+                _compute_into(store, offsets, model, depth, split, pad_id, device, batch_size)
+                store.flush()
+                del store
+                np.savez(partial / INDEX_FILE, offsets=offsets, labels=np.asarray(split.labels))
+            except BaseException:
+                shutil.rmtree(partial, ignore_errors=True)  # before ``writing`` measures the free space
+                raise
+    except DiskFull as full:
+        return None, f"{full}; the trial trains without the cache"
+    try:
+        os.rename(partial, folder)
+    except OSError:  # another worker finished the same entry first; theirs is as good
         shutil.rmtree(partial, ignore_errors=True)
-        raise
     entry = _open(folder)
     if entry is None:  # evicted at once by another worker's budget: train without the cache
         return None, "evicted by another process as soon as it was written (raise the budget)"
     return entry, f"computed in {time.monotonic() - start:.0f} s"
+
+
+def _allocate(path: Path, shape: tuple[int, int]) -> np.memmap:
+    """A float16 ``.npy`` file of ``shape`` with all its blocks allocated, mapped for writing.
+
+    Allocated before it is mapped: on a full disk, writing a page of a sparse map kills the process
+    (SIGBUS), while allocating fails with ENOSPC, before anything is computed.
+    """
+    with open(path, "wb") as file:
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)), "fortran_order": False, "shape": shape}
+        np.lib.format.write_array_header_1_0(file, header)
+        file.flush()
+        size = file.tell() + shape[0] * shape[1] * np.dtype(np.float16).itemsize
+        try:
+            os.posix_fallocate(file.fileno(), 0, size)
+        except OSError as err:
+            if err.errno != errno.EOPNOTSUPP:
+                raise
+            file.truncate(size)  # a file system that cannot allocate ahead: sparse, as before
+    return np.lib.format.open_memmap(path, mode="r+")
 
 
 def _compute_into(store, offsets, model, depth, split, pad_id, device, batch_size) -> None:

@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 from ftsearch import settings
 from ftsearch.augment import TokenAugment
 from ftsearch.data.text import fingerprint, target_array
+from ftsearch.disk import DiskFull, replacing
 
 
 @dataclass(frozen=True)
@@ -71,12 +73,13 @@ def tokenize_cached(tokenizer, frame: pd.DataFrame, max_length: int, cache: Path
     types = [np.asarray(seq, dtype=np.int8) for seq in encoded["token_type_ids"]] if pairs and "token_type_ids" in encoded else None
     offsets = np.cumsum([0] + [len(seq) for seq in ids])
     labels = target_array(frame)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Written under a unique name then renamed, so concurrent workers never read a partial file.
-    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
     arrays = {"flat": np.concatenate(ids), "offsets": offsets, "labels": labels}
-    np.savez(partial, **arrays, **({"types": np.concatenate(types)} if types is not None else {}))
-    os.replace(partial, path)
+    try:
+        with replacing(path) as partial:  # concurrent workers never read a partial file
+            np.savez(partial, **arrays, **({"types": np.concatenate(types)} if types is not None else {}))
+    except DiskFull as err:
+        # The cache only saves time: a full disk costs tokenising again next time, not the trial.
+        print(f"warning: {err}; the tokens are not cached", file=sys.stderr, flush=True)
     return TokenizedSplit(ids, labels, types)
 
 

@@ -11,7 +11,6 @@ its last finished epoch.
 from __future__ import annotations
 
 import gc
-import math
 import os
 import socket
 import sys
@@ -90,20 +89,11 @@ def claim(study: optuna.Study, storage: BaseStorage) -> int | None:
     return None
 
 
-_last_trouble = -math.inf  # when this process last found the storage slow or failing
-
-
-def _storage_trouble(when: float) -> None:
-    global _last_trouble
-    _last_trouble = max(_last_trouble, when)
-
-
 def judge(study: optuna.Study) -> None:
-    """Fail the trials of dead workers, unless this process itself could not reach the storage
-    in the last two heartbeat intervals: then the other workers could not beat either, and their
-    silence says nothing yet."""
-    interval = storages.heartbeat_seconds()
-    if time.monotonic() - _last_trouble > 2 * interval:
+    """Fail the trials of dead workers, unless this process itself found the storage failing or
+    slow in the last two heartbeat intervals (or it just came back): then the other workers could
+    not beat either, and their silence says nothing yet."""
+    if storages.seconds_since_trouble() > 2 * storages.heartbeat_seconds() + storages.RECONNECT_WAIT_MAX:
         storages.fail_stale_trials(study)
 
 
@@ -120,10 +110,10 @@ def heartbeat(study: optuna.Study, storage: BaseStorage, trial_id: int):
             try:
                 storage.record_heartbeat(trial_id)
                 if time.monotonic() - started > interval / 2:
-                    _storage_trouble(started)
+                    storages.note_trouble(started)
                 judge(study)
             except Exception as err:  # noqa: BLE001 - a lost beat must not end the beating
-                _storage_trouble(started)
+                storages.note_trouble(time.monotonic())
                 print(f"warning: heartbeat of trial id {trial_id} failed: {type(err).__name__}: {err}", file=sys.stderr)
             if stop.wait(interval):
                 return

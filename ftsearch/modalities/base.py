@@ -90,7 +90,7 @@ class Modality(Protocol):
     def save(self, model: torch.nn.Module, trial: TrialConfig, folder: Path, problem: ProblemType) -> None:
         """Save the trained ``model`` (a plain classifier: ``TrialSetup.serving_model()``) as a
         servable folder (no pickle), with ``problem`` (the study's problem type as tuned on
-        validation: thresholds, target scale) in its metadata."""
+        validation: thresholds, target scale) in its metadata. A full disk raises ``DiskFull``."""
 
     def test_setup(self, folder: Path) -> tuple[torch.nn.Module, DataLoader]:
         """A saved model and a loader over the held-out test split, prepared as it was trained."""

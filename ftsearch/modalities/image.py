@@ -16,6 +16,7 @@ from ftsearch.baseline import pooled_features
 from ftsearch.config import StudyConfig
 from ftsearch.data.checks import LABEL_ISSUE_FIGURE, DataChecks, class_balance
 from ftsearch.data.images import ImageDataset, ImageSplits, Sample, load_image_splits, loader_workers
+from ftsearch.disk import writing
 from ftsearch.modalities.base import EVAL_BATCH_SIZE, LabelCheck, TrialSetup, check_metric, count_params
 from ftsearch.models.vision import (
     build_classifier,
@@ -138,7 +139,8 @@ class ImageModality:
         return TrialSetup(model, train, val, adapt(model, trial), count_params(model))
 
     def save(self, model: torch.nn.Module, trial: TrialConfig, folder: Path, problem: ProblemType) -> None:
-        save_image_classifier(model, self.backbones[trial.backbone], folder, self.labels, problem.meta())
+        with writing(folder):
+            save_image_classifier(model, self.backbones[trial.backbone], folder, self.labels, problem.meta())
 
     def test_setup(self, folder: Path) -> tuple[torch.nn.Module, DataLoader]:
         model, meta = load_image_classifier(folder)

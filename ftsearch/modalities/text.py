@@ -16,6 +16,7 @@ from ftsearch.config import StudyConfig
 from ftsearch.data.checks import DataChecks, class_balance, truncation, truncation_line
 from ftsearch.data.text import TextSplits, fingerprint, load_text_splits, target_array
 from ftsearch.data.tokens import TokenizedSplit, make_loader, tokenize_cached
+from ftsearch.disk import writing
 from ftsearch.errors import FtsearchError
 from ftsearch.modalities.base import EVAL_BATCH_SIZE, LabelCheck, TrialSetup, check_classes, check_metric, count_params
 from ftsearch.models.text import load_classifier, load_tokenizer, resolve_backbone, set_head_bias, skeleton
@@ -104,8 +105,9 @@ class TextModality:
         return TrialSetup(model, train, val, adapted, count_params(model), note)
 
     def save(self, model: torch.nn.Module, trial: TrialConfig, folder: Path, problem: ProblemType) -> None:
-        save_classifier(model, self.tokenizers[trial.backbone], folder,
-                        trial.max_length, self.labels, problem.meta(), pair=self.pair)
+        with writing(folder):
+            save_classifier(model, self.tokenizers[trial.backbone], folder,
+                            trial.max_length, self.labels, problem.meta(), pair=self.pair)
 
     def test_setup(self, folder: Path) -> tuple[torch.nn.Module, torch.utils.data.DataLoader]:
         """The saved model and a loader over the held-out test split, tokenised as it was trained."""

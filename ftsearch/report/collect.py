@@ -28,6 +28,7 @@ from ftsearch.config import STUDIES_DIR, StudyConfig
 from ftsearch.data.checks import LABEL_ISSUE_FIGURE, LABEL_ISSUES
 from ftsearch.distributed import storage
 from ftsearch.errors import FtsearchError
+from ftsearch.formatting import first_line
 from ftsearch.generations import (
     EPOCH_SECONDS_ATTR,
     METHOD_ATTR,
@@ -417,7 +418,7 @@ def _artifact_names(client: MlflowClient, run_id: str, notes: list[str]) -> list
     try:
         listed = client.list_artifacts(run_id)
     except Exception as err:  # noqa: BLE001 - a run that is gone or unreadable costs what it holds only
-        notes.append(f"could not list the artifacts of run {run_id}: {_reason(err)}")
+        notes.append(f"could not list the artifacts of run {run_id}: {first_line(err)}")
         return None
     return [a.path for a in listed if not a.is_dir]
 
@@ -442,9 +443,5 @@ def _artifact_bytes(client: MlflowClient, run_id: str, path: str, folder: str, n
     try:
         return Path(client.download_artifacts(run_id, path, folder)).read_bytes()
     except Exception as err:  # noqa: BLE001 - a missing picture is a sentence, not a failure
-        notes.append(f"could not read {path} of run {run_id}: {_reason(err)}")
+        notes.append(f"could not read {path} of run {run_id}: {first_line(err)}")
         return None
-
-
-def _reason(err: Exception) -> str:
-    return str(err).splitlines()[0] if str(err) else type(err).__name__

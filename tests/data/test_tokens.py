@@ -65,3 +65,22 @@ def test_augmentation_only_where_asked_and_seeded(tiny_bert, frame, tmp_path):
     assert (plain["input_ids"] == tokenizer.mask_token_id).sum() == 0
     again = next(iter(make_loader(split, 3, 0, shuffle=False, augment=aug, seed=1)))
     assert masked["input_ids"].equal(again["input_ids"])
+
+
+def test_a_full_disk_leaves_no_partial_cache_file_and_the_split_is_still_tokenised(tiny_bert, frame, tmp_path, monkeypatch, capsys):
+    import errno
+    from pathlib import Path
+
+    from ftsearch.data import tokens
+
+    tok = AutoTokenizer.from_pretrained(tiny_bert)
+
+    def full(file, **arrays):
+        Path(file).write_bytes(b"half")  # what was written before the disk filled
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tokens.np, "savez", full)
+    split = tokenize_cached(tok, frame, 16, cache=tmp_path / "tokens")
+    assert len(split.ids) == len(frame)
+    assert list((tmp_path / "tokens").iterdir()) == []  # neither the entry nor its partial file
+    assert "no space left on device writing" in capsys.readouterr().err
