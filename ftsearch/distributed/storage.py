@@ -82,12 +82,18 @@ def seconds_since_trouble() -> float:
     return time.monotonic() - _last_trouble
 
 
+def _unwrapped(err: BaseException) -> BaseException:
+    """The database's own error behind Optuna's ``StorageInternalError`` (whose text blames the data)."""
+    if isinstance(err, optuna.exceptions.StorageInternalError) and err.__cause__ is not None:
+        return err.__cause__
+    return err
+
+
 def is_unreachable(err: BaseException) -> bool:
     """Whether ``err`` says the database could not be reached (down, restarting, its connection
     cut), rather than that it refused a statement. Optuna wraps what fails inside a session in
     ``StorageInternalError``."""
-    if isinstance(err, optuna.exceptions.StorageInternalError) and err.__cause__ is not None:
-        err = err.__cause__
+    err = _unwrapped(err)
     if isinstance(err, sql_errors.DBAPIError) and err.connection_invalidated:
         return True
     return isinstance(err, (sql_errors.OperationalError, sql_errors.InterfaceError))
@@ -191,7 +197,7 @@ class _Outage:
         note_trouble(time.monotonic())
         if self.since is None:
             self.since = time.monotonic()
-            print(f"warning: the Optuna database is unreachable ({first_line(state.outcome.exception())}); retrying for up to {outage_seconds()} s "
+            print(f"warning: the Optuna database is unreachable ({first_line(_unwrapped(state.outcome.exception()))[:300]}); retrying for up to {outage_seconds()} s "
                   f"(${OUTAGE_ENV})", file=sys.stderr, flush=True)
 
     def over(self) -> None:

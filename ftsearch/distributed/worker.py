@@ -146,6 +146,12 @@ def _record_end(
             return None
     except UpdateFinishedTrialError:
         return None
+    except ValueError:
+        # Optuna's "Cannot tell a FAIL trial": judged dead by another worker between this trial's
+        # last look and its tell. Any other refusal leaves the trial running, and is raised.
+        if storage.get_trial(trial_id).state.is_finished():
+            return None
+        raise
     frozen = storage.get_trial(trial_id)
     requeue(study, frozen) if outcome.interrupted else study.enqueue_trial({})
     return frozen

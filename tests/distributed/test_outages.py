@@ -93,14 +93,15 @@ def test_a_tracking_server_restarted_mid_study_loses_no_metric(write_study, tmp_
 
 
 def test_a_database_restarted_mid_study_loses_no_trial_and_judges_no_live_one_dead(postgres, write_study, tmp_path):
-    # Three processes on one PostgreSQL database, beating every 2 s: the 30 s outage is 15 beats
+    # Three processes on one PostgreSQL database, beating every 5 s: the 30 s outage is 6 beats
     # that none of them could send, so a worker that judged by the beats alone would fail every
-    # running trial when the database came back.
+    # running trial when the database came back. (Not shorter: a loaded 2-core machine can hold a
+    # heartbeat thread back for seconds.)
     tracking_server = MlflowServer(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "artifacts", tmp_path / "mlflow.log")
     storage_url = f"{postgres.url}/optuna"
     n_trials, epochs = 6, 30
     path = write_study(n_trials=n_trials, **{"search.epochs": {"low": epochs, "high": epochs}})
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_server.url, "OMP_NUM_THREADS": "1", storage.HEARTBEAT_ENV: "2"}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_server.url, "OMP_NUM_THREADS": "1", storage.HEARTBEAT_ENV: "5"}
     logs = [tmp_path / f"{name}.log" for name in ("search", "worker-b", "worker-c")]
     commands = [["search", str(path), "--storage", storage_url]] + [["worker", str(path), "--storage", storage_url]] * 2
     processes = []

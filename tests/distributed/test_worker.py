@@ -359,3 +359,17 @@ def test_a_trial_judged_dead_while_alive_stops_and_leaves_its_checkpoint_to_the_
     assert retry.user_attrs[RESUMED_ATTR] == 2  # the zombie left the checkpoint alone
     run = store().get_run(dead.user_attrs[RUN_ID_ATTR])
     assert run.info.status == "FAILED" and "stopped sending heartbeats" in run.data.tags["ftsearch.reason"]
+
+
+def test_a_trial_judged_dead_just_before_its_tell_is_left_to_its_judge(tmp_path):
+    # Another worker failed the trial between its last look and its tell: Optuna refuses the tell
+    # ("Cannot tell a FAIL trial"), and the worker must take that as "judged dead", not crash.
+    from ftsearch.outcomes import Outcome
+
+    journal = storage.open_storage(str(tmp_path / "optuna.journal"))
+    study = optuna.create_study(study_name="s", storage=journal)
+    trial = study.ask()
+    trial_id = journal.get_trial_id_from_study_id_trial_number(study._study_id, trial.number)
+    assert journal.set_trial_state_values(trial_id, state=TrialState.FAIL)
+    assert worker._record_end(study, journal, trial, trial_id, Outcome("COMPLETE", value=1.0)) is None
+    assert [t.state for t in study.trials] == [TrialState.FAIL]
