@@ -288,6 +288,14 @@ class PrunerConfig(_Strict):
     startup_trials: int = Field(1, ge=0)
 
 
+class StopConfig(_Strict):
+    """End the study once none of the last ``patience`` finished trials beat the best before them
+    by more than ``min_delta`` (in the metric's units); see ftsearch.stopping."""
+
+    patience: int = Field(ge=1)
+    min_delta: float = Field(0.0, ge=0)
+
+
 class StudyConfig(_Strict):
     """A validated study: what to search, on which data, how, and where to register the winner."""
 
@@ -305,6 +313,7 @@ class StudyConfig(_Strict):
     search: SearchSpace
     sampler: SamplerConfig = SamplerConfig()
     pruner: PrunerConfig = PrunerConfig()
+    stop: StopConfig | None = Field(None, description="stop early once the best value stops improving")
     n_trials: int = Field(10, ge=1)
     timeout: float | None = Field(None, gt=0, description="seconds after which no new trial starts")
     registered_model: str = Field(min_length=1)

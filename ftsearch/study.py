@@ -18,7 +18,7 @@ from mlflow.models import ModelSignature
 from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
 
-from ftsearch import progress, publish, settings, tracking
+from ftsearch import progress, publish, settings, stopping, tracking
 from ftsearch.checkpoints import TrialCheckpoints
 from ftsearch.config import StudyConfig, load_study
 from ftsearch.data.checks import LABEL_ISSUES
@@ -75,6 +75,7 @@ class SearchSummary:
     model_version: str | None = None
     test_metrics: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+    converged: str = ""  # why the study's stop rule ended it early, if it did
 
 
 def prepare(options: SearchOptions, reporter: Reporter | None = None) -> Prepared:
@@ -153,6 +154,7 @@ def _run_search(options: SearchOptions, reporter: Reporter) -> SearchSummary:
             done = worker.work(
                 study.study_name, optuna_storage, _study_opener(config, optuna_storage, study.study_name),
                 runner, runner.after_trial, timeout=config.timeout, warn=reporter.warn,
+                should_stop=stop_rule(config),
             )
             if done.stopped_early:
                 reporter.warn(f"stopping: {done.stopped_early}")
@@ -190,11 +192,20 @@ def run_worker(options: SearchOptions, reporter: Reporter | None = None, wait: f
         done = worker.work(
             study.study_name, optuna_storage, _study_opener(config, optuna_storage, study.study_name, os.getpid()),
             runner, runner.after_trial, timeout=config.timeout, warn=reporter.warn,
+            should_stop=stop_rule(config),
         )
         reporter.info(f"worker {worker.worker_name()} ran {done.ran} trial(s)" + (f"; stopped: {done.stopped_early}" if done.stopped_early else ""))
         return done
     finally:
         reporter.close()
+
+
+def stop_rule(config: StudyConfig):
+    """The study file's ``stop`` rule as a worker's ``should_stop``: a study -> why it converged."""
+    rule = config.stop
+    if rule is None:
+        return lambda study: None
+    return lambda study: stopping.converged(study.get_trials(deepcopy=False), config.direction, rule.patience, rule.min_delta)
 
 
 def _refuse_sqlite(url: str, who: str) -> None:
@@ -369,7 +380,11 @@ def finish_study(study: optuna.Study, prepared: Prepared, parent: tracking.Study
     """Log the study's plots, score the best trial on the test split and register it."""
     config = prepared.config
     counts = count_states(study.get_trials(deepcopy=False), ("COMPLETE", "PRUNED", "FAIL"))
-    summary = SearchSummary(study.study_name, parent.run_id, counts)
+    summary = SearchSummary(study.study_name, parent.run_id, counts, converged=stop_rule(config)(study) or "")
+    if summary.converged:
+        # Every worker stopped on the same rule; the parent run says so once, for the report.
+        runner.reporter.info(f"study stopped early: {summary.converged}")
+        parent.set_tag(tracking.STOPPED_TAG, summary.converged)
     _end_orphaned_runs(study, parent)
     _log_study_plots(study, parent, runner.reporter)
     best = _best_or_why_none(study, counts)

@@ -8,6 +8,7 @@ ended with an explicit status: no run is left RUNNING.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -32,11 +33,21 @@ REASON_TAG = "ftsearch.reason"
 TRIAL_TAG = "ftsearch.trial_number"
 STUDY_TAG = "ftsearch.study"
 PARENT_TAG = "mlflow.parentRunId"
+STOPPED_TAG = "ftsearch.stopped"  # on the parent run: why the study's stop rule ended it early
 BASELINE_SKIPPED_TAG = "baseline_skipped"  # on the parent run: why no classical baseline could be fitted
 
 # What a tracking call raises when the store cannot be reached or refuses (an HTTP server away for
 # longer than MLflow's retries, a broken database): callers that can go on without the call catch it.
 TrackingError = MlflowException
+
+# MLflow's asynchronous logging sends every queued batch as its own request, up to 10 at once per
+# process. Measured with 8 workers logging per step against an `mlflow server` on PostgreSQL
+# (bench/tracking_load.py), that exhausted the server's connection pool: requests waited 30 s and
+# were refused, 2,703 of 4,800 metrics were lost. One request at a time per process, in order, is
+# what a trial needs. (MLflow's buffering, which merges queued batches, is left off: a merged
+# batch that fails does not mark the batches merged into it as failed, so flush() could not resend
+# them.) A user's own setting wins.
+os.environ.setdefault("MLFLOW_ASYNC_LOGGING_THREADPOOL_SIZE", "1")
 
 # Optuna's final trial state -> MLflow run status: a pruned trial ran correctly and ended early.
 RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "FINISHED", "FAIL": "FAILED", "KILLED": "KILLED"}
@@ -204,6 +215,9 @@ class StudyRun:
 
     def log_dict(self, data: dict[str, Any], path: str) -> None:
         self.mlflow_client.log_dict(self.run_id, data, path)
+
+    def set_tag(self, key: str, value: str) -> None:
+        self.mlflow_client.set_tag(self.run_id, key, value)
 
     def log_best(self, metric: str, value: float, trial_number: int, params: dict[str, Any]) -> None:
         # Params are immutable in MLflow and the best trial changes as the study goes on, so

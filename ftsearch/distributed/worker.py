@@ -170,6 +170,7 @@ class WorkerResult:
 
     ran: int = 0
     stopped_early: str = ""  # why it stopped with trials left (not the timeout: that is asked for)
+    converged: str = ""  # why ``should_stop`` ended it
 
 
 def work(
@@ -182,9 +183,11 @@ def work(
     timeout: float | None = None,
     idle_poll: float = 2.0,
     warn: Callable[[str], None] = print,
+    should_stop: Callable[[optuna.Study], str | None] = lambda study: None,
 ) -> WorkerResult:
     """Run trial slots of ``study_name`` until none is waiting and none runs elsewhere (a running
-    trial may still die and come back as a retry), the timeout, or repeated failures.
+    trial may still die and come back as a retry), the timeout, repeated failures, or
+    ``should_stop`` giving a reason (asked before every claim, so every worker stops).
 
     ``open_study`` gives a fresh Study object per trial, so the sampler sees every trial that
     finished since (Optuna caches the trial list per study object)."""
@@ -195,6 +198,9 @@ def work(
     while deadline is None or time.monotonic() < deadline:
         study = open_study()
         judge(study)
+        if reason := should_stop(study):
+            result.converged = reason
+            return result
         trial_id = claim(study, storage)
         if trial_id is None:
             busy = study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING))

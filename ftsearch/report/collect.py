@@ -136,6 +136,7 @@ class StudyReport:
     data: dict[str, Any] | None = None
     data_figures: dict[str, bytes] = field(default_factory=dict)
     baseline_skipped: str = ""  # why the search could fit no baseline (tag ``baseline_skipped``)
+    stopped: str = ""  # why the study's stop rule ended it early (tag ``ftsearch.stopped``)
 
     @property
     def metric(self) -> str:
@@ -219,6 +220,7 @@ def collect(config: StudyConfig, storage_url: str | None = None) -> StudyReport:
         curves=curves,
         baseline=_baseline(parent, config.metric),
         baseline_skipped=parent.data.tags.get(tracking.BASELINE_SKIPPED_TAG, "") if parent is not None else "",
+        stopped=parent.data.tags.get(tracking.STOPPED_TAG, "") if parent is not None else "",
         best=best,
         best_test=metrics_on_test(best_run.data.metrics) if best_run is not None else {},
         model=_registered_model(client, config.registered_model, config.metric, notes),

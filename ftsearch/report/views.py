@@ -14,8 +14,9 @@ from ftsearch.report.collect import TEST_PREFIX, StudyReport, TrialRow, study_ar
 
 
 def counts_text(report: StudyReport) -> str:
-    """``2 complete, 1 pruned``, or ``no trials yet``."""
-    return ", ".join(f"{n} {state.lower()}" for state, n in report.counts.items()) or "no trials yet"
+    """``2 complete, 1 pruned``, or ``no trials yet``; then why the stop rule ended the study, if it did."""
+    counts = ", ".join(f"{n} {state.lower()}" for state, n in report.counts.items()) or "no trials yet"
+    return f"{counts}; stopped early, {report.stopped}" if report.stopped else counts
 
 
 def shown_params(row: TrialRow) -> dict[str, Any]:
