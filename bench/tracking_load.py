@@ -714,6 +714,12 @@ def summarise(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _portable(text: str, workdir: Path) -> str:
+    """The results without this machine's paths: the temporary folder as ``$WORKDIR``, the project's
+    own paths relative to it (the file is committed beside RESULTS.md)."""
+    return text.replace(str(workdir), "$WORKDIR").replace(f"{ROOT}/", "").replace(str(ROOT), ".")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in AGENTS:
@@ -796,7 +802,7 @@ def main(argv: list[str] | None = None) -> int:
             pg.stop()
         args.out_dir.mkdir(parents=True, exist_ok=True)
         out = args.out_dir / f"tracking-load-{stamp}.json"
-        out.write_text(json.dumps(result, indent=1, default=str))
+        out.write_text(_portable(json.dumps(result, indent=1, default=str), root))
         print(f"[load] raw results: {out}")
     print(summarise(result))
     if problems or args.keep:

@@ -10,6 +10,7 @@ import json
 import os
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,7 +76,6 @@ class SearchSummary:
     model_version: str | None = None
     test_metrics: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
-    converged: str = ""  # why the study's stop rule ended it early, if it did
 
 
 def prepare(options: SearchOptions, reporter: Reporter | None = None) -> Prepared:
@@ -194,13 +194,14 @@ def run_worker(options: SearchOptions, reporter: Reporter | None = None, wait: f
             runner, runner.after_trial, timeout=config.timeout, warn=reporter.warn,
             should_stop=stop_rule(config),
         )
-        reporter.info(f"worker {worker.worker_name()} ran {done.ran} trial(s)" + (f"; stopped: {done.stopped_early}" if done.stopped_early else ""))
+        stopped = done.stopped_early or done.converged
+        reporter.info(f"worker {worker.worker_name()} ran {done.ran} trial(s)" + (f"; stopped: {stopped}" if stopped else ""))
         return done
     finally:
         reporter.close()
 
 
-def stop_rule(config: StudyConfig):
+def stop_rule(config: StudyConfig) -> Callable[[optuna.Study], str | None]:
     """The study file's ``stop`` rule as a worker's ``should_stop``: a study -> why it converged."""
     rule = config.stop
     if rule is None:
@@ -380,11 +381,11 @@ def finish_study(study: optuna.Study, prepared: Prepared, parent: tracking.Study
     """Log the study's plots, score the best trial on the test split and register it."""
     config = prepared.config
     counts = count_states(study.get_trials(deepcopy=False), ("COMPLETE", "PRUNED", "FAIL"))
-    summary = SearchSummary(study.study_name, parent.run_id, counts, converged=stop_rule(config)(study) or "")
-    if summary.converged:
+    summary = SearchSummary(study.study_name, parent.run_id, counts)
+    if converged := stop_rule(config)(study):
         # Every worker stopped on the same rule; the parent run says so once, for the report.
-        runner.reporter.info(f"study stopped early: {summary.converged}")
-        parent.set_tag(tracking.STOPPED_TAG, summary.converged)
+        runner.reporter.info(f"study stopped early: {converged}")
+        parent.set_tag(tracking.STOPPED_TAG, converged)
     _end_orphaned_runs(study, parent)
     _log_study_plots(study, parent, runner.reporter)
     best = _best_or_why_none(study, counts)
