@@ -100,31 +100,49 @@ def judge(study: optuna.Study) -> None:
 @contextmanager
 def heartbeat(study: optuna.Study, storage: BaseStorage, trial_id: int):
     """Beat for ``trial_id`` while the block runs, and meanwhile fail other workers' dead trials
-    (so a kill is noticed within two intervals even when no worker is between trials)."""
+    (so a kill is noticed within two intervals even when no worker is between trials).
+
+    Beating and judging are separate threads: ending a dead trial's MLflow run can take longer
+    than an interval (a slow or unreachable tracking server), and a judge that stopped its own
+    beats meanwhile was itself judged dead, alive, by the next worker to look."""
     interval = storage.get_heartbeat_interval()
     stop = threading.Event()
 
     def beat() -> None:
+        due = time.monotonic()
         while True:
             started = time.monotonic()
             try:
                 storage.record_heartbeat(trial_id)
                 if time.monotonic() - started > interval / 2:
                     storages.note_trouble(started)
-                judge(study)
             except Exception as err:  # noqa: BLE001 - a lost beat must not end the beating
                 storages.note_trouble(time.monotonic())
                 print(f"warning: heartbeat of trial id {trial_id} failed: {type(err).__name__}: {err}", file=sys.stderr)
-            if stop.wait(interval):
+            # At a fixed rate: a slow beat shortens the wait for the next one instead of adding to it.
+            due = max(due + interval, time.monotonic())
+            if stop.wait(due - time.monotonic()):
                 return
 
-    thread = threading.Thread(target=beat, name=f"heartbeat-{trial_id}", daemon=True)
-    thread.start()
+    def watch() -> None:
+        while not stop.wait(interval):
+            try:
+                judge(study)
+            except Exception as err:  # noqa: BLE001 - judging others must not end this trial
+                print(f"warning: could not check for dead trials: {type(err).__name__}: {err}", file=sys.stderr)
+
+    threads = [
+        threading.Thread(target=beat, name=f"heartbeat-{trial_id}", daemon=True),
+        threading.Thread(target=watch, name=f"heartbeat-{trial_id}-judge", daemon=True),
+    ]
+    for thread in threads:
+        thread.start()
     try:
         yield
     finally:
         stop.set()
-        thread.join()
+        for thread in threads:
+            thread.join()
 
 
 # How each outcome is stored: killed and abandoned trials failed (a killed one is retried).

@@ -134,6 +134,33 @@ def test_a_trial_without_heartbeats_is_failed_within_two_intervals_and_retried_o
     assert len(again) == 1 and again[0].system_attrs["fixed_params"] == {}
 
 
+def test_a_judge_slow_to_end_a_dead_trial_keeps_beating_for_its_own(monkeypatch):
+    # Ending the dead trial's MLflow run takes three intervals (a slow tracking server): the
+    # judging worker's own trial must still beat on time, or the next judge fails it alive.
+    monkeypatch.setenv(storage.HEARTBEAT_ENV, "1")
+    storage_ = storage.open_storage(on_stale=worker.end_stale_trial)
+    study = optuna.create_study(study_name="stale", storage=storage_)
+    dead_id, _ = _claimed_trial_with_a_run(study, storage_, {"lr": 1e-3})
+    storage_.record_heartbeat(dead_id)
+    alive_id, _ = _claimed_trial_with_a_run(study, storage_, {"lr": 2e-3})
+    ended = threading.Event()
+
+    def slow_end_run(run, outcome):
+        time.sleep(3)
+        ended.set()
+
+    monkeypatch.setattr(worker, "end_run", slow_end_run)
+    beats = []
+    with worker.heartbeat(study, storage_, alive_id):
+        while not ended.is_set():
+            beats.append(storage_.get_trial(alive_id).system_attrs[storage.HEARTBEAT_ATTR])
+            time.sleep(0.1)
+    assert storage_.get_trial(dead_id).state == TrialState.FAIL
+    assert len(set(beats)) >= 3  # it beat on while the judge was busy
+    assert max(b - a for a, b in zip(sorted(set(beats)), sorted(set(beats))[1:])) < 2  # never stale
+    assert storage_.stale_trial_ids(storage_.get_study_id_from_name("stale")) == []
+
+
 def _checkpoint(state_dir: Path) -> Path:
     return state_dir / "checkpoints" / "tiny" / "resume" / "trial-0.pt"
 
