@@ -20,32 +20,48 @@ from ftsearch.data.text import target_array
 from ftsearch.errors import BaselineUnavailable
 
 
-def tfidf_features(splits: dict[str, pd.DataFrame]) -> dict[str, tuple]:
-    """``{split: (tf-idf matrix, targets)}``, the vocabulary fitted on ``splits['train']`` (frames
-    with ``text``, ``label`` and, for pairs, ``text_pair``).
+class TfidfText:
+    """Bigram TF-IDF features of texts (or pairs of texts), the vocabulary fitted on train.
 
     A pair's features are both texts', their absolute difference and their product: what the two
     texts share and where they differ (the InferSent recipe, on TF-IDF), which a linear model
     cannot form from the two alone."""
-    vectorizer = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True, max_features=500_000)
-    train = splits["train"]
-    pair = "text_pair" in train
-    try:
-        vectorizer.fit(pd.concat([train["text"], train["text_pair"]]) if pair else train["text"])
-    except ValueError as err:  # "empty vocabulary" / "After pruning, no terms remain": no word is in two texts
-        raise BaselineUnavailable(
-            f"the TF-IDF baseline found no word of two or more letters or digits used in at least two train texts "
-            f"({err}); texts of numbers, symbols or single characters only have none"
-        ) from err
 
-    def features(frame: pd.DataFrame):
-        a = vectorizer.transform(frame["text"])
-        if not pair:
+    def __init__(self, vectorizer: TfidfVectorizer, pair: bool):
+        self.vectorizer, self.pair = vectorizer, pair
+
+    @classmethod
+    def fit(cls, train: pd.DataFrame) -> TfidfText:
+        """Fitted on ``train`` (``text`` and, for pairs, ``text_pair``)."""
+        vectorizer = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True, max_features=500_000)
+        pair = "text_pair" in train
+        try:
+            vectorizer.fit(pd.concat([train["text"], train["text_pair"]]) if pair else train["text"])
+        except ValueError as err:  # "empty vocabulary" / "After pruning, no terms remain": no word is in two texts
+            raise BaselineUnavailable(
+                f"the TF-IDF baseline found no word of two or more letters or digits used in at least two train texts "
+                f"({err}); texts of numbers, symbols or single characters only have none"
+            ) from err
+        return cls(vectorizer, pair)
+
+    def transform(self, texts: list[str], pairs: list[str] | None = None):
+        """The sparse feature matrix of ``texts`` (and their ``pairs``)."""
+        a = self.vectorizer.transform(texts)
+        if not self.pair:
             return a
-        b = vectorizer.transform(frame["text_pair"])
+        b = self.vectorizer.transform(pairs)
         return sparse.hstack([a, b, abs(a - b), a.multiply(b)]).tocsr()
 
-    return {split: (features(frame), target_array(frame)) for split, frame in splits.items()}
+    def frame(self, frame: pd.DataFrame):
+        """The features of a split's frame."""
+        return self.transform(frame["text"].tolist(), frame["text_pair"].tolist() if self.pair else None)
+
+
+def tfidf_features(splits: dict[str, pd.DataFrame]) -> tuple[TfidfText, dict[str, tuple]]:
+    """The features fitted on ``splits['train']`` and ``{split: (tf-idf matrix, targets)}`` (frames
+    with ``text``, ``label`` and, for pairs, ``text_pair``)."""
+    features = TfidfText.fit(splits["train"])
+    return features, {split: (features.frame(frame), target_array(frame)) for split, frame in splits.items()}
 
 
 @torch.inference_mode()

@@ -4,7 +4,8 @@ trials until the best is known, and their copy on a shared tracking server.
 Layout, under ``<state dir>/checkpoints/<optuna study>/``: ``resume/trial-<n>.pt`` (the training
 state after the last finished epoch, named after the trial a retry repeats, so the retry finds
 it) and ``trial-<n>/`` (a finished trial's servable model folder). Resume files live until the
-trial's end is recorded; weights until the best trial is registered.
+trial's end is recorded; weights of the top trials (``selection.top_k``) until the chosen model is
+registered.
 """
 
 from __future__ import annotations
@@ -45,12 +46,13 @@ class TrialCheckpoints:
         """The saved model folder of trial ``number``."""
         return self.root / f"trial-{number}"
 
-    def keep_only(self, finished: set[int], best: int | None) -> None:
-        """Delete the weights of finished trials other than ``best`` (a finished trial that is not
-        the best now never will be); trials still running elsewhere keep theirs."""
+    def keep_only(self, finished: set[int], top: set[int]) -> None:
+        """Delete the weights of finished trials not in ``top`` (the best few, the candidates for
+        an ensemble: a finished trial outside them now never will be in them); trials still
+        running elsewhere keep theirs."""
         for folder in self.root.glob("trial-*"):
             number = folder.name.removeprefix("trial-")
-            if number.isdecimal() and int(number) in finished and int(number) != best:
+            if number.isdecimal() and int(number) in finished and int(number) not in top:
                 shutil.rmtree(folder, ignore_errors=True)
 
     def drop_resume_files(self, study: optuna.Study) -> None:

@@ -22,6 +22,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     search.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     search.add_argument("--fresh", action="store_true", help="start a new study instead of resuming")
+    search.add_argument("--warm-start", metavar="STUDY",
+                        help="try the top trials of an earlier study or generation (e.g. imdb.2) first, where they fit")
+    search.add_argument("--warm-start-trials", type=_positive_int, metavar="N",
+                        help="how many of its top trials (default 3)")
     _trial_arguments(search)
     search.add_argument(
         "--workers", type=_positive_int, default=1, metavar="N",
@@ -169,15 +173,17 @@ def _search(args: argparse.Namespace) -> int:
             quiet=args.quiet,
             compile=args.compile,
             workers=args.workers,
+            warm_start=args.warm_start,
+            warm_start_trials=args.warm_start_trials,
         )
     )
     counts = ", ".join(f"{n} {state.lower()}" for state, n in summary.counts.items())
     print(f"study {summary.study_name} done in {summary.seconds:.0f} s: {counts} (MLflow parent run {summary.parent_run_id})")
     if summary.best_trial is not None:
         tests = ", ".join(f"{k} {v:.4f}" for k, v in summary.test_metrics.items())
-        print(f"best trial {summary.best_trial}: validation {summary.best_value:.4f}; {tests}")
-        print(f"registered as version {summary.model_version} with alias 'candidate'; promote it with "
-              f"`ftsearch promote {args.study}`")
+        print(f"best trial {summary.best_trial}: validation {summary.best_value:.4f}")
+        print(f"registered {summary.selection} (validation {summary.selection_value:.4f}; {tests}) as version "
+              f"{summary.model_version} with alias 'candidate'; promote it with `ftsearch promote {args.study}`")
     return 0
 
 

@@ -296,6 +296,16 @@ class StopConfig(_Strict):
     min_delta: float = Field(0.0, ge=0)
 
 
+class SelectionConfig(_Strict):
+    """Which combinations of the top trials are candidates beside the single best (judged on
+    validation; the best of them is registered only if it beats the single best); see
+    ftsearch.selection."""
+
+    top_k: int = Field(3, ge=1, le=10, description="trials whose weights are kept for the ensemble")
+    ensemble: bool = Field(True, description="the top_k trials' predictions averaged")
+    blend_baseline: bool = Field(True, description="the best trial averaged with the classical baseline (text)")
+
+
 class StudyConfig(_Strict):
     """A validated study: what to search, on which data, how, and where to register the winner."""
 
@@ -314,6 +324,10 @@ class StudyConfig(_Strict):
     sampler: SamplerConfig = SamplerConfig()
     pruner: PrunerConfig = PrunerConfig()
     stop: StopConfig | None = Field(None, description="stop early once the best value stops improving")
+    selection: SelectionConfig = Field(SelectionConfig(), description="ensembles and blends as candidates")
+    enqueue: list[dict[str, str | int | float]] = Field(
+        [], description="configurations (trial parameter -> value) to try first, before the sampler's own"
+    )
     n_trials: int = Field(10, ge=1)
     timeout: float | None = Field(None, gt=0, description="seconds after which no new trial starts")
     registered_model: str = Field(min_length=1)
@@ -450,7 +464,10 @@ class StudyConfig(_Strict):
         """The fields that define the search; resuming a study with other values is refused.
 
         Defaults are left out, so that a field added to ftsearch later does not block resuming."""
-        return self.model_dump(exclude={"n_trials", "timeout", "cpu_plan", "source"}, exclude_defaults=True)
+        # What is chosen after the trials (``selection``) and what is tried first (``enqueue``, once
+        # per configuration) may change on a resume.
+        return self.model_dump(exclude={"n_trials", "timeout", "cpu_plan", "source", "selection", "enqueue"},
+                               exclude_defaults=True)
 
 
 def resolve_study_path(study: str) -> Path:

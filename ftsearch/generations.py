@@ -16,6 +16,7 @@ CONFIG_ATTR = "ftsearch_config"  # study attribute: the search identity it was s
 DATA_ATTR = "ftsearch.data_digests"  # study attribute: each split's content digest when it was started
 REASON_ATTR = "reason"  # trial attribute: why it was pruned or failed
 WORKER_ATTR = "ftsearch.worker"  # trial attribute: host:pid of the process that ran it
+ENQUEUED_FROM_ATTR = "ftsearch.enqueued_from"  # trial attribute and run tag: a configuration tried first (enqueue[i], <study>#<n>)
 RETRY_OF_ATTR = "ftsearch.retry_of"  # trial attribute: the trial a retry repeats (its checkpoint, its seed)
 RETRIES_ATTR = "ftsearch.retries"  # trial attribute: how many times its parameters were retried
 RESUMED_ATTR = "resumed_from_epoch"  # trial attribute and run param: the epoch a retry resumed after
@@ -57,6 +58,17 @@ def best_trial(study: optuna.Study) -> FrozenTrial | None:
         return study.best_trial
     except ValueError:
         return None
+
+
+def top_trials(study: optuna.Study, k: int) -> list[FrozenTrial]:
+    """The ``k`` best completed trials, best first: Optuna's best, then the others by value (ties
+    by trial number)."""
+    best = best_trial(study)
+    if best is None:
+        return []
+    sign = -1 if study.direction == optuna.study.StudyDirection.MAXIMIZE else 1
+    others = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.number != best.number]
+    return [best, *sorted(others, key=lambda t: (sign * t.value, t.number))][:k]
 
 
 def count_states(trials: Iterable[FrozenTrial], states: Iterable[str] = STATE_ORDER) -> dict[str, int]:

@@ -2,22 +2,29 @@
 
 A text folder holds safetensors weights, the config, the tokenizer and ``ftsearch.json`` (maximum
 length, class names, problem type); an image folder safetensors weights and ``ftsearch.json`` (timm
-architecture, class names, preprocessing, problem type). Loading either never unpickles anything.
-What a prediction returns is the problem type's (``ProblemType.prediction_table``).
+architecture, class names, preprocessing, problem type). An ensemble folder holds its members'
+folders (and, for a blend, the TF-IDF baseline as a skops file) and an ``ftsearch.json`` whose
+``ensemble`` lists them with their weights (``ftsearch.selection``). Loading any of them never
+unpickles anything. What a prediction returns is the problem type's
+(``ProblemType.prediction_table``).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pandas as pd
 import torch
 
 from ftsearch.problems import ProblemType, problem_type
 
 META_FILE = "ftsearch.json"
+ENSEMBLE_KEY = "ensemble"  # in an ensemble folder's ftsearch.json: its members and their weights
+BASELINE_FILE = "baseline.skops"
 # Models saved before problem types were recorded are single-label classifiers.
 DEFAULT_PROBLEM = "single-label-classification"
 
@@ -63,10 +70,14 @@ class TextClassifier:
         self.device = torch.device(device)
         self.model.to(self.device).eval()
 
-    @torch.inference_mode()
     def predict(self, texts: list[str], pairs: list[str] | None = None, batch_size: int = 32) -> pd.DataFrame:
         """One row per text (and its pair's second text), as the problem type's
         ``prediction_table`` says; tokenised as in training."""
+        return self.problem.prediction_table(self.outputs(texts, pairs, batch_size), self.labels)
+
+    @torch.inference_mode()
+    def outputs(self, texts: list[str], pairs: list[str] | None = None, batch_size: int = 32) -> np.ndarray:
+        """The head's outputs, one row per text."""
         if self.pair and pairs is None:
             raise ValueError("this model reads pairs of texts: give each text its second text (text_pair)")
         outputs = []
@@ -80,7 +91,77 @@ class TextClassifier:
                 return_tensors="pt",
             ).to(self.device)
             outputs.append(self.model(**batch).logits.float().cpu())
-        return self.problem.prediction_table(torch.cat(outputs).numpy(), self.labels)
+        return torch.cat(outputs).numpy()
+
+
+def save_text_baseline(features, estimator, path: Path) -> None:
+    """Write the TF-IDF features (``ftsearch.baseline.TfidfText``) and the fitted estimator to
+    ``path`` with skops, which loads scikit-learn objects without unpickling."""
+    import skops.io
+
+    skops.io.dump({"vectorizer": features.vectorizer, "pair": features.pair, "estimator": estimator}, path)
+
+
+class TextBaseline:
+    """The TF-IDF baseline saved by ``save_text_baseline``, giving outputs as a model's head would."""
+
+    def __init__(self, path: str | Path, problem: ProblemType, n_outputs: int):
+        import skops.io
+
+        from ftsearch.baseline import TfidfText
+
+        saved = skops.io.load(path)  # only scikit-learn's and numpy's own types: refused otherwise
+        self.features = TfidfText(saved["vectorizer"], bool(saved["pair"]))
+        self.estimator, self.problem, self.n_outputs = saved["estimator"], problem, n_outputs
+
+    def outputs(self, texts: list[str], pairs: list[str] | None = None, batch_size: int = 32) -> np.ndarray:
+        """The baseline's outputs, one row per text."""
+        return self.problem.baseline_outputs(self.estimator, self.features.transform(texts, pairs), self.n_outputs)
+
+
+class Ensemble:
+    """Predicts from an ensemble folder: its members' outputs combined by the problem type
+    (``ProblemType.combine``) with their weights, then read as one model's (the decision rule
+    tuned on the combined validation outputs)."""
+
+    def __init__(self, folder: str | Path, load_member: Callable[[Path, Ensemble], object]):
+        folder = Path(folder)
+        meta = read_meta(folder)
+        self.labels = tuple(meta["labels"])
+        self.problem = saved_problem(meta)
+        self.pair = bool(meta.get("pair", False))
+        entries = meta[ENSEMBLE_KEY]["members"]
+        self.weights = [float(m["weight"]) for m in entries]
+        self.members = [load_member(folder / m["path"], self) for m in entries]
+
+    def outputs(self, *inputs, batch_size: int = 32) -> np.ndarray:
+        """The combined outputs for ``inputs`` (what each member's ``outputs`` takes)."""
+        return self.problem.combine([m.outputs(*inputs, batch_size=batch_size) for m in self.members], self.weights)
+
+    def predict(self, *inputs, batch_size: int = 32) -> pd.DataFrame:
+        """One row per example, as the problem type's ``prediction_table`` says."""
+        return self.problem.prediction_table(self.outputs(*inputs, batch_size=batch_size), self.labels)
+
+
+def is_ensemble(folder: str | Path) -> bool:
+    """Whether a saved folder is an ensemble (else one model)."""
+    return ENSEMBLE_KEY in read_meta(Path(folder))
+
+
+def _text_member(path: Path, ensemble: Ensemble):
+    if path.name == BASELINE_FILE:
+        return TextBaseline(path, ensemble.problem, ensemble.problem.head_size(ensemble.labels))
+    return TextClassifier(path)
+
+
+def text_predictor(folder: str | Path) -> TextClassifier | Ensemble:
+    """The predictor of a saved text model or text ensemble folder."""
+    return Ensemble(folder, _text_member) if is_ensemble(folder) else TextClassifier(folder)
+
+
+def image_predictor(folder: str | Path) -> ImagePredictor | Ensemble:
+    """The predictor of a saved image model or image ensemble folder."""
+    return Ensemble(folder, lambda path, ensemble: ImagePredictor(path)) if is_ensemble(folder) else ImagePredictor(folder)
 
 
 class TextClassifierModel(mlflow.pyfunc.PythonModel):
@@ -88,7 +169,7 @@ class TextClassifierModel(mlflow.pyfunc.PythonModel):
     the problem type's prediction table out."""
 
     def load_context(self, context) -> None:
-        self.classifier = TextClassifier(context.artifacts["model"])
+        self.classifier = text_predictor(context.artifacts["model"])
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         if not isinstance(model_input, pd.DataFrame):
@@ -112,9 +193,13 @@ class ImagePredictor:
         self.device = torch.device(device)
         self.model.to(self.device)
 
-    @torch.inference_mode()
     def predict(self, paths: list[str], batch_size: int = 32) -> pd.DataFrame:
         """One row per image, as the problem type's ``prediction_table`` says."""
+        return self.problem.prediction_table(self.outputs(paths, batch_size=batch_size), self.labels)
+
+    @torch.inference_mode()
+    def outputs(self, paths: list[str], batch_size: int = 32) -> np.ndarray:
+        """The head's outputs, one row per image."""
         from PIL import Image
 
         outputs = []
@@ -124,14 +209,14 @@ class ImagePredictor:
                 with Image.open(path) as image:
                     images.append(self.transform(image.convert("RGB")))
             outputs.append(self.model(torch.stack(images).to(self.device)).logits.float().cpu())
-        return self.problem.prediction_table(torch.cat(outputs).numpy(), self.labels)
+        return torch.cat(outputs).numpy()
 
 
 class ImageClassifierModel(mlflow.pyfunc.PythonModel):
     """MLflow pyfunc: a DataFrame with a ``path`` column of image files in, labels and probabilities out."""
 
     def load_context(self, context) -> None:
-        self.predictor = ImagePredictor(context.artifacts["model"])
+        self.predictor = image_predictor(context.artifacts["model"])
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         return self.predictor.predict(model_input["path"].astype(str).tolist())

@@ -125,9 +125,12 @@ def _versions_of_run(registered_name: str, run_id: str) -> list[ModelVersion]:
     return [v for v in versions if v.tags.get("run_id") == run_id]
 
 
-def registered_version(registered_name: str, run_id: str) -> ModelVersion | None:
-    """The completely registered version of the model trained in ``run_id``, if there is one."""
-    complete = [v for v in _versions_of_run(registered_name, run_id) if v.tags.get(COMPLETE_TAG) == "complete"]
+def registered_version(registered_name: str, run_id: str, tags: dict[str, str] | None = None) -> ModelVersion | None:
+    """The completely registered version of the model logged in ``run_id`` (with ``tags``, when
+    given), if there is one."""
+    wanted = {COMPLETE_TAG: "complete", **(tags or {})}
+    complete = [v for v in _versions_of_run(registered_name, run_id)
+                if all(v.tags.get(key) == value for key, value in wanted.items())]
     return complete[0] if complete else None
 
 

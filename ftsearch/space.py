@@ -123,3 +123,75 @@ def sample_trial(trial: optuna.Trial, study: StudyConfig, blocks: dict[str, int]
             continue
         values[name] = _suggest(trial, name, getattr(augment, name))
     return TrialConfig(**values)
+
+
+def misfits(params: dict, study: StudyConfig, blocks: dict[str, int]) -> list[str]:
+    """Why the configuration ``params`` (trial parameter -> value, as Optuna records them) does not
+    fit ``study``'s space: a parameter the study does not sample, or a value outside what it
+    samples (for the backbone the configuration names). Empty when it fits; parameters it leaves
+    out are sampled as usual. Found by sampling a throwaway in-memory trial with ``params`` fixed,
+    so conditional parameters (a method's keys, a backbone's freeze depths) are judged as a real
+    trial would meet them."""
+    import warnings
+
+    probe = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    probe.enqueue_trial(params)
+    trial = _Probe(probe.ask(), params)
+    try:
+        with warnings.catch_warnings():
+            # Optuna warns of a fixed value outside its distribution and keeps it: said below instead.
+            warnings.simplefilter("ignore")
+            sampled = sample_trial(trial, study, blocks)
+    except (ValueError, TypeError) as err:  # a value of the wrong type (a word for a number)
+        return [f"{', '.join(f'{k} {v!r}' for k, v in params.items())}: {err}"]
+    problems = list(trial.problems)
+    for key, value in params.items():
+        distribution = trial.distributions.get(key)
+        if key in trial.refused:
+            continue
+        if distribution is None:
+            # Not a choice in this study (one method, one backbone...): fits only as its fixed value.
+            if getattr(sampled, key, object()) != value:
+                problems.append(f"{key}: not searched by this study (it samples {', '.join(sorted(trial.distributions))})")
+        elif not _contains(distribution, value):
+            problems.append(f"{key} {value!r}: outside {_describe(distribution)}")
+    return problems
+
+
+class _Probe:
+    """An Optuna trial that answers a fixed categorical value outside its choices with a problem
+    (and the first choice, so that sampling goes on) instead of Optuna's ValueError."""
+
+    def __init__(self, trial: optuna.Trial, params: dict):
+        self._trial, self._params = trial, params
+        self.problems: list[str] = []
+        self.refused: set[str] = set()
+
+    def suggest_categorical(self, name: str, choices):
+        if name in self._params and self._params[name] not in choices:
+            self.refused.add(name)
+            self.problems.append(f"{name} {self._params[name]!r}: outside "
+                                 f"{_describe(optuna.distributions.CategoricalDistribution(choices))}")
+            return choices[0]
+        return self._trial.suggest_categorical(name, choices)
+
+    def __getattr__(self, name: str):
+        return getattr(self._trial, name)
+
+
+def _contains(distribution: optuna.distributions.BaseDistribution, value) -> bool:
+    if isinstance(distribution, optuna.distributions.CategoricalDistribution):
+        return value in distribution.choices
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    if isinstance(distribution, optuna.distributions.IntDistribution) and value != int(value):
+        return False
+    step = getattr(distribution, "step", None)
+    on_step = step is None or abs((value - distribution.low) / step - round((value - distribution.low) / step)) < 1e-9
+    return distribution.low <= value <= distribution.high and on_step
+
+
+def _describe(distribution: optuna.distributions.BaseDistribution) -> str:
+    if isinstance(distribution, optuna.distributions.CategoricalDistribution):
+        return f"the choices {', '.join(map(repr, distribution.choices))}"
+    return f"[{distribution.low:g}, {distribution.high:g}]"

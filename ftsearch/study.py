@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 import warnings
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from mlflow.models import ModelSignature
 from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
 
-from ftsearch import progress, publish, settings, stopping, tracking
+from ftsearch import progress, publish, selection, settings, stopping, tracking, warmstart
 from ftsearch.checkpoints import TrialCheckpoints
 from ftsearch.config import StudyConfig, load_study
 from ftsearch.data.checks import LABEL_ISSUES
@@ -36,16 +37,20 @@ from ftsearch.generations import (
     count_states,
     generations,
     latest_generation,
+    top_trials,
 )
 from ftsearch.modalities import make_modality
 from ftsearch.modalities.base import Modality
 from ftsearch.outcomes import Outcome, end_run
-from ftsearch.predictor import read_meta, saved_problem
+from ftsearch.predictor import read_meta
+from ftsearch.problems.base import Evaluation, ProblemType
 from ftsearch.progress import Reporter
-from ftsearch.train import evaluate, resolve_device
+from ftsearch.train import resolve_device
 from ftsearch.trial import Prepared, TrialRunner, best_info, trial_counts
 
 JOIN_POLL_SECONDS = 2.0
+CANDIDATES_ARTIFACT = "candidates.json"  # on the parent run: every candidate's validation value, the chosen one's test
+SELECTED_FROM_TAG = "ftsearch.selected_from"  # a registered combination: the completed trials it was chosen among
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,8 @@ class SearchOptions:
     quiet: bool = False
     compile: bool = False
     workers: int = 1
+    warm_start: str | None = None  # an earlier study (or generation) whose top trials run first
+    warm_start_trials: int | None = None  # default warmstart.DEFAULT_WARM_START_TRIALS
 
 
 @dataclass
@@ -74,6 +81,8 @@ class SearchSummary:
     best_trial: int | None = None
     best_value: float | None = None
     model_version: str | None = None
+    selection: str = ""  # what is registered: ``trial 3``, an ensemble or a blend (``ftsearch.selection``)
+    selection_value: float | None = None  # its validation value
     test_metrics: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -95,6 +104,7 @@ def prepare(options: SearchOptions, reporter: Reporter | None = None) -> Prepare
         reporter.info(note)
     for warning in modality.checks.warnings:
         reporter.warn(warning)
+    warmstart.from_study_file(config, modality.blocks)  # an entry that does not fit is an error now
     return Prepared(config, device, modality, options.compile)
 
 
@@ -117,6 +127,10 @@ def _run_search(options: SearchOptions, reporter: Reporter) -> SearchSummary:
     if options.workers > 1:
         _refuse_sqlite(url, f"--workers {options.workers}")
     optuna_storage = storage.open_storage(url, on_stale=worker.end_stale_trial)
+    first = warmstart.from_study_file(config, prepared.modality.blocks)
+    if options.warm_start:  # read before the new study exists: a wrong name leaves nothing behind
+        first += warmstart.from_study(optuna_storage, options.warm_start,
+                                     options.warm_start_trials or warmstart.DEFAULT_WARM_START_TRIALS)
     study = open_study(config, optuna_storage, options.fresh)
     check_same_data(study, prepared.modality.checks.report["digests"])
     storage.fail_stale_trials(study)  # trials of a process that died while nobody was watching
@@ -137,7 +151,8 @@ def _run_search(options: SearchOptions, reporter: Reporter) -> SearchSummary:
         _log_baseline(prepared.modality, parent, config.metric, reporter)
         # Failed trials do not count: the study runs until n_trials trials completed or were
         # pruned (each failure gives its slot back), the timeout, or too many failures in a row.
-        # Workers join once there are slots to run.
+        # Workers join once there are slots to run; the configurations to try first take the first.
+        warmstart.enqueue_first(study, config, prepared.modality.blocks, first, reporter)
         worker.ensure_slots(study, config.n_trials)
         trials = study.get_trials(deepcopy=False)
         reporter.study_started(
@@ -378,7 +393,9 @@ def _artifact_names(run: tracking.StudyRun) -> set[str]:
 
 
 def finish_study(study: optuna.Study, prepared: Prepared, parent: tracking.StudyRun, runner: TrialRunner) -> SearchSummary:
-    """Log the study's plots, score the best trial on the test split and register it."""
+    """Log the study's plots, choose the model to register (the best trial, or a combination of
+    the top trials and the baseline that beats it on validation: ``ftsearch.selection``), score it
+    once on the test split and register it."""
     config = prepared.config
     counts = count_states(study.get_trials(deepcopy=False), ("COMPLETE", "PRUNED", "FAIL"))
     summary = SearchSummary(study.study_name, parent.run_id, counts)
@@ -391,31 +408,105 @@ def finish_study(study: optuna.Study, prepared: Prepared, parent: tracking.Study
     best = _best_or_why_none(study, counts)
     summary.best_trial, summary.best_value = best.number, best.value
     parent.log_best(config.metric, best.value, best.number, best.params)  # workers may have raced on it
-    run_id = best.user_attrs[RUN_ID_ATTR]
-    version = publish.registered_version(config.registered_model, run_id)
+    selected_from = ",".join(str(t.number) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    version = (publish.registered_version(config.registered_model, best.user_attrs[RUN_ID_ATTR])
+               or publish.registered_version(config.registered_model, parent.run_id, {SELECTED_FROM_TAG: selected_from}))
     if version is not None:
-        summary.model_version = version.version
-        summary.test_metrics = {k: float(v) for k, v in version.tags.items() if k.startswith("test_")}
-        runner.reporter.info(f"best trial {best.number} is already registered as {config.registered_model} v{version.version}")
-        return summary
-    folder = _best_weights(runner.checkpoints, best.number, run_id, parent)
-    runner.reporter.info(f"scoring best trial {best.number} on the test split and registering it as {config.registered_model}")
-    summary.test_metrics = score_on_test(folder, prepared, run_id)
-    tags = {
-        "study": config.name,
-        "optuna_study": study.study_name,
-        "trial_number": str(best.number),
-        "run_id": run_id,
-        f"val_{config.metric}": f"{best.value:.6f}",
-        **{k: f"{v:.6f}" for k, v in summary.test_metrics.items()},
-    }
+        runner.reporter.info(f"the chosen model of these trials is already registered as {config.registered_model} "
+                             f"v{version.version}")
+        return _summary_of(summary, version, best, config.metric)
+    try:
+        found, chosen, members, baseline = _select(study, prepared, parent, runner)
+    except WeightsGone:
+        # The best trial went into a combination registered before the trials since, none better.
+        earlier = publish.registered_version(config.registered_model, parent.run_id)
+        if earlier is None:
+            raise
+        runner.reporter.info(f"best trial {best.number} is in {config.registered_model} v{earlier.version} "
+                             f"({earlier.tags.get('selection', '')}), registered before; it stays the study's model")
+        runner.checkpoints.drop_weights()  # the trials since are not better: their weights are of no use
+        return _summary_of(summary, earlier, best, config.metric)
+    summary.selection = chosen.description
+    summary.selection_value = best.value if chosen.kind == "best" else chosen.val[config.metric]
     modality = prepared.modality
+    # Its inference cost, measured on the validation split on this machine, travels with it.
+    tags = {"study": config.name, "optuna_study": study.study_name, "trial_number": str(best.number),
+            "selection": chosen.description, f"val_{config.metric}": f"{best.value:.6f}",
+            "models": str(len(chosen.members) + int(chosen.with_baseline)),
+            "ms_per_example": f"{1000 * chosen.seconds_per_example:.3f}"}
+    if chosen.kind == "best":
+        run_id, folder = best.user_attrs[RUN_ID_ATTR], members[best.number].folder
+        runner.reporter.info(f"scoring best trial {best.number} on the test split and registering it as {config.registered_model}")
+        selection.add_outputs(members[best.number], modality, prepared.device, "test")
+    else:
+        run_id = parent.run_id
+        runner.reporter.info(f"scoring the {chosen.description} on the test split and registering it as "
+                             f"{config.registered_model}")
+        for number in chosen.members:
+            selection.add_outputs(members[number], modality, prepared.device, "test")
+        folder = selection.write_ensemble(chosen, members, baseline, runner.checkpoints.root / "selected",
+                                          {"labels": list(modality.labels), "pair": bool(read_meta(members[best.number].folder).get("pair", False))})
+        tags.update({SELECTED_FROM_TAG: selected_from, f"val_{config.metric}": f"{chosen.val[config.metric]:.6f}"})
+    evaluation = chosen.problem.evaluation(members[best.number].targets["test"],
+                                           selection.combined_outputs(chosen, members, baseline, "test"))
+    summary.test_metrics = log_test(evaluation, chosen.problem, prepared, run_id)
+    if len(found) > 1:
+        parent.log_dict(selection.report(found, chosen, config.metric, summary.test_metrics), CANDIDATES_ARTIFACT)
+    tags.update({"run_id": run_id, **{k: f"{v:.6f}" for k, v in summary.test_metrics.items()}})
     signature = ModelSignature(inputs=modality.input_schema(), outputs=modality.problem.output_schema(modality.labels))
     version = publish.register_best(config.registered_model, folder, run_id, tags, modality.entry_file,
                                     modality.input_example(), signature)
     summary.model_version = version.version
     runner.checkpoints.drop_weights()  # they now live in the registry
+    if chosen.kind != "best":
+        shutil.rmtree(folder, ignore_errors=True)
     return summary
+
+
+def _summary_of(summary: SearchSummary, version, best: FrozenTrial, metric: str) -> SearchSummary:
+    """``summary`` completed from an already registered version."""
+    summary.model_version = version.version
+    summary.test_metrics = {k: float(v) for k, v in version.tags.items() if k.startswith("test_")}
+    summary.selection = version.tags.get("selection", f"trial {best.number}")
+    summary.selection_value = float(version.tags.get(f"val_{metric}", best.value))
+    return summary
+
+
+def _select(study: optuna.Study, prepared: Prepared, parent: tracking.StudyRun, runner: TrialRunner):
+    """The candidates judged on validation (logged on the parent run as ``candidates.json``), and
+    the chosen one with the members and baseline it needs."""
+    config, modality, reporter = prepared.config, prepared.modality, runner.reporter
+    wanted = config.selection
+    top = top_trials(study, wanted.top_k if wanted.ensemble else 1)
+    members: dict[int, selection.Member] = {}
+    for trial in top:
+        try:
+            folder = _trial_weights(runner.checkpoints, trial.number, trial.user_attrs[RUN_ID_ATTR], parent)
+        except FtsearchError:
+            if trial.number == top[0].number:
+                raise
+            reporter.warn(f"trial {trial.number}'s weights are gone; it is left out of the ensemble")
+            continue
+        members[trial.number] = selection.trial_member(modality, prepared.device, trial.number, folder)
+    baseline = None
+    # Only where the search could fit one (a baseline that is unavailable said why already).
+    if wanted.blend_baseline and f"baseline_val_{config.metric}" in parent.mlflow_client.get_run(parent.run_id).data.metrics:
+        baseline = modality.baseline_member()
+    ranked = list(members.values())
+    combining = (wanted.ensemble and len(ranked) >= 2) or baseline is not None
+    if combining:
+        reporter.info("judging " + ", ".join(filter(None, (
+            "the best trial", f"the ensemble of the top {len(ranked)}" if wanted.ensemble and len(ranked) >= 2 else "",
+            "the blend with the baseline" if baseline is not None else ""))) + " on the validation split")
+    found = selection.candidates(ranked, ranked[0].targets["val"], modality.problem, config.metric,
+                                 ensemble=wanted.ensemble, baseline=baseline)
+    chosen = selection.choose(found, modality.problem, config.metric)
+    if combining:
+        for candidate in found:
+            reporter.info(f"  {candidate.description}: val {config.metric} {candidate.val[config.metric]:.4f}, "
+                          f"{1000 * candidate.seconds_per_example:.2f} ms per example"
+                          + ("  <- chosen" if candidate is chosen else ""))
+    return found, chosen, members, baseline
 
 
 def _best_or_why_none(study: optuna.Study, counts: dict[str, int]) -> FrozenTrial:
@@ -429,13 +520,17 @@ def _best_or_why_none(study: optuna.Study, counts: dict[str, int]) -> FrozenTria
     return best
 
 
-def _best_weights(checkpoints: TrialCheckpoints, number: int, run_id: str, parent: tracking.StudyRun) -> Path:
+class WeightsGone(FtsearchError):
+    """A top trial's weights are not on disk (nor on the tracking server)."""
+
+
+def _trial_weights(checkpoints: TrialCheckpoints, number: int, run_id: str, parent: tracking.StudyRun) -> Path:
     folder = checkpoints.weights(number)
     if not folder.is_dir() and tracking.is_shared():
-        # Trained by a worker on another machine: it uploaded the weights when they became the best.
+        # Trained by a worker on another machine: it uploaded the weights when it entered the top trials.
         checkpoints.download(run_id, number, parent.mlflow_client.tracking_uri)
     if not folder.is_dir():
-        raise FtsearchError(f"the best trial's weights are missing from {folder}; rerun with --fresh")
+        raise WeightsGone(f"trial {number}'s weights are missing from {folder}; rerun with --fresh")
     return folder
 
 
@@ -475,15 +570,11 @@ def _end_orphaned_runs(study: optuna.Study, parent: tracking.StudyRun) -> None:
             end_run(tracking.TrialRun(parent.mlflow_client, run_id), Outcome(trial.state.name, reason))
 
 
-def score_on_test(folder: Path, prepared: Prepared, run_id: str) -> dict[str, float]:
-    """Score the saved model once on the held-out test split and log its metrics (``test_<metric>``
-    for every metric of the problem type), figures and tables to its run. The problem type is the
-    one saved with the model: thresholds tuned on validation are applied to test as they are."""
+def log_test(evaluation: Evaluation, problem: ProblemType, prepared: Prepared, run_id: str) -> dict[str, float]:
+    """Log the chosen model's one scoring on the held-out test split to ``run_id``: its metrics
+    (``test_<metric>`` for every metric of the problem type), figures and tables. ``problem`` is
+    the one saved with the model: thresholds tuned on validation are applied to test as they are."""
     modality = prepared.modality
-    model, loader = modality.test_setup(folder)
-    model.to(prepared.device)
-    problem = saved_problem(read_meta(folder))
-    evaluation = evaluate(model, loader, prepared.device, problem)
     metrics = {f"test_{name}": value for name, value in evaluation.metrics.items()}
     run = tracking.TrialRun(tracking.client(), run_id)
     run.log_metrics(metrics, step=0)

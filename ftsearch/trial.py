@@ -16,6 +16,7 @@ from ftsearch.checkpoints import TrialCheckpoints
 from ftsearch.config import StudyConfig
 from ftsearch.formatting import first_line
 from ftsearch.generations import (
+    ENQUEUED_FROM_ATTR,
     EPOCH_SECONDS_ATTR,
     METHOD_ATTR,
     PEAK_MEMORY_ATTR,
@@ -26,6 +27,7 @@ from ftsearch.generations import (
     TRAINABLE_ATTR,
     best_trial,
     count_states,
+    top_trials,
 )
 from ftsearch.modalities.base import Modality
 from ftsearch.outcomes import Outcome, end_run, outcome_of
@@ -110,7 +112,10 @@ class TrialRunner:
 
     def __call__(self, trial: optuna.Trial) -> float:
         trial_cfg = sample_trial(trial, self.config, self.modality.blocks)
-        run = self.parent.start_trial(trial.number, tags={"optuna.study": trial.study.study_name})
+        tags = {"optuna.study": trial.study.study_name}
+        if ENQUEUED_FROM_ATTR in trial.user_attrs:  # a configuration tried first (ftsearch.warmstart)
+            tags[ENQUEUED_FROM_ATTR] = trial.user_attrs[ENQUEUED_FROM_ATTR]
+        run = self.parent.start_trial(trial.number, tags=tags)
         outcome = Outcome("FAIL")
         try:
             self._record_start(trial, trial_cfg, run)
@@ -255,14 +260,15 @@ class TrialRunner:
 
     def after_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
         """Once ``trial``'s end is recorded: delete its resume file, the weights of finished trials
-        that are not the best (never those of a trial still running in another worker), and keep
+        outside the top few (never those of a trial still running in another worker), and keep
         the parent run's best up to date."""
         self.checkpoints.resume_file(trial).unlink(missing_ok=True)
         trials = study.get_trials(deepcopy=False)
         # Read after the snapshot: a trial finished in it that is not the best now never will be.
         best = best_trial(study)
         self.reporter.trials_updated(trial_counts(trials), best_info(best))
-        self.checkpoints.keep_only({t.number for t in trials if t.state.is_finished()}, None if best is None else best.number)
+        top = {t.number for t in top_trials(study, self.config.selection.top_k)}
+        self.checkpoints.keep_only({t.number for t in trials if t.state.is_finished()}, top)
         if best is not None and best.number == trial.number:
             try:
                 self.parent.log_best(self.config.metric, best.value, best.number, best.params)
@@ -270,13 +276,15 @@ class TrialRunner:
                 self.reporter.warn(f"could not record the new best trial on the MLflow parent run ({first_line(err)[:300]})")
 
     def _share_if_best(self, trial: optuna.Trial, value: float, run: tracking.TrialRun) -> None:
-        """With a shared tracking server, upload the weights of a trial that beats (or ties) the
-        best so far, before the trial is told complete: the search process, maybe on another
-        machine, registers the best trial from them."""
+        """With a shared tracking server, upload the weights of a trial that enters (or ties) the
+        top ``selection.top_k`` so far, before the trial is told complete: the search process,
+        maybe on another machine, registers the chosen model from them."""
         if not tracking.is_shared():
             return
-        best = best_trial(trial.study)
-        if best is None or value == best.value or self.config.problem.better(self.config.metric, value, best.value):
+        top = top_trials(trial.study, self.config.selection.top_k)
+        last = top[-1].value if top else None
+        if (len(top) < self.config.selection.top_k or value == last
+                or self.config.problem.better(self.config.metric, value, last)):
             self.checkpoints.upload(run, trial.number)
 
 

@@ -178,4 +178,4 @@ def test_a_quiet_search_prints_only_the_summary(write_study, capsys):
     assert len(lines) == 3
     assert lines[0].startswith("study tiny done in ") and "1 complete, 0 pruned, 0 fail" in lines[0]
     assert lines[1].startswith("best trial 0: validation ")
-    assert lines[2].startswith("registered as version 1 with alias 'candidate'")
+    assert lines[2].startswith("registered trial 0") and "as version 1 with alias 'candidate'" in lines[2]

@@ -8,10 +8,12 @@ the head size, the baseline's estimator and the served outputs, and never branch
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader
@@ -46,6 +48,17 @@ class TrialSetup:
     def serving_model(self) -> torch.nn.Module:
         """The trained model as a plain classifier (adapters merged, no cache wrapper)."""
         return self.adapted.serving(self.model)
+
+
+@dataclass
+class BaselineMember:
+    """The fitted baseline, for a blend: its head-like outputs per split and what writes it into an
+    ensemble folder (the file name the ensemble's predictor loads it by)."""
+
+    outputs: dict[str, np.ndarray]
+    save: Callable[[Path], None]
+    file_name: str
+    seconds_per_example: float  # measured on validation, features included
 
 
 @dataclass
@@ -92,8 +105,12 @@ class Modality(Protocol):
         servable folder (no pickle), with ``problem`` (the study's problem type as tuned on
         validation: thresholds, target scale) in its metadata. A full disk raises ``DiskFull``."""
 
-    def test_setup(self, folder: Path) -> tuple[torch.nn.Module, DataLoader]:
-        """A saved model and a loader over the held-out test split, prepared as it was trained."""
+    def eval_setup(self, folder: Path, split: str) -> tuple[torch.nn.Module, DataLoader]:
+        """A saved model and a loader over ``split`` (``val``, ``test``), prepared as it was trained."""
+
+    def baseline_member(self) -> BaselineMember | None:
+        """The classical baseline as a member of a blend: its outputs on val and test and a way to
+        save it into an ensemble folder; None where it cannot be served yet (images)."""
 
     def input_example(self) -> pd.DataFrame:
         """Two served inputs, for the registered model's example."""

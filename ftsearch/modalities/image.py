@@ -87,6 +87,10 @@ class ImageModality:
     def baseline(self) -> dict[str, float]:
         return self.problem.baseline(self._baseline_features, **BASELINE_FIT)
 
+    def baseline_member(self) -> None:
+        """None: the linear probe needs its backbone to serve, which an ensemble folder does not hold yet."""
+        return
+
     def label_issues(self) -> LabelCheck | None:
         """Rows name each image by its path under the data set's folder, and ``label_issues.png``
         shows them titled "given -> suggested"."""
@@ -142,9 +146,9 @@ class ImageModality:
         with writing(folder):
             save_image_classifier(model, self.backbones[trial.backbone], folder, self.labels, problem.meta())
 
-    def test_setup(self, folder: Path) -> tuple[torch.nn.Module, DataLoader]:
+    def eval_setup(self, folder: Path, split: str) -> tuple[torch.nn.Module, DataLoader]:
         model, meta = load_image_classifier(folder)
-        return model, self._loader(self.splits.test, image_eval_transform(meta["preprocessing"]), EVAL_BATCH_SIZE)
+        return model, self._loader(getattr(self.splits, split), image_eval_transform(meta["preprocessing"]), EVAL_BATCH_SIZE)
 
     def input_example(self) -> pd.DataFrame:
         return pd.DataFrame({"path": [path for path, _ in self.splits.test[:2]]})

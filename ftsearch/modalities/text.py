@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from functools import cached_property
 from pathlib import Path
 
@@ -11,16 +12,24 @@ import torch
 
 from ftsearch.adaptation import FrozenPrefixCache, adapt, check_lora_targets
 from ftsearch.augment import TokenAugment
-from ftsearch.baseline import tfidf_features
+from ftsearch.baseline import TfidfText, tfidf_features
 from ftsearch.config import StudyConfig
 from ftsearch.data.checks import DataChecks, class_balance, truncation, truncation_line
 from ftsearch.data.text import TextSplits, fingerprint, load_text_splits, target_array
 from ftsearch.data.tokens import TokenizedSplit, make_loader, tokenize_cached
 from ftsearch.disk import writing
 from ftsearch.errors import FtsearchError
-from ftsearch.modalities.base import EVAL_BATCH_SIZE, LabelCheck, TrialSetup, check_classes, check_metric, count_params
+from ftsearch.modalities.base import (
+    EVAL_BATCH_SIZE,
+    BaselineMember,
+    LabelCheck,
+    TrialSetup,
+    check_classes,
+    check_metric,
+    count_params,
+)
 from ftsearch.models.text import load_classifier, load_tokenizer, resolve_backbone, set_head_bias, skeleton
-from ftsearch.predictor import read_meta, save_classifier
+from ftsearch.predictor import BASELINE_FILE, read_meta, save_classifier, save_text_baseline
 from ftsearch.problems.base import Evaluation, ProblemType
 from ftsearch.space import TrialConfig, searched_lora_targets
 
@@ -109,22 +118,38 @@ class TextModality:
             save_classifier(model, self.tokenizers[trial.backbone], folder,
                             trial.max_length, self.labels, problem.meta(), pair=self.pair)
 
-    def test_setup(self, folder: Path) -> tuple[torch.nn.Module, torch.utils.data.DataLoader]:
-        """The saved model and a loader over the held-out test split, tokenised as it was trained."""
+    def eval_setup(self, folder: Path, split: str) -> tuple[torch.nn.Module, torch.utils.data.DataLoader]:
+        """The saved model and a loader over ``split``, tokenised as it was trained."""
         from transformers import AutoTokenizer
 
         max_length = int(read_meta(folder)["max_length"])
         tokenizer = AutoTokenizer.from_pretrained(folder)
-        tokens = tokenize_cached(tokenizer, self.splits.test, max_length)
+        tokens = tokenize_cached(tokenizer, getattr(self.splits, split), max_length)
         model = load_classifier(folder, self.labels, num_outputs=self.problem.head_size(self.labels))
         return model, make_loader(tokens, EVAL_BATCH_SIZE, tokenizer.pad_token_id, shuffle=False)
 
     @cached_property
-    def _baseline_features(self) -> dict[str, tuple]:
+    def _tfidf(self) -> tuple[TfidfText, dict[str, tuple]]:
         return tfidf_features({"train": self.splits.train, "val": self.splits.val, "test": self.splits.test})
+
+    @property
+    def _baseline_features(self) -> dict[str, tuple]:
+        return self._tfidf[1]
 
     def baseline(self) -> dict[str, float]:
         return self.problem.baseline(self._baseline_features, **BASELINE_FIT)
+
+    def baseline_member(self) -> BaselineMember:
+        """The TF-IDF baseline refitted on train, saved with skops (``predictor.TextBaseline``)."""
+        tfidf, features = self._tfidf
+        estimator = self.problem.fit_baseline(*features["train"], **BASELINE_FIT)
+        n_outputs = self.problem.head_size(self.labels)
+        start = time.perf_counter()  # as served: the texts' features, then the estimator
+        outputs = {"val": self.problem.baseline_outputs(estimator, tfidf.frame(self.splits.val), n_outputs)}
+        seconds = (time.perf_counter() - start) / max(1, len(self.splits.val))
+        outputs["test"] = self.problem.baseline_outputs(estimator, features["test"][0], n_outputs)
+        return BaselineMember(outputs, lambda folder: save_text_baseline(tfidf, estimator, folder / BASELINE_FILE),
+                              BASELINE_FILE, seconds)
 
     def label_issues(self) -> LabelCheck | None:
         found = self.problem.label_issues(*self._baseline_features["train"], self.labels, **BASELINE_FIT)

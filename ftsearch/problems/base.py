@@ -143,6 +143,21 @@ class ProblemType(ABC):
         return Evaluation(self.score(y_true, outputs), y_true, outputs)
 
     @abstractmethod
+    def combine(self, outputs: list[np.ndarray], weights: list[float]) -> np.ndarray:
+        """Several models' outputs for the same examples as one model's outputs: what they predict
+        averaged with ``weights`` (summing to 1), in the space the head produces (class
+        probabilities averaged, then their log; label probabilities, then their logit; numbers)."""
+
+    @abstractmethod
+    def fit_baseline(self, x, y: np.ndarray, inverse_regularisation: float, max_iter: int):
+        """The classical estimator (scikit-learn) fitted on the train features ``x`` and targets ``y``."""
+
+    @abstractmethod
+    def baseline_outputs(self, estimator, x, n_outputs: int) -> np.ndarray:
+        """A fitted baseline's outputs for ``x``, as the model's head would give them (``n_outputs``
+        columns), so that it is scored, combined and served like a model."""
+
+    @abstractmethod
     def baseline(self, features: dict[str, tuple], inverse_regularisation: float, max_iter: int) -> dict[str, float]:
         """Fit the classical estimator on ``features['train']`` (``(x, y)``) and score it on the
         other splits: ``{"baseline_<split>_<metric>": value}`` for every metric. The modality

@@ -64,21 +64,35 @@ class SingleLabelClassification(ProblemType):
                 scores["roc_auc"] = float(roc_auc_score(y_true, _softmax(outputs)[:, 1]))
         return scores
 
+    def combine(self, outputs: list[np.ndarray], weights: list[float]) -> np.ndarray:
+        """The log of the weighted mean of the members' class probabilities."""
+        mean = sum(w * _softmax(o) for w, o in zip(weights, outputs, strict=True))
+        with np.errstate(divide="ignore"):  # a class no member gives any probability: log 0
+            return np.log(mean).astype(np.float32)
+
+    def fit_baseline(self, x, y: np.ndarray, inverse_regularisation: float, max_iter: int):
+        """Logistic regression."""
+        return _estimator(inverse_regularisation, max_iter).fit(x, np.asarray(y))
+
+    def baseline_outputs(self, estimator, x, n_outputs: int) -> np.ndarray:
+        """Log-probabilities stand in for the logits (same argmax, and their softmax is the
+        probabilities). A class missing from train has no column in ``predict_log_proba``; it gets
+        one of log-probability -inf, so that columns are class ids."""
+        classes = np.asarray(estimator.classes_).astype(int)
+        outputs = np.full((x.shape[0], max(n_outputs, int(classes.max()) + 1)), -np.inf, dtype=np.float32)
+        outputs[:, classes] = estimator.predict_log_proba(x)
+        return outputs
+
     def baseline(self, features: dict[str, tuple], inverse_regularisation: float, max_iter: int) -> dict[str, float]:
-        """Logistic regression on the train features, scored like the model on every other split:
-        its log-probabilities stand in for the logits (same argmax, and their softmax is the
-        probabilities), so every metric, ROC AUC included, is the model's."""
+        """Logistic regression on the train features, scored like the model on every other split
+        (``baseline_outputs``), so every metric, ROC AUC included, is the model's."""
         features = dict(features)
-        model = _estimator(inverse_regularisation, max_iter).fit(*features.pop("train"))
-        classes = np.asarray(model.classes_).astype(int)
-        # A class missing from train has no column in predict_log_proba; columns must be class ids
-        # for the argmax to be one, so every class seen anywhere gets one (log-probability -inf).
-        n_classes = max([int(classes.max()), *(int(np.max(y)) for _, y in features.values() if len(y))]) + 1
+        model = self.fit_baseline(*features.pop("train"), inverse_regularisation, max_iter)
+        # Every class seen anywhere gets a column, as in the model's head.
+        n_classes = max([0, *(int(np.max(y)) + 1 for _, y in features.values() if len(y))])
         scores = {}
         for split, (x, y) in features.items():
-            outputs = np.full((x.shape[0], n_classes), -np.inf, dtype=np.float32)
-            outputs[:, classes] = model.predict_log_proba(x)
-            for metric, value in self.score(np.asarray(y), outputs).items():
+            for metric, value in self.score(np.asarray(y), self.baseline_outputs(model, x, n_classes)).items():
                 scores[f"baseline_{split}_{metric}"] = value
         return scores
 

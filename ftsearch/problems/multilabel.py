@@ -147,29 +147,43 @@ class MultiLabelClassification(ProblemType):
         # A label without positives scores F1 0 at every threshold: nothing to tune, the default.
         return np.array([_best(CANDIDATES, f1[:, j]) if positives[j] else DEFAULT_THRESHOLD for j in range(n_labels)])
 
-    def baseline(self, features: dict[str, tuple], inverse_regularisation: float, max_iter: int) -> dict[str, float]:
-        """One-vs-rest logistic regression on the train features; its probabilities' logits stand
-        in for the model's outputs. The thresholds are tuned on validation (or the first split
-        after train) and the other splits are scored with them, as the model's test split is."""
+    def combine(self, outputs: list[np.ndarray], weights: list[float]) -> np.ndarray:
+        """The logit of the weighted mean of the members' label probabilities."""
         from scipy.special import logit
 
-        features = dict(features)
-        x_train, y_train = features.pop("train")
-        y_train = _targets(y_train)
+        mean = sum(w * _probabilities(o) for w, o in zip(weights, outputs, strict=True))
+        return logit(np.clip(mean, 1e-6, 1 - 1e-6)).astype(np.float32)
+
+    def fit_baseline(self, x, y: np.ndarray, inverse_regularisation: float, max_iter: int):
+        """One-vs-rest logistic regression."""
         model = _estimator(inverse_regularisation, max_iter)
         with warnings.catch_warnings():
             # A label without positives (or without negatives) in train gets a constant predictor;
             # sklearn warns about each, which is expected on rare labels, not a fault.
             warnings.filterwarnings("ignore", message="Label .* is present in all training examples")
-            model.fit(x_train, y_train)
+            return model.fit(x, _targets(y))
+
+    def baseline_outputs(self, estimator, x, n_outputs: int) -> np.ndarray:
+        """The logits of the estimator's label probabilities."""
+        from scipy.special import logit
+
+        probs = np.asarray(estimator.predict_proba(x))
+        if probs.shape[1] != n_outputs:
+            # With a single label sklearn sees a binary problem and returns both columns.
+            probs = probs[:, -1:]
+        # Clipped: a constant predictor's probability 0 or 1 would have an infinite logit.
+        return logit(np.clip(probs, 1e-6, 1 - 1e-6)).astype(np.float32)
+
+    def baseline(self, features: dict[str, tuple], inverse_regularisation: float, max_iter: int) -> dict[str, float]:
+        """One-vs-rest logistic regression on the train features; its probabilities' logits stand
+        in for the model's outputs. The thresholds are tuned on validation (or the first split
+        after train) and the other splits are scored with them, as the model's test split is."""
+        features = dict(features)
+        x_train, y_train = features.pop("train")
+        model = self.fit_baseline(x_train, y_train, inverse_regularisation, max_iter)
 
         def outputs(x) -> np.ndarray:
-            probs = np.asarray(model.predict_proba(x))
-            if probs.shape[1] != y_train.shape[1]:
-                # With a single label sklearn sees a binary problem and returns both columns.
-                probs = probs[:, -1:]
-            # Clipped: a constant predictor's probability 0 or 1 would have an infinite logit.
-            return logit(np.clip(probs, 1e-6, 1 - 1e-6)).astype(np.float32)
+            return self.baseline_outputs(model, x, _targets(y_train).shape[1])
 
         if not features:
             return {}

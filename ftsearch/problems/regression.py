@@ -106,21 +106,34 @@ class Regression(ProblemType):
             "mae": float(metrics.mean_absolute_error(y_true, predicted)),
         }
 
+    def combine(self, outputs: list[np.ndarray], weights: list[float]) -> np.ndarray:
+        """The weighted mean of the members' (standardised) predictions."""
+        return sum(w * np.asarray(o, dtype=np.float32).reshape(-1, 1) for w, o in zip(weights, outputs, strict=True))
+
+    def fit_baseline(self, x, y: np.ndarray, inverse_regularisation: float, max_iter: int):
+        """Ridge regression (``alpha = 1 / inverse_regularisation``) of the targets standardised
+        as the model's are (an unfitted type standardises by ``y`` itself). ``max_iter`` is
+        unused: Ridge's default solvers are direct."""
+        y = np.asarray(y, dtype=np.float64).ravel()
+        scaling = self._scaling(y)
+        return _estimator(inverse_regularisation).fit(x, (y - scaling.mean) / scaling.std)
+
+    def baseline_outputs(self, estimator, x, n_outputs: int) -> np.ndarray:
+        """The ridge's standardised predictions, as the model's head gives them."""
+        return np.asarray(estimator.predict(x), dtype=np.float32).reshape(-1, 1)
+
+    def _scaling(self, train_targets: np.ndarray) -> Regression:
+        return self if self._fitted else self.fitted(train_targets, target_range=self.target_range)
+
     def baseline(self, features: dict[str, tuple], inverse_regularisation: float, max_iter: int) -> dict[str, float]:
-        """Ridge regression (``alpha = 1 / inverse_regularisation``) of the standardised train
-        targets, scored like the model (its predictions are the standardised outputs) on every
-        other split. ``max_iter`` is unused: Ridge's default solvers are direct."""
+        """Ridge regression (``fit_baseline``) scored like the model on every other split."""
         features = dict(features)
         x_train, y_train = features.pop("train")
-        y_train = np.asarray(y_train, dtype=np.float64).ravel()
-        # The model's standardisation, so that the baseline is judged exactly as the model is;
-        # an unfitted type standardises by the train targets itself.
-        scaling = self if self._fitted else self.fitted(y_train, target_range=self.target_range)
-        model = _estimator(inverse_regularisation).fit(x_train, (y_train - scaling.mean) / scaling.std)
+        model = self.fit_baseline(x_train, y_train, inverse_regularisation, max_iter)
+        scaling = self._scaling(np.asarray(y_train, dtype=np.float64).ravel())
         scores = {}
         for split, (x, y) in features.items():
-            outputs = np.asarray(model.predict(x), dtype=np.float32).reshape(-1, 1)
-            for metric, value in scaling.score(np.asarray(y), outputs).items():
+            for metric, value in scaling.score(np.asarray(y), self.baseline_outputs(model, x, 1)).items():
                 scores[f"baseline_{split}_{metric}"] = value
         return scores
 

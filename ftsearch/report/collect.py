@@ -43,6 +43,7 @@ from ftsearch.generations import (
 )
 
 ALIASES = ("champion", "candidate")  # the first that exists is the model shown
+CANDIDATES = "candidates.json"  # on the parent run: the models judged on validation (ftsearch.study)
 TEST_PREFIX = "test_"  # run metrics, version tags and root artifacts under this prefix are about the test split
 FIGURE_SUFFIX = ".png"  # test_<name>.png: a figure, shown as is
 TABLE_SUFFIX = ".json"  # test_<name>.json: a table when it holds a list of row objects (MLflow log_dict)
@@ -86,6 +87,21 @@ class Baseline:
     name: str
     val: float | None
     test: float | None
+
+
+@dataclass(frozen=True)
+class CandidateRow:
+    """One model the search judged on validation before registering (``candidates.json`` on the
+    parent run): the best trial, the ensemble of the top trials or the blend with the baseline;
+    ``test`` only for the chosen one (the test split is used once)."""
+
+    description: str
+    kind: str
+    val: float | None
+    test: float | None
+    models: int
+    ms_per_example: float | None
+    chosen: bool
 
 
 @dataclass(frozen=True)
@@ -137,6 +153,7 @@ class StudyReport:
     data_figures: dict[str, bytes] = field(default_factory=dict)
     baseline_skipped: str = ""  # why the search could fit no baseline (tag ``baseline_skipped``)
     stopped: str = ""  # why the study's stop rule ended it early (tag ``ftsearch.stopped``)
+    candidates: list[CandidateRow] = field(default_factory=list)  # none when only the best trial was judged
 
     @property
     def metric(self) -> str:
@@ -226,7 +243,27 @@ def collect(config: StudyConfig, storage_url: str | None = None) -> StudyReport:
         model=_registered_model(client, config.registered_model, config.metric, notes),
         notes=notes,
         **(_data_report(client, parent_run_id, notes) if parent_run_id else {}),
+        candidates=_candidates(client, parent_run_id, config.metric, notes) if parent_run_id else [],
     )
+
+
+def _candidates(client: MlflowClient, run_id: str, metric: str, notes: list[str]) -> list[CandidateRow]:
+    """The parent run's ``candidates.json`` as rows; none (with a note if it cannot be read)."""
+    names = _artifact_names(client, run_id, notes)
+    if names is None or CANDIDATES not in names:
+        return []
+    with tempfile.TemporaryDirectory() as folder:
+        data = _artifact_bytes(client, run_id, CANDIDATES, folder, notes)
+    logged = _json(data) if data is not None else None
+    try:
+        chosen = int(logged["chosen"])
+        return [CandidateRow(str(c["description"]), str(c["kind"]), _number(c.get(f"val_{metric}")),
+                             _number(logged.get("test", {}).get(f"test_{metric}")) if i == chosen else None,
+                             int(c.get("models", 1)), _number(c.get("ms_per_example")), i == chosen)
+                for i, c in enumerate(logged["candidates"])]
+    except (TypeError, KeyError, ValueError, AttributeError):
+        notes.append(f"{CANDIDATES} of run {run_id} is not as the search writes it: the candidates are left out")
+        return []
 
 
 def metrics_on_test(values: Mapping[str, Any]) -> dict[str, float]:

@@ -169,8 +169,9 @@ def format_mib(mib: float | None) -> str:
 
 
 def comparison_rows(report: StudyReport) -> list[tuple[str, str, str]]:
-    """(label, val metric, test metric) for the baseline, the best trial and their difference,
-    as far as each exists. The difference is taken so that positive means fine-tuning did better
+    """(label, val metric, test metric) for the baseline, the best trial, the other candidates the
+    search judged (ensemble, blend: test only for the registered one) and the difference between
+    the registered model and the baseline, as far as each exists. The difference is taken so that positive means fine-tuning did better
     whichever way the metric goes (for rmse: baseline − fine-tuned), and its label says which."""
     rows = []
     baseline, best = report.baseline, report.best
@@ -179,7 +180,20 @@ def comparison_rows(report: StudyReport) -> list[tuple[str, str, str]]:
         rows.append((f"classical baseline: {baseline.name}", format_metric(baseline.val), format_metric(baseline.test)))
     if best is not None:
         rows.append((f"best fine-tuned trial ({best.number})", format_metric(best.value), format_metric(best_test)))
-    if baseline is not None and best is not None:
+    for candidate in report.candidates:
+        if candidate.kind == "best":
+            continue
+        cost = "" if candidate.ms_per_example is None else f", {candidate.ms_per_example:.2f} ms per example"
+        label = f"{candidate.description} ({candidate.models} models{cost}){' - registered' if candidate.chosen else ''}"
+        rows.append((label, format_metric(candidate.val), format_metric(candidate.test)))
+    chosen = next((c for c in report.candidates if c.chosen and c.kind != "best"), None)
+    if baseline is not None and chosen is not None:
+        # What is registered is the combination: its difference is the one that matters.
+        if report.maximize:
+            rows.append(("registered − baseline", _difference(chosen.val, baseline.val), _difference(chosen.test, baseline.test)))
+        else:
+            rows.append(("baseline − registered", _difference(baseline.val, chosen.val), _difference(baseline.test, chosen.test)))
+    elif baseline is not None and best is not None:
         if report.maximize:
             rows.append(("fine-tuned − baseline", _difference(best.value, baseline.val),
                          _difference(best_test, baseline.test)))

@@ -108,3 +108,28 @@ def test_a_minimize_study_is_printed_lowest_first(minimize_study):
     assert "Top 4 of 4 trials by validation rmse, lowest first" in printed
     lines = [m for m in (ROW.match(line) for line in printed.splitlines()) if m]
     assert [(int(m.group(1)), m.group(3)) for m in lines] == [(1, "0.2000"), (0, "0.5000"), (2, "0.9000"), (3, "0.1000")]
+
+
+def test_the_candidates_judged_on_validation_stand_beside_the_baseline(handmade, tmp_path):
+    from ftsearch import selection
+    from ftsearch.report.collect import Baseline, TrialRow, _candidates
+    from ftsearch.report.views import comparison_rows
+
+    # candidates.json as the search logs it, read back from a run.
+    best = selection.Candidate("best", [2], [1.0], None, {"accuracy": 0.83}, 0.004)
+    ensemble = selection.Candidate("ensemble", [2, 0, 1], [1 / 3] * 3, None, {"accuracy": 0.845}, 0.012)
+    blend = selection.Candidate("blend", [2], [0.6, 0.4], None, {"accuracy": 0.86}, 0.0042)
+    client = store()
+    run_id = client.create_run(client.create_experiment("candidates")).info.run_id
+    client.log_dict(run_id, selection.report([best, ensemble, blend], blend, "accuracy", {"test_accuracy": 0.855}),
+                    "candidates.json")
+    notes: list[str] = []
+    rows = _candidates(client, run_id, "accuracy", notes)
+    assert notes == [] and [r.kind for r in rows] == ["best", "ensemble", "blend"]
+    assert [r.test for r in rows] == [None, None, 0.855] and rows[2].chosen and rows[1].models == 3
+
+    trial = TrialRow(2, "COMPLETE", 0.83, 2, 60.0, {}, None, "freeze")
+    shown = comparison_rows(handmade(candidates=rows, baseline=Baseline("TF-IDF", 0.84, 0.848), best=trial))
+    assert ("ensemble of trials 2, 0, 1 (3 models, 12.00 ms per example)", "0.8450", "—") in shown
+    assert ("trial 2 + baseline (weight 0.40) (2 models, 4.20 ms per example) - registered", "0.8600", "0.8550") in shown
+    assert shown[-1] == ("registered − baseline", "+0.0200", "+0.0070")

@@ -1,0 +1,177 @@
+"""Choosing what to register: candidates judged on validation, and a registered ensemble or blend
+that predicts what its members predict together."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.models import Model
+from scipy.special import expit, softmax
+
+from ftsearch import selection
+from ftsearch.cli import main
+from ftsearch.modalities.base import BaselineMember
+from ftsearch.predictor import BASELINE_FILE, TextBaseline, TextClassifier, read_meta
+from ftsearch.problems import problem_type
+from tests.helpers import optuna_study, runs, store
+
+CLASSIFICATION = problem_type("single-label-classification")
+
+
+def _logits(probs_of_class_1: list[float]) -> np.ndarray:
+    p = np.asarray(probs_of_class_1)
+    return np.log(np.stack([1 - p, p], axis=1)).astype(np.float32)
+
+
+def _member(number: int, probs: list[float], seconds: float = 0.001) -> selection.Member:
+    return selection.Member(number, Path(f"trial-{number}"), CLASSIFICATION, {"val": _logits(probs)},
+                            seconds_per_example=seconds)
+
+
+Y = np.array([1, 1, 1, 0, 0, 0])
+
+
+def test_the_ensemble_is_chosen_only_when_it_beats_the_best_on_validation():
+    # Each trial gets one example wrong, a different one; averaged, they get all six right.
+    best = _member(0, [0.9, 0.9, 0.4, 0.1, 0.1, 0.1])
+    second = _member(1, [0.9, 0.4, 0.9, 0.1, 0.1, 0.1])
+    third = _member(2, [0.4, 0.9, 0.9, 0.1, 0.1, 0.1])
+    found = selection.candidates([best, second, third], Y, CLASSIFICATION, "accuracy", ensemble=True, baseline=None)
+    assert [c.kind for c in found] == ["best", "ensemble"]
+    assert found[0].val["accuracy"] == pytest.approx(5 / 6) and found[1].val["accuracy"] == 1.0
+    chosen = selection.choose(found, CLASSIFICATION, "accuracy")
+    assert chosen.kind == "ensemble" and chosen.members == [0, 1, 2] and chosen.weights == pytest.approx([1 / 3] * 3)
+    assert chosen.seconds_per_example == pytest.approx(0.003)  # every member runs
+
+    # Members that make the same mistake: the ensemble only ties, and the single model is kept.
+    same = [_member(n, [0.9, 0.9, 0.4, 0.1, 0.1, 0.1]) for n in range(3)]
+    found = selection.candidates(same, Y, CLASSIFICATION, "accuracy", ensemble=True, baseline=None)
+    assert selection.choose(found, CLASSIFICATION, "accuracy").kind == "best"
+
+
+def test_the_blend_weight_is_tuned_on_validation_and_the_cheaper_of_two_equals_wins():
+    best = _member(0, [0.9, 0.9, 0.45, 0.1, 0.1, 0.1])
+    other = _member(1, [0.9, 0.9, 0.45, 0.1, 0.1, 0.1])
+    # The baseline is unsure everywhere but leans the right way on the example the model gets wrong.
+    baseline = BaselineMember({"val": _logits([0.55, 0.55, 0.9, 0.45, 0.45, 0.45])}, lambda folder: None,
+                              BASELINE_FILE, 0.0001)
+    found = selection.candidates([best, other], Y, CLASSIFICATION, "accuracy", ensemble=True, baseline=baseline)
+    blend = next(c for c in found if c.kind == "blend")
+    assert blend.val["accuracy"] == 1.0 and blend.members == [0]
+    # The smallest baseline weight in the grid that turns the third example: 0.45 + w (0.9 - 0.45) > 0.5.
+    assert blend.weights[-1] == pytest.approx(0.2) and sum(blend.weights) == pytest.approx(1.0)
+    assert blend.description == "trial 0 + baseline (weight 0.20)"
+    assert blend.seconds_per_example == pytest.approx(0.0011)
+    chosen = selection.choose(found, CLASSIFICATION, "accuracy")
+    assert chosen is blend
+    report = selection.report(found, chosen, "accuracy", {"test_accuracy": 0.9})
+    assert report["chosen"] == found.index(blend) and report["candidates"][report["chosen"]]["models"] == 2
+
+
+@pytest.mark.parametrize("name", ["single-label-classification", "multi-label-classification", "regression"])
+def test_combining_averages_what_the_members_predict(name):
+    problem = problem_type(name)
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(5, 3)).astype(np.float32), rng.normal(size=(5, 3)).astype(np.float32)
+    if name == "regression":
+        a, b = a[:, :1], b[:, :1]
+    combined = problem.combine([a, b], [0.25, 0.75])
+    if name == "single-label-classification":
+        assert softmax(combined, axis=1) == pytest.approx(0.25 * softmax(a, axis=1) + 0.75 * softmax(b, axis=1), abs=1e-6)
+    elif name == "multi-label-classification":
+        assert expit(combined) == pytest.approx(0.25 * expit(a) + 0.75 * expit(b), abs=1e-5)
+    else:
+        assert combined == pytest.approx(0.25 * a + 0.75 * b)
+
+
+def _search_choosing(write_study, monkeypatch, kind: str):
+    """A 3-trial search whose choice is forced to the candidate of ``kind`` (which on this easy
+    data only ties the best), to follow that candidate through registration and serving."""
+    def forced(found, problem, metric):
+        return next((c for c in found if c.kind == kind), found[0])
+
+    monkeypatch.setattr(selection, "choose", forced)
+    assert main(["search", str(write_study(n_trials=3, **{"search.epochs": {"low": 2, "high": 2}}))]) == 0
+    version = store().get_model_version_by_alias("tiny-sentiment", "candidate")
+    root = Path(mlflow.artifacts.download_artifacts(f"models:/tiny-sentiment/{version.version}"))
+    return version, root / Model.load(root).flavors["python_function"]["artifacts"]["model"]["path"]
+
+
+TEXTS = ["great superb loved film", "awful dull hated plot", "the movie was a story"]
+
+
+def test_a_registered_ensemble_predicts_the_average_of_its_members(write_study, monkeypatch, state_dir, capsys):
+    version, folder = _search_choosing(write_study, monkeypatch, "ensemble")
+    study = optuna_study("tiny")
+    parent = runs("tiny")[0][0]
+    assert version.tags["selection"].startswith("ensemble of trials ")
+    assert version.tags["run_id"] == parent.info.run_id  # the study's model, not one trial's
+    assert version.tags["ftsearch.selected_from"] == "0,1,2"
+    assert version.tags["models"] == "3" and float(version.tags["ms_per_example"]) > 0
+    assert float(version.tags["test_accuracy"]) == pytest.approx(parent.data.metrics["test_accuracy"], abs=1e-5)
+    members = read_meta(folder)["ensemble"]["members"]
+    assert sorted(m["trial"] for m in members) == [t.number for t in study.trials]
+
+    served = mlflow.pyfunc.load_model(f"models:/tiny-sentiment/{version.version}").predict(pd.DataFrame({"text": TEXTS}))
+    each = [TextClassifier(folder / m["path"]).predict(TEXTS) for m in members]
+    expected = sum(m["weight"] * frame[["prob_neg", "prob_pos"]].to_numpy() for m, frame in zip(members, each, strict=True))
+    assert served[["prob_neg", "prob_pos"]].to_numpy() == pytest.approx(expected, abs=1e-5)
+    assert list(served["label"]) == ["pos", "neg", served["label"][2]]
+
+    # What the parent run says of the choice; nothing is left on disk.
+    logged = mlflow.artifacts.load_dict(f"runs:/{parent.info.run_id}/candidates.json")
+    assert [c["kind"] for c in logged["candidates"]] == ["best", "ensemble", "blend"]
+    assert logged["candidates"][logged["chosen"]]["kind"] == "ensemble" and "test_accuracy" in logged["test"]
+    assert all(c["ms_per_example"] > 0 for c in logged["candidates"])
+    assert not any((state_dir / "checkpoints").glob("*/*"))
+
+    # Searching again finds the combination of these same trials registered, and registers nothing.
+    path = write_study(n_trials=3, **{"search.epochs": {"low": 2, "high": 2}})
+    assert main(["search", str(path)]) == 0
+    assert len(store().search_model_versions("name = 'tiny-sentiment'")) == 1
+    # One more trial that cannot beat the best (validation accuracy 1.0): the best's weights are in
+    # the registered ensemble, which stays the study's model.
+    assert study.best_value == 1.0
+    capsys.readouterr()
+    assert main(["search", str(path), "--n-trials", "4"]) == 0
+    assert "registered before; it stays the study's model" in capsys.readouterr().out
+    assert len(store().search_model_versions("name = 'tiny-sentiment'")) == 1
+    assert not any((state_dir / "checkpoints").glob("*/trial-*"))
+
+
+def test_a_registered_blend_serves_the_fine_tuned_model_and_the_tfidf_baseline_together(write_study, monkeypatch):
+    version, folder = _search_choosing(write_study, monkeypatch, "blend")
+    members = read_meta(folder)["ensemble"]["members"]
+    assert [m["path"] for m in members][-1] == BASELINE_FILE and len(members) == 2
+    assert version.tags["selection"].startswith(f"trial {members[0]['trial']} + baseline (weight ")
+
+    served = mlflow.pyfunc.load_model(f"models:/tiny-sentiment/{version.version}").predict(pd.DataFrame({"text": TEXTS}))
+    model = TextClassifier(folder / members[0]["path"]).predict(TEXTS)[["prob_neg", "prob_pos"]].to_numpy()
+    baseline = softmax(TextBaseline(folder / BASELINE_FILE, CLASSIFICATION, 2).outputs(TEXTS), axis=1)
+    w = members[1]["weight"]
+    assert served[["prob_neg", "prob_pos"]].to_numpy() == pytest.approx((1 - w) * model + w * baseline, abs=1e-5)
+
+
+def test_members_outputs_are_in_the_splits_own_order(write_study, state_dir):
+    # Text loaders batch by length; a member's outputs must still line up with the split's rows
+    # (and so with the baseline's), or averaging them pairs up different examples.
+    from ftsearch.data.text import target_array
+    from ftsearch.study import SearchOptions, prepare
+
+    path = write_study(n_trials=1, **{"search.epochs": {"low": 1, "high": 1}},
+                       selection={"ensemble": False, "blend_baseline": False})
+    assert main(["search", str(path)]) == 0
+    version = store().get_model_version_by_alias("tiny-sentiment", "candidate")
+    root = Path(mlflow.artifacts.download_artifacts(f"models:/tiny-sentiment/{version.version}"))
+    folder = root / Model.load(root).flavors["python_function"]["artifacts"]["model"]["path"]
+    prepared = prepare(SearchOptions(study=str(path), quiet=True))
+    val = prepared.modality.splits.val
+    assert val["text"].str.split().str.len().nunique() > 1  # lengths differ: batching reorders them
+    member = selection.trial_member(prepared.modality, prepared.device, 0, folder)
+    assert (member.targets["val"] == target_array(val)).all()
+    direct = TextClassifier(folder).outputs(val["text"].tolist())
+    assert member.outputs["val"] == pytest.approx(direct, abs=1e-4)
