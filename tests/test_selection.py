@@ -175,3 +175,27 @@ def test_members_outputs_are_in_the_splits_own_order(write_study, state_dir):
     assert (member.targets["val"] == target_array(val)).all()
     direct = TextClassifier(folder).outputs(val["text"].tolist())
     assert member.outputs["val"] == pytest.approx(direct, abs=1e-4)
+
+
+def test_a_registered_image_ensemble_predicts_the_average_of_its_members(tiny_images, tiny_cnn, tmp_path, monkeypatch):
+    import yaml
+
+    from ftsearch.predictor import ImagePredictor
+    from tests.test_images import image_study
+
+    path = tmp_path / "shapes.yaml"
+    path.write_text(yaml.safe_dump(image_study(tiny_images, tiny_cnn, search={
+        **image_study(tiny_images, tiny_cnn)["search"], "epochs": {"low": 2, "high": 2}})))
+    monkeypatch.setattr(selection, "choose", lambda found, problem, metric: next(c for c in found if c.kind == "ensemble"))
+    assert main(["search", str(path)]) == 0
+    version = store().get_model_version_by_alias("tiny-shapes", "candidate")
+    assert version.tags["selection"].startswith("ensemble of trials ")
+    root = Path(mlflow.artifacts.download_artifacts(f"models:/tiny-shapes/{version.version}"))
+    folder = root / Model.load(root).flavors["python_function"]["artifacts"]["model"]["path"]
+    members = read_meta(folder)["ensemble"]["members"]
+    assert len(members) == 2  # images have no blend: the ensemble of both trials
+    images = [str(tiny_images / "val" / shape / "0.png") for shape in ("circle", "square")]
+    served = mlflow.pyfunc.load_model(f"models:/tiny-shapes/{version.version}").predict(pd.DataFrame({"path": images}))
+    each = [ImagePredictor(folder / m["path"]).predict(images)[["prob_circle", "prob_square"]].to_numpy() for m in members]
+    expected = sum(m["weight"] * probs for m, probs in zip(members, each, strict=True))
+    assert served[["prob_circle", "prob_square"]].to_numpy() == pytest.approx(expected, abs=1e-5)
