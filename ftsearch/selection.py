@@ -68,6 +68,11 @@ class Candidate:
         return self.kind == "blend"
 
     @property
+    def models(self) -> int:
+        """How many models it runs per prediction (the baseline counts as one)."""
+        return len(self.members) + int(self.with_baseline)
+
+    @property
     def description(self) -> str:
         """``trial 3``, ``ensemble of trials 3, 5, 1``, ``trial 3 + baseline (weight 0.40)``."""
         if self.kind == "best":
@@ -81,13 +86,13 @@ class Candidate:
         return {"kind": self.kind, "description": self.description, "members": self.members,
                 "weights": [round(w, 4) for w in self.weights], f"val_{metric}": self.val[metric],
                 "val": self.val, "ms_per_example": round(1000 * self.seconds_per_example, 3),
-                "models": len(self.members) + int(self.with_baseline)}
+                "models": self.models}
 
 
-def trial_member(modality: Modality, device: torch.device, number: int, folder: Path, split: str = "val") -> Member:
-    """Trial ``number``'s saved model scored on ``split``, timed."""
+def trial_member(modality: Modality, device: torch.device, number: int, folder: Path) -> Member:
+    """Trial ``number``'s saved model scored on the validation split, timed."""
     member = Member(number, folder, saved_problem(read_meta(folder)))
-    add_outputs(member, modality, device, split)
+    add_outputs(member, modality, device, "val")
     return member
 
 
@@ -134,6 +139,7 @@ def _combined(kind: str, members: list[Member], outputs: list[np.ndarray], weigh
 
 
 def _best_of(found: list[Candidate], problem: ProblemType, metric: str) -> Candidate:
+    """The first candidate that no later one beats strictly."""
     best = found[0]
     for candidate in found[1:]:
         if problem.better(metric, candidate.val[metric], best.val[metric]):
@@ -144,11 +150,7 @@ def _best_of(found: list[Candidate], problem: ProblemType, metric: str) -> Candi
 def choose(found: list[Candidate], problem: ProblemType, metric: str) -> Candidate:
     """The single best unless a combination beats it on validation; among combinations that tie,
     the one with fewer models (cheaper to serve)."""
-    chosen = found[0]
-    for candidate in sorted(found[1:], key=lambda c: len(c.members) + int(c.with_baseline)):
-        if problem.better(metric, candidate.val[metric], chosen.val[metric]):
-            chosen = candidate
-    return chosen
+    return _best_of([found[0], *sorted(found[1:], key=lambda c: c.models)], problem, metric)
 
 
 def combined_outputs(candidate: Candidate, members: dict[int, Member], baseline: BaselineMember | None,

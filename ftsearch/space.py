@@ -5,6 +5,8 @@ An Optuna trial goes in, a plain TrialConfig comes out; nothing downstream sees 
 
 from __future__ import annotations
 
+import warnings
+
 import optuna
 from pydantic import BaseModel, ConfigDict
 
@@ -132,8 +134,6 @@ def misfits(params: dict, study: StudyConfig, blocks: dict[str, int]) -> list[st
     out are sampled as usual. Found by sampling a throwaway in-memory trial with ``params`` fixed,
     so conditional parameters (a method's keys, a backbone's freeze depths) are judged as a real
     trial would meet them."""
-    import warnings
-
     probe = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     probe.enqueue_trial(params)
     trial = _Probe(probe.ask(), params)

@@ -431,8 +431,8 @@ def finish_study(study: optuna.Study, prepared: Prepared, parent: tracking.Study
     modality = prepared.modality
     # Its inference cost, measured on the validation split on this machine, travels with it.
     tags = {"study": config.name, "optuna_study": study.study_name, "trial_number": str(best.number),
-            "selection": chosen.description, f"val_{config.metric}": f"{best.value:.6f}",
-            "models": str(len(chosen.members) + int(chosen.with_baseline)),
+            "selection": chosen.description, f"val_{config.metric}": f"{summary.selection_value:.6f}",
+            "models": str(chosen.models),
             "ms_per_example": f"{1000 * chosen.seconds_per_example:.3f}"}
     if chosen.kind == "best":
         run_id, folder = best.user_attrs[RUN_ID_ATTR], members[best.number].folder
@@ -446,7 +446,7 @@ def finish_study(study: optuna.Study, prepared: Prepared, parent: tracking.Study
             selection.add_outputs(members[number], modality, prepared.device, "test")
         folder = selection.write_ensemble(chosen, members, baseline, runner.checkpoints.root / "selected",
                                           {"labels": list(modality.labels), "pair": bool(read_meta(members[best.number].folder).get("pair", False))})
-        tags.update({SELECTED_FROM_TAG: selected_from, f"val_{config.metric}": f"{chosen.val[config.metric]:.6f}"})
+        tags[SELECTED_FROM_TAG] = selected_from
     evaluation = chosen.problem.evaluation(members[best.number].targets["test"],
                                            selection.combined_outputs(chosen, members, baseline, "test"))
     summary.test_metrics = log_test(evaluation, chosen.problem, prepared, run_id)

@@ -123,7 +123,7 @@ class TrialRunner:
             outcome = fit_outcome(result, self.config)
             if outcome.state == "PRUNED":
                 raise optuna.TrialPruned(outcome.reason)
-            self._share_if_best(trial, outcome.value, run)
+            self._share_if_top(trial, outcome.value, run)
             return outcome.value
         except BaseException as err:
             outcome = outcome_of(err)
@@ -275,7 +275,7 @@ class TrialRunner:
             except tracking.TrackingError as err:  # logged again when the study finishes
                 self.reporter.warn(f"could not record the new best trial on the MLflow parent run ({first_line(err)[:300]})")
 
-    def _share_if_best(self, trial: optuna.Trial, value: float, run: tracking.TrialRun) -> None:
+    def _share_if_top(self, trial: optuna.Trial, value: float, run: tracking.TrialRun) -> None:
         """With a shared tracking server, upload the weights of a trial that enters (or ties) the
         top ``selection.top_k`` so far, before the trial is told complete: the search process,
         maybe on another machine, registers the chosen model from them."""
