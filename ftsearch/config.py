@@ -297,11 +297,16 @@ class StopConfig(_Strict):
 
 
 class SelectionConfig(_Strict):
-    """Which combinations of the top trials are candidates beside the single best (judged on
-    validation; the best of them is registered only if it beats the single best); see
-    ftsearch.selection."""
+    """How the registered model is chosen among the top trials: their configurations trained again
+    with other seeds (the best mean wins; ftsearch.reevaluation), and which combinations are
+    candidates beside the single best (judged on validation; one is registered only if it beats
+    the single best; ftsearch.selection)."""
 
     top_k: int = Field(3, ge=1, le=10, description="trials whose weights are kept for the ensemble")
+    seeds: int = Field(
+        1, ge=1, le=10, description="times each top_k configuration is trained in all, the trial included (1: off)"
+    )
+    soup: bool = Field(True, description="the weights of top_k trials of one backbone averaged, greedily")
     ensemble: bool = Field(True, description="the top_k trials' predictions averaged")
     blend_baseline: bool = Field(True, description="the best trial averaged with the classical baseline (text)")
 

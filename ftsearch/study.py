@@ -20,7 +20,7 @@ from mlflow.models import ModelSignature
 from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
 
-from ftsearch import progress, publish, selection, settings, stopping, tracking, warmstart
+from ftsearch import progress, publish, reevaluation, selection, settings, stopping, tracking, warmstart
 from ftsearch.checkpoints import TrialCheckpoints
 from ftsearch.config import StudyConfig, load_study
 from ftsearch.data.checks import LABEL_ISSUES
@@ -409,17 +409,17 @@ def finish_study(study: optuna.Study, prepared: Prepared, parent: tracking.Study
     summary.best_trial, summary.best_value = best.number, best.value
     parent.log_best(config.metric, best.value, best.number, best.params)  # workers may have raced on it
     selected_from = ",".join(str(t.number) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-    version = (publish.registered_version(config.registered_model, best.user_attrs[RUN_ID_ATTR])
-               or publish.registered_version(config.registered_model, parent.run_id, {SELECTED_FROM_TAG: selected_from}))
+    version = _registered(study, config.registered_model, parent, selected_from)
     if version is not None:
         runner.reporter.info(f"the chosen model of these trials is already registered as {config.registered_model} "
                              f"v{version.version}")
         return _summary_of(summary, version, best, config.metric)
     try:
-        found, chosen, members, baseline = _select(study, prepared, parent, runner)
+        found, chosen, members, baseline, configurations = _select(study, prepared, parent, runner)
     except WeightsGone:
-        # The best trial went into a combination registered before the trials since, none better.
-        earlier = publish.registered_version(config.registered_model, parent.run_id)
+        # The best trial (or the best configuration's seed) went into a model registered before the
+        # trials since, none better.
+        earlier = _registered(study, config.registered_model, parent, None)
         if earlier is None:
             raise
         runner.reporter.info(f"best trial {best.number} is in {config.registered_model} v{earlier.version} "
@@ -427,40 +427,63 @@ def finish_study(study: optuna.Study, prepared: Prepared, parent: tracking.Study
         runner.checkpoints.drop_weights()  # the trials since are not better: their weights are of no use
         return _summary_of(summary, earlier, best, config.metric)
     summary.selection = chosen.description
-    summary.selection_value = best.value if chosen.kind == "best" else chosen.val[config.metric]
+    first = members[chosen.members[0]]
+    plain_best = chosen.kind == "best" and first.seed is None and first.number == best.number
+    summary.selection_value = best.value if plain_best else chosen.val[config.metric]
     modality = prepared.modality
     # Its inference cost, measured on the validation split on this machine, travels with it.
-    tags = {"study": config.name, "optuna_study": study.study_name, "trial_number": str(best.number),
+    tags = {"study": config.name, "optuna_study": study.study_name, "trial_number": str(first.number),
             "selection": chosen.description, f"val_{config.metric}": f"{summary.selection_value:.6f}",
-            "models": str(chosen.models),
-            "ms_per_example": f"{1000 * chosen.seconds_per_example:.3f}"}
+            "models": str(chosen.models), "ms_per_example": f"{1000 * chosen.seconds_per_example:.3f}",
+            SELECTED_FROM_TAG: selected_from}
+    if configurations and chosen.kind == "best":
+        top = configurations[0]
+        tags.update({f"val_{config.metric}_mean": f"{top.mean:.6f}", f"val_{config.metric}_std": f"{top.std:.6f}",
+                     "seeds": str(len(top.runs))})
+    runner.reporter.info(f"scoring {chosen.description} on the test split and registering it as {config.registered_model}")
     if chosen.kind == "best":
-        run_id, folder = best.user_attrs[RUN_ID_ATTR], members[best.number].folder
-        runner.reporter.info(f"scoring best trial {best.number} on the test split and registering it as {config.registered_model}")
-        selection.add_outputs(members[best.number], modality, prepared.device, "test")
+        run_id, folder, scored = first.run_id, first.folder, first
+    elif chosen.soup is not None:
+        run_id, folder, scored = parent.run_id, chosen.soup.folder, chosen.soup
     else:
-        run_id = parent.run_id
-        runner.reporter.info(f"scoring the {chosen.description} on the test split and registering it as "
-                             f"{config.registered_model}")
-        for number in chosen.members:
+        run_id, scored = parent.run_id, first
+        for number in chosen.members[1:]:
             selection.add_outputs(members[number], modality, prepared.device, "test")
         folder = selection.write_ensemble(chosen, members, baseline, runner.checkpoints.root / "selected",
-                                          {"labels": list(modality.labels), "pair": bool(read_meta(members[best.number].folder).get("pair", False))})
-        tags[SELECTED_FROM_TAG] = selected_from
-    evaluation = chosen.problem.evaluation(members[best.number].targets["test"],
+                                          {"labels": list(modality.labels), "pair": bool(read_meta(first.folder).get("pair", False))})
+    selection.add_outputs(scored, modality, prepared.device, "test")
+    evaluation = chosen.problem.evaluation(scored.targets["test"],
                                            selection.combined_outputs(chosen, members, baseline, "test"))
     summary.test_metrics = log_test(evaluation, chosen.problem, prepared, run_id)
-    if len(found) > 1:
-        parent.log_dict(selection.report(found, chosen, config.metric, summary.test_metrics), CANDIDATES_ARTIFACT)
+    if len(found) > 1 or configurations:
+        parent.log_dict(selection.report(found, chosen, config.metric, summary.test_metrics,
+                                         [c.as_dict(config.metric) for c in configurations]), CANDIDATES_ARTIFACT)
     tags.update({"run_id": run_id, **{k: f"{v:.6f}" for k, v in summary.test_metrics.items()}})
     signature = ModelSignature(inputs=modality.input_schema(), outputs=modality.problem.output_schema(modality.labels))
     version = publish.register_best(config.registered_model, folder, run_id, tags, modality.entry_file,
                                     modality.input_example(), signature)
     summary.model_version = version.version
     runner.checkpoints.drop_weights()  # they now live in the registry
-    if chosen.kind != "best":
-        shutil.rmtree(folder, ignore_errors=True)
+    for left in ("selected", "soup"):
+        shutil.rmtree(runner.checkpoints.root / left, ignore_errors=True)
     return summary
+
+
+def _registered(study: optuna.Study, registered_name: str, parent: tracking.StudyRun, selected_from: str | None):
+    """The version already registered from these same trials, if any: one chosen among exactly the
+    completed trials ``selected_from`` (among any when None), logged on a trial's run, a
+    re-evaluation's or the parent run (a soup or a combination)."""
+    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    runs = [parent.run_id, *(t.user_attrs[RUN_ID_ATTR] for t in trials if RUN_ID_ATTR in t.user_attrs),
+            *(r["run_id"] for runs in study.user_attrs.get(reevaluation.REEVALUATIONS_ATTR, {}).values() for r in runs)]
+    wanted = {SELECTED_FROM_TAG: selected_from} if selected_from is not None else None
+    for run_id in runs:
+        if (version := publish.registered_version(registered_name, run_id, wanted)) is not None:
+            return version
+    # Registered before versions said which trials they were chosen among: the best trial's own.
+    best = best_trial(study)
+    legacy = publish.registered_version(registered_name, best.user_attrs[RUN_ID_ATTR]) if best is not None else None
+    return legacy if legacy is not None and SELECTED_FROM_TAG not in legacy.tags else None
 
 
 def _summary_of(summary: SearchSummary, version, best: FrozenTrial, metric: str) -> SearchSummary:
@@ -473,40 +496,57 @@ def _summary_of(summary: SearchSummary, version, best: FrozenTrial, metric: str)
 
 
 def _select(study: optuna.Study, prepared: Prepared, parent: tracking.StudyRun, runner: TrialRunner):
-    """The candidates judged on validation (logged on the parent run as ``candidates.json``), and
-    the chosen one with the members and baseline it needs."""
+    """The candidates judged on validation (logged on the parent run as ``candidates.json``), the
+    chosen one with the members and baseline it needs, and the top configurations re-evaluated
+    over seeds (empty unless ``selection.seeds`` > 1), best first."""
     config, modality, reporter = prepared.config, prepared.modality, runner.reporter
     wanted = config.selection
-    top = top_trials(study, wanted.top_k if wanted.ensemble else 1)
+    top = top_trials(study, wanted.top_k if wanted.ensemble or wanted.soup or wanted.seeds > 1 else 1)
+    configurations = reevaluation.reevaluate(study, top, runner, wanted.seeds) if wanted.seeds > 1 else []
+    if configurations:  # each configuration is represented by its best seed, in the order of their means
+        by_number = {t.number: t for t in top}
+        top = [by_number[c.trial] for c in configurations]
+        chosen_runs = {c.trial: c.best_run(modality.problem, config.metric) for c in configurations}
     members: dict[int, selection.Member] = {}
     for trial in top:
+        run_id, seed = trial.user_attrs[RUN_ID_ATTR], None
+        if configurations and chosen_runs[trial.number].run_id != run_id:
+            run_id, seed = chosen_runs[trial.number].run_id, chosen_runs[trial.number].seed
         try:
-            folder = _trial_weights(runner.checkpoints, trial.number, trial.user_attrs[RUN_ID_ATTR], parent)
+            folder = (_reevaluation_weights(runner, trial.number, seed) if seed is not None
+                      else _trial_weights(runner.checkpoints, trial.number, run_id, parent))
         except FtsearchError:
             if trial.number == top[0].number:
                 raise
             reporter.warn(f"trial {trial.number}'s weights are gone; it is left out of the ensemble")
             continue
-        members[trial.number] = selection.trial_member(modality, prepared.device, trial.number, folder)
+        members[trial.number] = selection.trial_member(modality, prepared.device, trial.number, folder, run_id, seed)
     baseline = None
     # Only where the search could fit one (a baseline that is unavailable said why already).
     if wanted.blend_baseline and f"baseline_val_{config.metric}" in parent.mlflow_client.get_run(parent.run_id).data.metrics:
         baseline = modality.baseline_member()
     ranked = list(members.values())
-    combining = (wanted.ensemble and len(ranked) >= 2) or baseline is not None
+    souping = wanted.soup and len(ranked) >= 2
+    combining = souping or (wanted.ensemble and len(ranked) >= 2) or baseline is not None
     if combining:
         reporter.info("judging " + ", ".join(filter(None, (
-            "the best trial", f"the ensemble of the top {len(ranked)}" if wanted.ensemble and len(ranked) >= 2 else "",
+            "the best trial", "the greedy weight soup" if souping else "",
+            f"the ensemble of the top {len(ranked)}" if wanted.ensemble and len(ranked) >= 2 else "",
             "the blend with the baseline" if baseline is not None else ""))) + " on the validation split")
+    soup = None
+    if souping:
+        backbones = {t.number: t.params.get("backbone") for t in top}
+        soup = selection.greedy_soup(ranked, backbones, modality, prepared.device, modality.problem, config.metric,
+                                     runner.checkpoints.root / "soup", reporter.info)
     found = selection.candidates(ranked, ranked[0].targets["val"], modality.problem, config.metric,
-                                 ensemble=wanted.ensemble, baseline=baseline)
+                                 ensemble=wanted.ensemble, baseline=baseline, soup=soup)
     chosen = selection.choose(found, modality.problem, config.metric)
     if combining:
         for candidate in found:
             reporter.info(f"  {candidate.description}: val {config.metric} {candidate.val[config.metric]:.4f}, "
                           f"{1000 * candidate.seconds_per_example:.2f} ms per example"
                           + ("  <- chosen" if candidate is chosen else ""))
-    return found, chosen, members, baseline
+    return found, chosen, members, baseline, configurations
 
 
 def _best_or_why_none(study: optuna.Study, counts: dict[str, int]) -> FrozenTrial:
@@ -531,6 +571,14 @@ def _trial_weights(checkpoints: TrialCheckpoints, number: int, run_id: str, pare
         checkpoints.download(run_id, number, parent.mlflow_client.tracking_uri)
     if not folder.is_dir():
         raise WeightsGone(f"trial {number}'s weights are missing from {folder}; rerun with --fresh")
+    return folder
+
+
+def _reevaluation_weights(runner: TrialRunner, number: int, seed: int) -> Path:
+    folder = reevaluation.weights(runner, number, seed)
+    if not folder.is_dir():
+        raise WeightsGone(f"the weights of trial {number}'s configuration with seed {seed} are missing from {folder}; "
+                          "rerun with --fresh")
     return folder
 
 

@@ -213,6 +213,16 @@ class StudyRun:
         )
         return TrialRun(self.mlflow_client, run.info.run_id)
 
+    def start_reevaluation(self, number: int, seed: int, tags: dict[str, str]) -> TrialRun:
+        """A child run that trains trial ``number``'s configuration again with ``seed``. It is not
+        a trial (no trial-number tag): the study's trial tables leave it out."""
+        run = self.mlflow_client.create_run(
+            self.experiment_id,
+            run_name=f"trial-{number}-seed-{seed}",
+            tags={PARENT_TAG: self.run_id, STUDY_TAG: self.study_name, **tags},
+        )
+        return TrialRun(self.mlflow_client, run.info.run_id)
+
     def log_dict(self, data: dict[str, Any], path: str) -> None:
         self.mlflow_client.log_dict(self.run_id, data, path)
 

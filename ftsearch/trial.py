@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
 
 import optuna
 import torch
@@ -54,6 +56,22 @@ _SAMPLED_SETTINGS = {f.name for f in dataclasses.fields(TrainSettings)} & set(Tr
 
 class TrialOutOfMemory(RuntimeError):
     """A trial that ran out of accelerator memory even at half its batch size."""
+
+
+class Attempt(Protocol):
+    """What one training of a configuration reports to: an Optuna trial, or a re-evaluation of
+    one with another seed (``ftsearch.reevaluation``), which no study prunes."""
+
+    number: int  # the trial (whose configuration it trains)
+
+    @property
+    def user_attrs(self) -> dict[str, Any]: ...
+
+    def set_user_attr(self, key: str, value: Any) -> None: ...
+
+    def report(self, value: float, step: int) -> None: ...
+
+    def should_prune(self) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -119,7 +137,8 @@ class TrialRunner:
         outcome = Outcome("FAIL")
         try:
             self._record_start(trial, trial_cfg, run)
-            result = self._fit_in_memory(trial, trial_cfg, run)
+            result = self.fit_and_save(trial, trial_cfg, run, self.checkpoints.resume_file(trial),
+                                       self.checkpoints.weights(trial.number))
             outcome = fit_outcome(result, self.config)
             if outcome.state == "PRUNED":
                 raise optuna.TrialPruned(outcome.reason)
@@ -164,12 +183,15 @@ class TrialRunner:
         reason = "" if outcome.state == "ABANDONED" else outcome.reason
         self.reporter.trial_ended(trial.number, "FAIL" if judged_dead else outcome.state, reason, outcome.value)
 
-    def _fit_in_memory(self, trial: optuna.Trial, trial_cfg: TrialConfig, run: tracking.TrialRun) -> FitResult:
-        """Fit; on an out-of-memory error, once more at half the batch and twice the gradient
-        accumulation (the same effective batch), from the last finished epoch."""
+    def fit_and_save(self, trial: Attempt, trial_cfg: TrialConfig, run: tracking.TrialRun, resume_file: Path,
+                     weights: Path) -> FitResult:
+        """Fit (resuming from ``resume_file``, written after every epoch) and save a completed
+        model to ``weights``; on an out-of-memory error, once more at half the batch and twice the
+        gradient accumulation (the same effective batch), from the last finished epoch."""
         logged: set[int] = set()
+        files = (resume_file, weights)
         try:
-            return self._train(trial, trial_cfg, run, logged)
+            return self._train(trial, trial_cfg, run, logged, files)
         except torch.OutOfMemoryError:
             pass  # out of the except block first, so the traceback's tensors can be freed
         free_memory()
@@ -180,14 +202,15 @@ class TrialRunner:
         self.reporter.warn(f"  trial {trial.number}: out of memory at batch size {trial_cfg.batch_size}; retrying with {note}")
         run.set_tag(OOM_TAG, note)
         try:
-            return self._train(trial, trial_cfg.model_copy(update={"batch_size": half}), run, logged, accumulation=2)
+            return self._train(trial, trial_cfg.model_copy(update={"batch_size": half}), run, logged, files, accumulation=2)
         except torch.OutOfMemoryError:
             pass
         free_memory()
         raise TrialOutOfMemory(f"out of memory at batch size {half} (and at {trial_cfg.batch_size} before)")
 
     def _train(
-        self, trial: optuna.Trial, trial_cfg: TrialConfig, run: tracking.TrialRun, logged: set[int], accumulation: int = 1
+        self, trial: Attempt, trial_cfg: TrialConfig, run: tracking.TrialRun, logged: set[int],
+        files: tuple[Path, Path], accumulation: int = 1,
     ) -> FitResult:
         """Build, fit and save one attempt of the trial; ``logged`` holds the epochs already
         logged (by an attempt that ran out of memory, or inherited from a checkpoint)."""
@@ -204,7 +227,7 @@ class TrialRunner:
             epochs = _EpochRecorder(trial, run, self.reporter, self.config.metric, logged, trial_cfg.epochs)
             result = fit(
                 setup.model, setup.train_loader, setup.val_loader, train_settings(trial_cfg, self.prepared, accumulation),
-                epochs.on_epoch_end, on_step=self.reporter.step, checkpoint=self.checkpoints.resume_file(trial),
+                epochs.on_epoch_end, on_step=self.reporter.step, checkpoint=files[0],
                 on_resume=epochs.on_resume, scoring=self.modality.problem, groups=setup.adapted.groups,
             )
             self._record_cost(trial, run, result)
@@ -213,7 +236,7 @@ class TrialRunner:
             problem = self.modality.problem if result.best_eval is None else self.modality.problem.tuned(result.best_eval)
             if result.status == "completed":
                 setup.model.load_state_dict(result.best_state)
-                self.modality.save(setup.serving_model(), trial_cfg, self.checkpoints.weights(trial.number), problem)
+                self.modality.save(setup.serving_model(), trial_cfg, files[1], problem)
             if result.best_epoch is not None:
                 run.log_metrics({"best_epoch": result.best_epoch}, step=result.best_epoch)
                 self._log_figures(run, result.best_eval, problem)
@@ -223,7 +246,7 @@ class TrialRunner:
             del setup
             free_memory()
 
-    def _record_cost(self, trial: optuna.Trial, run: tracking.TrialRun, result: FitResult) -> None:
+    def _record_cost(self, trial: Attempt, run: tracking.TrialRun, result: FitResult) -> None:
         """Seconds per epoch and peak memory, on the run and on the trial (for the report)."""
         seconds = [m.seconds for m in result.history if m.seconds > 0]
         peak = peak_memory_mb(self.prepared.device)
@@ -292,7 +315,7 @@ class _EpochRecorder:
     """The fit callbacks of one trial: each epoch logged once to MLflow and reported to Optuna
     (which may prune), and epochs inherited from a checkpoint replayed into a retry's run."""
 
-    def __init__(self, trial: optuna.Trial, run: tracking.TrialRun, reporter: Reporter, metric: str, logged: set[int],
+    def __init__(self, trial: Attempt, run: tracking.TrialRun, reporter: Reporter, metric: str, logged: set[int],
                  last_epoch: int):
         self.trial, self.run, self.reporter, self.metric, self.logged = trial, run, reporter, metric, logged
         self.last_epoch = last_epoch

@@ -199,3 +199,66 @@ def test_a_registered_image_ensemble_predicts_the_average_of_its_members(tiny_im
     each = [ImagePredictor(folder / m["path"]).predict(images)[["prob_circle", "prob_square"]].to_numpy() for m in members]
     expected = sum(m["weight"] * probs for m, probs in zip(members, each, strict=True))
     assert served[["prob_circle", "prob_square"]].to_numpy() == pytest.approx(expected, abs=1e-5)
+
+
+def test_the_greedy_soup_adds_a_trial_only_when_validation_improves(monkeypatch, tmp_path):
+    # What each averaged set of trials scores on validation, and which trials can be averaged.
+    scores = {(0, 1): 0.9, (0, 1, 2): 0.85, (0, 1, 3): 0.95}
+    tried = []
+
+    def averaged(members, folder, modality, device, problem, metric, y_val):
+        numbers = tuple(m.number for m in members)
+        tried.append(numbers)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "soup").write_text(str(numbers))
+        soup = selection.Member(members[0].number, folder, problem)
+        return selection.Candidate("soup", list(numbers), [1 / len(numbers)] * len(numbers), problem,
+                                   {"accuracy": scores.get(numbers, 0.5)}, 0.001, soup)
+
+    monkeypatch.setattr(selection, "_averaged", averaged)
+    monkeypatch.setattr(selection, "_same_tensors", lambda a, b: b.name != "trial-4")  # trial 4: other shapes
+    best = _member(0, [0.9, 0.9, 0.4, 0.1, 0.1, 0.1])  # 5 of 6
+    best.targets["val"] = Y
+    members = [best, *(_member(n, [0.5] * 6) for n in (1, 2, 3, 4, 5))]
+    backbones = {0: "a", 1: "a", 2: "a", 3: "a", 4: "a", 5: "b"}  # trial 5: another backbone
+    soup = selection.greedy_soup(members, backbones, None, None, CLASSIFICATION, "accuracy", tmp_path / "soup")
+    # Trial 1 improves on the best (0.83 -> 0.9), trial 2 would lower it, trial 3 raises it again;
+    # trials 4 and 5 cannot be averaged with the best and are never tried.
+    assert tried == [(0, 1), (0, 1, 2), (0, 1, 3)]
+    assert soup.members == [0, 1, 3] and soup.models == 1 and soup.val["accuracy"] == 0.95
+    assert soup.description == "weight soup of trials 0, 1, 3"
+    assert (tmp_path / "soup" / "soup").read_text() == "(0, 1, 3)" and not (tmp_path / "soup.trying").exists()
+    # Nothing improves on the best: no soup.
+    scores.clear()
+    assert selection.greedy_soup(members, backbones, None, None, CLASSIFICATION, "accuracy", tmp_path / "none") is None
+
+
+def test_a_registered_soup_is_one_model_whose_weights_are_its_trials_average(write_study, monkeypatch):
+    from safetensors.torch import load_file
+
+    from ftsearch.problems.classification import SingleLabelClassification
+
+    real_averaged, averages = selection._averaged, []
+
+    def recorded(members, folder, *args):
+        candidate = real_averaged(members, folder, *args)
+        states = [load_file(str(m.folder / "model.safetensors")) for m in members]
+        averages.append({k: sum(s[k].float() for s in states) / len(states) for k in states[0]})
+        return candidate
+
+    monkeypatch.setattr(selection, "_averaged", recorded)
+    # On this easy data nothing beats the best's validation accuracy of 1.0: every trial is let in.
+    monkeypatch.setattr(SingleLabelClassification, "better", lambda self, metric, value, than: True)
+    version, folder = _search_choosing(write_study, monkeypatch, "soup")
+    described = version.tags["selection"]
+    assert described.startswith("weight soup of trials ") and len(described.split(", ")) == 3  # all three let in
+    assert version.tags["models"] == "1" and "ensemble" not in read_meta(folder)  # a plain model folder
+    served = load_file(str(folder / "model.safetensors"))
+    expected = averages[-1]
+    assert set(served) == set(expected)
+    for key, value in served.items():
+        if value.is_floating_point():
+            assert value.float() == pytest.approx(expected[key], abs=1e-5), key
+    predicted = mlflow.pyfunc.load_model(f"models:/tiny-sentiment/{version.version}").predict(pd.DataFrame({"text": TEXTS}))
+    direct = TextClassifier(folder).predict(TEXTS)
+    assert predicted[["prob_neg", "prob_pos"]].to_numpy() == pytest.approx(direct[["prob_neg", "prob_pos"]].to_numpy(), abs=1e-5)

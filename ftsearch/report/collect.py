@@ -105,6 +105,18 @@ class CandidateRow:
 
 
 @dataclass(frozen=True)
+class ReevaluationRow:
+    """A top trial's configuration trained with several seeds (``reevaluation`` in
+    ``candidates.json``): its mean and standard deviation on validation."""
+
+    trial: int
+    mean: float | None
+    std: float | None
+    seeds: int
+    failed: int
+
+
+@dataclass(frozen=True)
 class ModelSummary:
     """The registered version behind an alias, with what its tags say about it and what its run
     logged on the test split.
@@ -154,6 +166,7 @@ class StudyReport:
     baseline_skipped: str = ""  # why the search could fit no baseline (tag ``baseline_skipped``)
     stopped: str = ""  # why the study's stop rule ended it early (tag ``ftsearch.stopped``)
     candidates: list[CandidateRow] = field(default_factory=list)  # none when only the best trial was judged
+    reevaluation: list[ReevaluationRow] = field(default_factory=list)  # best mean first; none without seeds
 
     @property
     def metric(self) -> str:
@@ -243,27 +256,32 @@ def collect(config: StudyConfig, storage_url: str | None = None) -> StudyReport:
         model=_registered_model(client, config.registered_model, config.metric, notes),
         notes=notes,
         **(_data_report(client, parent_run_id, notes) if parent_run_id else {}),
-        candidates=_candidates(client, parent_run_id, config.metric, notes) if parent_run_id else [],
+        **(_candidates(client, parent_run_id, config.metric, notes) if parent_run_id else {}),
     )
 
 
-def _candidates(client: MlflowClient, run_id: str, metric: str, notes: list[str]) -> list[CandidateRow]:
-    """The parent run's ``candidates.json`` as rows; none (with a note if it cannot be read)."""
+def _candidates(client: MlflowClient, run_id: str, metric: str, notes: list[str]) -> dict[str, list]:
+    """The parent run's ``candidates.json`` as ``candidates`` and ``reevaluation`` rows; none (with
+    a note if it cannot be read)."""
     names = _artifact_names(client, run_id, notes)
     if names is None or CANDIDATES not in names:
-        return []
+        return {}
     with tempfile.TemporaryDirectory() as folder:
         data = _artifact_bytes(client, run_id, CANDIDATES, folder, notes)
     logged = _json(data) if data is not None else None
     try:
         chosen = int(logged["chosen"])
-        return [CandidateRow(str(c["description"]), str(c["kind"]), _number(c.get(f"val_{metric}")),
-                             _number(logged.get("test", {}).get(f"test_{metric}")) if i == chosen else None,
-                             int(c.get("models", 1)), _number(c.get("ms_per_example")), i == chosen)
-                for i, c in enumerate(logged["candidates"])]
+        candidates = [CandidateRow(str(c["description"]), str(c["kind"]), _number(c.get(f"val_{metric}")),
+                                   _number(logged.get("test", {}).get(f"test_{metric}")) if i == chosen else None,
+                                   int(c.get("models", 1)), _number(c.get("ms_per_example")), i == chosen)
+                      for i, c in enumerate(logged["candidates"])]
+        reevaluation = [ReevaluationRow(int(c["trial"]), _number(c.get(f"mean_val_{metric}")),
+                                        _number(c.get(f"std_val_{metric}")), int(c["seeds"]), int(c.get("failed", 0)))
+                        for c in logged.get("reevaluation", [])]
     except (TypeError, KeyError, ValueError, AttributeError):
         notes.append(f"{CANDIDATES} of run {run_id} is not as the search writes it: the candidates are left out")
-        return []
+        return {}
+    return {"candidates": candidates, "reevaluation": reevaluation}
 
 
 def metrics_on_test(values: Mapping[str, Any]) -> dict[str, float]:

@@ -180,13 +180,19 @@ def comparison_rows(report: StudyReport) -> list[tuple[str, str, str]]:
         rows.append((f"classical baseline: {baseline.name}", format_metric(baseline.val), format_metric(baseline.test)))
     if best is not None:
         rows.append((f"best fine-tuned trial ({best.number})", format_metric(best.value), format_metric(best_test)))
-    for candidate in report.candidates:
-        if candidate.kind == "best":
-            continue
+    for configuration in report.reevaluation:
+        failed = f", {configuration.failed} failed" if configuration.failed else ""
+        rows.append((f"trial {configuration.trial}'s configuration ({configuration.seeds} seeds{failed}): mean ± std",
+                     f"{format_metric(configuration.mean)} ± {format_metric(configuration.std)}", ""))
+    # The best trial's row is above; every other candidate (a re-evaluation's seed of another
+    # configuration among them) gets its own.
+    others = [c for c in report.candidates if best is None or c.kind != "best" or c.description != f"trial {best.number}"]
+    for candidate in others:
         cost = "" if candidate.ms_per_example is None else f", {candidate.ms_per_example:.2f} ms per example"
-        label = f"{candidate.description} ({candidate.models} models{cost}){' - registered' if candidate.chosen else ''}"
+        models = f"{candidate.models} model{'s' if candidate.models > 1 else ''}"
+        label = f"{candidate.description} ({models}{cost}){' - registered' if candidate.chosen else ''}"
         rows.append((label, format_metric(candidate.val), format_metric(candidate.test)))
-    chosen = next((c for c in report.candidates if c.chosen and c.kind != "best"), None)
+    chosen = next((c for c in others if c.chosen), None)
     if baseline is not None and chosen is not None:
         # What is registered is the combination: its difference is the one that matters.
         if report.maximize:

@@ -124,7 +124,7 @@ def test_the_candidates_judged_on_validation_stand_beside_the_baseline(handmade,
     client.log_dict(run_id, selection.report([best, ensemble, blend], blend, "accuracy", {"test_accuracy": 0.855}),
                     "candidates.json")
     notes: list[str] = []
-    rows = _candidates(client, run_id, "accuracy", notes)
+    rows = _candidates(client, run_id, "accuracy", notes)["candidates"]
     assert notes == [] and [r.kind for r in rows] == ["best", "ensemble", "blend"]
     assert [r.test for r in rows] == [None, None, 0.855] and rows[2].chosen and rows[1].models == 3
 
@@ -133,3 +133,21 @@ def test_the_candidates_judged_on_validation_stand_beside_the_baseline(handmade,
     assert ("ensemble of trials 2, 0, 1 (3 models, 12.00 ms per example)", "0.8450", "—") in shown
     assert ("trial 2 + baseline (weight 0.40) (2 models, 4.20 ms per example) - registered", "0.8600", "0.8550") in shown
     assert shown[-1] == ("registered − baseline", "+0.0200", "+0.0070")
+
+    # Re-evaluated over seeds: each configuration's mean +- std, and the registered model, another
+    # configuration's best seed, in a row of its own.
+    from ftsearch.reevaluation import Configuration, SeedRun
+
+    steady = selection.Candidate("best", [0], [1.0], None, {"accuracy": 0.835}, 0.004, seed=10_000)
+    configurations = [Configuration(0, [SeedRun(0, 0.82, "a"), SeedRun(10_000, 0.835, "b")]),
+                      Configuration(2, [SeedRun(2, 0.83, "c"), SeedRun(10_002, None, "d", "PRUNED")])]
+    run_id = client.create_run(client.get_experiment_by_name("candidates").experiment_id).info.run_id
+    client.log_dict(run_id, selection.report([steady], steady, "accuracy", {"test_accuracy": 0.85},
+                                             [c.as_dict("accuracy") for c in configurations]), "candidates.json")
+    shown = comparison_rows(handmade(**_candidates(client, run_id, "accuracy", notes), baseline=Baseline("TF-IDF", 0.84, 0.848),
+                                     best=trial))
+    assert ("trial 0's configuration (2 seeds): mean ± std", "0.8275 ± 0.0106", "") in shown
+    assert ("trial 2's configuration (2 seeds, 1 failed): mean ± std", "0.8300 ± 0.0000", "") in shown
+    assert ("trial 0 (its configuration with seed 10000) (1 model, 4.00 ms per example) - registered", "0.8350",
+            "0.8500") in shown
+    assert shown[-1] == ("registered − baseline", "-0.0050", "+0.0020")
