@@ -59,16 +59,14 @@ def main(argv: list[str] | None = None) -> int:
             y_test, selection.combined_outputs(c, members, baseline, "test"))[metric]} for c in found]
         judged["reevaluation"] = [c.as_dict(metric) for c in configurations]
         best = best_trial(optuna_study)
-        if configurations and checkpoints_of(optuna_study).weights(best.number).is_dir():
+        kept = TrialCheckpoints.of(optuna_study.study_name).weights(best.number)
+        if configurations and kept.is_dir():
             # What the search would have registered without re-evaluation: the best trial's own model.
-            alone = selection.trial_member(modality, device, best.number, checkpoints_of(optuna_study).weights(best.number))
+            alone = selection.trial_member(modality, device, best.number, kept)
             selection.add_outputs(alone, modality, device, "test")
             judged["best_alone"] = {"trial": best.number, f"val_{metric}": best.value,
                                     f"test_{metric}": alone.problem.score(y_test, alone.outputs["test"])[metric]}
         return found, chosen, members, baseline, configurations
-
-    def checkpoints_of(optuna_study):
-        return TrialCheckpoints.of(optuna_study.study_name)
 
     study._select = scored_on_test
     options = study.SearchOptions(study=args.study, overrides=tuple(args.overrides), quiet=False)

@@ -3,9 +3,11 @@ trials until the best is known, and their copy on a shared tracking server.
 
 Layout, under ``<state dir>/checkpoints/<optuna study>/``: ``resume/trial-<n>.pt`` (the training
 state after the last finished epoch, named after the trial a retry repeats, so the retry finds
-it) and ``trial-<n>/`` (a finished trial's servable model folder). Resume files live until the
-trial's end is recorded; weights of the top trials (``selection.top_k``) until the chosen model is
-registered.
+it) and ``trial-<n>/`` (a finished trial's servable model folder); for a re-evaluation over seeds
+(``ftsearch.reevaluation``) ``reevaluations/trial-<n>-seed-<seed>.pt`` and
+``trial-<n>-seed-<seed>/``. Resume files live until the trial's (or re-evaluation's) end is
+recorded; weights of the top trials (``selection.top_k``) and their re-evaluations until the
+chosen model is registered.
 """
 
 from __future__ import annotations
@@ -45,6 +47,15 @@ class TrialCheckpoints:
     def weights(self, number: int) -> Path:
         """The saved model folder of trial ``number``."""
         return self.root / f"trial-{number}"
+
+    def reevaluation_resume_file(self, number: int, seed: int) -> Path:
+        """Per-epoch training state of trial ``number``'s configuration with ``seed``: apart from
+        the trials' resume files, which go once no trial is left to run."""
+        return self.root / "reevaluations" / f"trial-{number}-seed-{seed}.pt"
+
+    def reevaluation_weights(self, number: int, seed: int) -> Path:
+        """The saved model folder of trial ``number``'s configuration trained with ``seed``."""
+        return self.root / f"trial-{number}-seed-{seed}"
 
     def keep_only(self, finished: set[int], top: set[int]) -> None:
         """Delete the weights of finished trials not in ``top`` (the best few, the candidates for

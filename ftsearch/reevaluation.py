@@ -19,10 +19,11 @@ that completed or diverged is final; one that failed is trained again by a later
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import optuna
@@ -52,10 +53,6 @@ class SeedRun:
     run_id: str
     state: str = "COMPLETE"
     reason: str = ""
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"seed": self.seed, "value": self.value, "run_id": self.run_id, "state": self.state,
-                "reason": self.reason}
 
 
 @dataclass
@@ -94,7 +91,7 @@ class Configuration:
     def as_dict(self, metric: str) -> dict[str, Any]:
         """For the parent run's ``candidates.json`` and the report."""
         return {"trial": self.trial, f"mean_val_{metric}": self.mean, f"std_val_{metric}": self.std,
-                "seeds": len(self.runs), "failed": self.failed, "runs": [r.as_dict() for r in self.runs]}
+                "seeds": len(self.runs), "failed": self.failed, "runs": [dataclasses.asdict(r) for r in self.runs]}
 
 
 def rank(configurations: list[Configuration], problem: ProblemType, metric: str) -> list[Configuration]:
@@ -140,11 +137,6 @@ class _Rerun:
         return False
 
 
-def weights(runner: TrialRunner, number: int, seed: int) -> Path:
-    """Where the re-evaluation of trial ``number`` with ``seed`` saves its model."""
-    return runner.checkpoints.weights(number).with_name(f"trial-{number}-seed-{seed}")
-
-
 def reevaluate(study: optuna.Study, top: list[FrozenTrial], runner: TrialRunner, seeds: int) -> list[Configuration]:
     """Train each of ``top``'s configurations with ``seeds - 1`` more seeds (those a previous call
     already trained are not trained again), and return them ranked (``rank``)."""
@@ -183,7 +175,7 @@ def _record(study: optuna.Study, done: dict[str, list[dict]], recorded: dict[int
             run: SeedRun) -> None:
     """Keep ``run`` among trial ``number``'s seeds, on the study at once."""
     recorded[run.seed] = run
-    done[str(number)] = [r.as_dict() for r in recorded.values()]
+    done[str(number)] = [dataclasses.asdict(r) for r in recorded.values()]
     study.set_user_attr(REEVALUATIONS_ATTR, done)
 
 
@@ -195,7 +187,7 @@ def _end_if_running(runner: TrialRunner, earlier: SeedRun | None) -> None:
 
 
 def _train_again(study: optuna.Study, trial: FrozenTrial, seed: int, which: str, runner: TrialRunner,
-                 record) -> SeedRun:
+                 record: Callable[[SeedRun], None]) -> SeedRun:
     """One more training of ``trial``'s configuration with ``seed``, as a child run of the study
     (``record``-ed as RUNNING first, so that a killed search finds and ends it)."""
     config, modality = runner.config, runner.modality
@@ -204,16 +196,14 @@ def _train_again(study: optuna.Study, trial: FrozenTrial, seed: int, which: str,
     run = runner.parent.start_reevaluation(trial.number, seed, tags={
         REEVALUATION_OF_TAG: str(trial.number), "optuna.study": study.study_name})
     record(SeedRun(seed, None, run.run_id, "RUNNING"))
-    # Not among the trials' resume files, which go once no trial is left to run.
-    resume = runner.checkpoints.root / "reevaluations" / f"trial-{trial.number}-seed-{seed}.pt"
+    resume = runner.checkpoints.reevaluation_resume_file(trial.number, seed)
     outcome = Outcome("FAIL")
     try:
-        run.log_params({**trial.params, "seed": seed, "method": trial_cfg.method})
-        run.log_dict(trial_cfg.model_dump(), "trial_config.json")
-        tracking.log_datasets(run.mlflow_client, run.run_id, config.name, modality.checks.report, ("train", "val"))
+        runner.log_configuration(run, trial.params, trial_cfg)
         runner.reporter.trial_started(trial.number, f"its configuration again with seed {seed} ({which})",
                                       trial_cfg.epochs)
-        result = runner.fit_and_save(_Rerun(trial.number), trial_cfg, run, resume, weights(runner, trial.number, seed))
+        result = runner.fit_and_save(_Rerun(trial.number), trial_cfg, run, resume,
+                                     runner.checkpoints.reevaluation_weights(trial.number, seed))
         outcome = fit_outcome(result, config)
     except DiskFull as err:  # it says what to free; the seed is trained again once there is room
         outcome = outcome_of(err)

@@ -149,7 +149,7 @@ def candidates(members: list[Member], y_val: np.ndarray, problem: ProblemType, m
 
 
 def greedy_soup(members: list[Member], backbones: dict[int, str], modality: Modality, device: torch.device,
-                problem: ProblemType, metric: str, folder: Path, say: Callable[[str], None] = print) -> Candidate | None:
+                problem: ProblemType, metric: str, folder: Path, say: Callable[[str], None]) -> Candidate | None:
     """The greedy weight soup of ``members`` (best first) that share the best one's backbone (and
     so its weights' names and shapes): each next member's weights join the average only if the
     averaged model scores strictly better on validation than the soup before it. Saved in
@@ -157,8 +157,9 @@ def greedy_soup(members: list[Member], backbones: dict[int, str], modality: Moda
     tuned on the soup's validation outputs); None when no member joined the best. Each try is
     told to ``say``."""
     best = members[0]
+    shapes = _tensor_shapes(best.folder)
     ingredients = [m for m in members[1:] if backbones.get(m.number) == backbones.get(best.number)
-                   and _same_tensors(best.folder, m.folder)]
+                   and shapes is not None and _tensor_shapes(m.folder) == shapes]
     if not ingredients:
         say(f"  no weight soup: no other top trial has trial {best.number}'s backbone and weight shapes")
         return None
@@ -180,21 +181,18 @@ def greedy_soup(members: list[Member], backbones: dict[int, str], modality: Moda
     return kept
 
 
-def _same_tensors(a: Path, b: Path) -> bool:
-    """Whether two saved models' weights have the same names, shapes and types (and so can be
-    averaged). Image folders name their weights file as Hugging Face's ``save_pretrained`` names a
-    text model's."""
+def _tensor_shapes(folder: Path) -> dict[str, tuple] | None:
+    """A saved model's weights by name: shape and type (models with the same can be averaged);
+    None when its weights are not one file (sharded). Image folders name their weights file as
+    Hugging Face's ``save_pretrained`` names a text model's."""
     from safetensors import safe_open
 
-    files = [Path(folder) / WEIGHTS_FILE for folder in (a, b)]
-    if not all(f.is_file() for f in files):
-        return False  # sharded or missing: not averaged
-    shapes = []
-    for file in files:
-        with safe_open(str(file), framework="pt") as weights:
-            shapes.append({key: (tuple(weights.get_slice(key).get_shape()), weights.get_slice(key).get_dtype())
-                           for key in weights.keys()})  # noqa: SIM118 - safe_open is not a mapping
-    return shapes[0] == shapes[1]
+    file = Path(folder) / WEIGHTS_FILE
+    if not file.is_file():
+        return None
+    with safe_open(str(file), framework="pt") as weights:
+        return {key: (tuple(weights.get_slice(key).get_shape()), weights.get_slice(key).get_dtype())
+                for key in weights.keys()}  # noqa: SIM118 - safe_open is not a mapping
 
 
 def _averaged(members: list[Member], folder: Path, modality: Modality, device: torch.device, problem: ProblemType,

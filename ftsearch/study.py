@@ -575,7 +575,7 @@ def _trial_weights(checkpoints: TrialCheckpoints, number: int, run_id: str, pare
 
 
 def _reevaluation_weights(runner: TrialRunner, number: int, seed: int) -> Path:
-    folder = reevaluation.weights(runner, number, seed)
+    folder = runner.checkpoints.reevaluation_weights(number, seed)
     if not folder.is_dir():
         raise WeightsGone(f"the weights of trial {number}'s configuration with seed {seed} are missing from {folder}; "
                           "rerun with --fresh")

@@ -152,17 +152,21 @@ class TrialRunner:
 
     def _record_start(self, trial: optuna.Trial, trial_cfg: TrialConfig, run: tracking.TrialRun) -> None:
         trial.set_user_attr(RUN_ID_ATTR, run.run_id)
-        # Params: exactly what Optuna sampled (so runs of one study share their columns); the full
-        # resolved config, defaults included, is the artifact.
-        run.log_params({**trial.params, "seed": trial_cfg.seed, "method": trial_cfg.method})
         trial.set_user_attr(METHOD_ATTR, trial_cfg.method)
         if RETRY_OF_ATTR in trial.user_attrs:
             run.set_tag(RETRY_OF_ATTR, str(trial.user_attrs[RETRY_OF_ATTR]))
+        self.log_configuration(run, trial.params, trial_cfg)
+        self.reporter.trial_started(trial.number, _trial_line(trial_cfg), trial_cfg.epochs)
+
+    def log_configuration(self, run: tracking.TrialRun, params: dict, trial_cfg: TrialConfig) -> None:
+        """What a run trains with: as params exactly what Optuna sampled (so runs of one study share
+        their columns) with the seed and method; the full resolved config, defaults included, as the
+        artifact; the train and validation splits as its datasets (the test split is the parent's,
+        scored once)."""
+        run.log_params({**params, "seed": trial_cfg.seed, "method": trial_cfg.method})
         run.log_dict(trial_cfg.model_dump(), "trial_config.json")
-        # A trial sees train and validation; the test split is the parent's, scored once.
         tracking.log_datasets(run.mlflow_client, run.run_id, self.config.name, self.modality.checks.report,
                               ("train", "val"))
-        self.reporter.trial_started(trial.number, _trial_line(trial_cfg), trial_cfg.epochs)
 
     def _record_end(self, trial: optuna.Trial, run: tracking.TrialRun, outcome: Outcome) -> None:
         # Judged dead by another worker (while it ran, or after its last report): that worker ended

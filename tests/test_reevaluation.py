@@ -9,9 +9,9 @@ import pytest
 
 from ftsearch import reevaluation, train
 from ftsearch.cli import main
+from ftsearch.generations import top_trials
 from ftsearch.problems import problem_type
 from ftsearch.reevaluation import REEVALUATION_OF_TAG, REEVALUATIONS_ATTR, Configuration, SeedRun
-from ftsearch.generations import top_trials
 from tests.helpers import optuna_study, runs, store
 
 CLASSIFICATION = problem_type("single-label-classification")

@@ -216,12 +216,13 @@ def test_the_greedy_soup_adds_a_trial_only_when_validation_improves(monkeypatch,
                                    {"accuracy": scores.get(numbers, 0.5)}, 0.001, soup)
 
     monkeypatch.setattr(selection, "_averaged", averaged)
-    monkeypatch.setattr(selection, "_same_tensors", lambda a, b: b.name != "trial-4")  # trial 4: other shapes
+    monkeypatch.setattr(selection, "_tensor_shapes", lambda folder: {"w": folder.name == "trial-4"})  # trial 4: other shapes
     best = _member(0, [0.9, 0.9, 0.4, 0.1, 0.1, 0.1])  # 5 of 6
     best.targets["val"] = Y
     members = [best, *(_member(n, [0.5] * 6) for n in (1, 2, 3, 4, 5))]
     backbones = {0: "a", 1: "a", 2: "a", 3: "a", 4: "a", 5: "b"}  # trial 5: another backbone
-    soup = selection.greedy_soup(members, backbones, None, None, CLASSIFICATION, "accuracy", tmp_path / "soup")
+    soup = selection.greedy_soup(members, backbones, None, None, CLASSIFICATION, "accuracy", tmp_path / "soup",
+                                 print)
     # Trial 1 improves on the best (0.83 -> 0.9), trial 2 would lower it, trial 3 raises it again;
     # trials 4 and 5 cannot be averaged with the best and are never tried.
     assert tried == [(0, 1), (0, 1, 2), (0, 1, 3)]
@@ -230,7 +231,8 @@ def test_the_greedy_soup_adds_a_trial_only_when_validation_improves(monkeypatch,
     assert (tmp_path / "soup" / "soup").read_text() == "(0, 1, 3)" and not (tmp_path / "soup.trying").exists()
     # Nothing improves on the best: no soup.
     scores.clear()
-    assert selection.greedy_soup(members, backbones, None, None, CLASSIFICATION, "accuracy", tmp_path / "none") is None
+    assert selection.greedy_soup(members, backbones, None, None, CLASSIFICATION, "accuracy", tmp_path / "none",
+                                 print) is None
 
 
 def test_a_registered_soup_is_one_model_whose_weights_are_its_trials_average(write_study, monkeypatch):
