@@ -27,9 +27,14 @@ def _parser() -> argparse.ArgumentParser:
     search.add_argument("--warm-start-trials", type=_positive_int, metavar="N",
                         help="how many of its top trials (default 3)")
     _trial_arguments(search)
-    search.add_argument(
+    parallelism = search.add_mutually_exclusive_group()
+    parallelism.add_argument(
         "--workers", type=_positive_int, default=1, metavar="N",
         help="worker processes on this machine (one GPU each when there are GPUs; default 1)",
+    )
+    parallelism.add_argument(
+        "--trials-per-gpu", type=_positive_int, default=1, metavar="N",
+        help="N worker processes on each GPU, each with 1/N of its memory (without a GPU: N sharing the CPU)",
     )
 
     check = commands.add_parser(
@@ -173,6 +178,7 @@ def _search(args: argparse.Namespace) -> int:
             quiet=args.quiet,
             compile=args.compile,
             workers=args.workers,
+            trials_per_gpu=args.trials_per_gpu,
             warm_start=args.warm_start,
             warm_start_trials=args.warm_start_trials,
         )

@@ -223,6 +223,11 @@ class SearchSpace(_Strict):
     epochs: IntRange = IntRange(low=1, high=1)
     warmup_ratio: FloatRange = FloatRange(low=0.0, high=0.0)
     max_length: list[int] = Field([128], min_length=1)
+    truncation: list[Literal["head", "tail", "head_tail"]] = Field(
+        ["head"], min_length=1,
+        description="how a text longer than max_length is read: its first tokens, its last, or a quarter from its "
+                    "start and the rest from its end",
+    )
     scheduler: list[Literal["linear", "cosine", "constant_with_warmup"]] | None = Field(
         None, min_length=1, description="learning-rate schedules to search among (left out: linear, not searched)"
     )
@@ -308,7 +313,7 @@ class SelectionConfig(_Strict):
     )
     soup: bool = Field(True, description="the weights of top_k trials of one backbone averaged, greedily")
     ensemble: bool = Field(True, description="the top_k trials' predictions averaged")
-    blend_baseline: bool = Field(True, description="the best trial averaged with the classical baseline (text)")
+    blend_baseline: bool = Field(True, description="the best trial averaged with the classical baseline")
 
 
 class StudyConfig(_Strict):
@@ -352,7 +357,7 @@ class StudyConfig(_Strict):
         other_task = [f"search.augment.{k}" for k in sorted(self.search.augment.used() & _AUGMENTS[not image])]
         if image:
             other_task += [f"data.{k}" for k in sorted(self.data.model_fields_set & TEXT_ONLY_DATA)]
-            other_task += ["search.max_length"] if "max_length" in self.search.model_fields_set else []
+            other_task += [f"search.{k}" for k in ("max_length", "truncation") if k in self.search.model_fields_set]
         else:
             other_task += [f"data.{k}" for k in sorted(self.data.model_fields_set & IMAGE_ONLY_DATA)]
         if other_task:
@@ -365,6 +370,10 @@ class StudyConfig(_Strict):
             raise ValueError(f"thresholds does not apply to {self.task} (it is the multi-label decision rule)")
         if not image:
             self._fits_targets()
+        if self.search.truncation != ["head"] and self.data.text_pair_column is not None:
+            raise ValueError(f"search.truncation {self.search.truncation} does not apply to pairs of texts "
+                             "(data.text_pair_column): a pair is cut longest first, the longer text losing its last "
+                             "tokens; leave search.truncation out")
         return self
 
     def _fits_targets(self) -> None:

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ftsearch.data.tokens import encode, pad_right
 from ftsearch.problems import ProblemType, problem_type
 
 META_FILE = "ftsearch.json"
@@ -41,14 +42,16 @@ def read_meta(folder: Path) -> dict:
 
 
 def save_classifier(
-    model, tokenizer, folder: Path, max_length: int, labels: tuple[str, ...], problem: dict, pair: bool = False
+    model, tokenizer, folder: Path, max_length: int, labels: tuple[str, ...], problem: dict, pair: bool = False,
+    truncation: str = "head",
 ) -> None:
     """Write ``model`` and ``tokenizer`` to ``folder`` in the Hugging Face layout (safetensors);
-    ``problem`` is the problem type's ``meta()``, ``pair`` whether it reads pairs of texts."""
+    ``problem`` is the problem type's ``meta()``, ``pair`` whether it reads pairs of texts,
+    ``truncation`` how it reads a text longer than ``max_length`` (``ftsearch.data.tokens.encode``)."""
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
-    meta = {"max_length": max_length, "labels": list(labels), "pair": pair, **problem}
+    meta = {"max_length": max_length, "truncation": truncation, "labels": list(labels), "pair": pair, **problem}
     (folder / META_FILE).write_text(json.dumps(meta))
 
 
@@ -62,6 +65,7 @@ class TextClassifier:
         folder = Path(folder)
         meta = read_meta(folder)
         self.max_length = int(meta["max_length"])
+        self.truncation = meta.get("truncation", "head")  # folders saved before it was searched read the head
         self.pair = bool(meta.get("pair", False))
         self.labels = tuple(meta["labels"])
         self.problem = saved_problem(meta)
@@ -83,14 +87,13 @@ class TextClassifier:
         outputs = []
         for start in range(0, len(texts), batch_size):
             second = None if not self.pair else pairs[start : start + batch_size]
-            batch = self.tokenizer(
-                texts[start : start + batch_size], second,
-                truncation="longest_first" if self.pair else True,
-                max_length=self.max_length,
-                padding=True,
-                return_tensors="pt",
-            ).to(self.device)
-            outputs.append(self.model(**batch).logits.float().cpu())
+            encoded = encode(self.tokenizer, texts[start : start + batch_size], second, self.max_length, self.truncation)
+            ids, mask = pad_right([np.asarray(seq) for seq in encoded["input_ids"]], self.tokenizer.pad_token_id, np.int64)
+            batch = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
+            if "token_type_ids" in encoded:
+                batch["token_type_ids"] = torch.from_numpy(pad_right([np.asarray(t) for t in encoded["token_type_ids"]],
+                                                                     0, np.int64)[0])
+            outputs.append(self.model(**{k: v.to(self.device) for k, v in batch.items()}).logits.float().cpu())
         return torch.cat(outputs).numpy()
 
 

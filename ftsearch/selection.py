@@ -12,7 +12,8 @@ saved models' own outputs, so that they compare like with like:
 - ``ensemble``: the top ``top_k`` trials (any backbones), their predictions averaged
   (``ProblemType.combine``: class or label probabilities, or numbers);
 - ``blend``: the best trial averaged with the baseline, the baseline's weight tuned on validation
-  over ``BLEND_WEIGHTS`` (a fine-tuned model and a TF-IDF model make different mistakes).
+  over ``BLEND_WEIGHTS`` (a fine-tuned model and a TF-IDF model, or a linear probe on frozen
+  features, make different mistakes).
 
 A combination is chosen only if it beats the single best on validation; among equals the one
 with fewer members. The test split is then used once, for the chosen candidate only. A chosen
@@ -260,7 +261,7 @@ def combined_outputs(candidate: Candidate, members: dict[int, Member], baseline:
 def write_ensemble(candidate: Candidate, members: dict[int, Member], baseline: BaselineMember | None,
                    folder: Path, extra_meta: dict) -> Path:
     """Save a combination as one servable folder: the members' model folders, the baseline's file
-    for a blend, and ``ftsearch.json`` listing them with their weights. ``extra_meta`` is what
+    or folder for a blend, and ``ftsearch.json`` listing them with their weights. ``extra_meta`` is what
     every saved model of the modality records (class names, ``pair``)."""
     shutil.rmtree(folder, ignore_errors=True)
     with writing(folder):
@@ -270,8 +271,9 @@ def write_ensemble(candidate: Candidate, members: dict[int, Member], baseline: B
             shutil.copytree(members[number].folder, folder / f"trial-{number}")
             entries.append({"path": f"trial-{number}", "weight": weight, "trial": number})
         if candidate.with_baseline:
-            baseline.save(folder)
-            entries.append({"path": baseline.file_name, "weight": candidate.weights[-1], "trial": None})
+            saved = baseline.path
+            (shutil.copytree if saved.is_dir() else shutil.copy2)(saved, folder / saved.name)
+            entries.append({"path": saved.name, "weight": candidate.weights[-1], "trial": None})
         meta = {**extra_meta, **candidate.problem.meta(),
                 ENSEMBLE_KEY: {"kind": candidate.kind, "description": candidate.description, "members": entries}}
         (folder / META_FILE).write_text(json.dumps(meta))

@@ -9,8 +9,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ftsearch.errors import FtsearchError
+
 STATE_DIR_ENV = "FTSEARCH_STATE_DIR"
 DATA_DIR_ENV = "FTSEARCH_DATA_DIR"
+# Set by ``ftsearch search --trials-per-gpu`` for each worker: the share of its GPU's memory the
+# worker may allocate (``torch.cuda.set_per_process_memory_fraction``).
+GPU_MEMORY_SHARE_ENV = "FTSEARCH_GPU_MEMORY_SHARE"
 DEFAULT_STATE_DIR = "mlruns"
 DEFAULT_DATA_DIR = "data"
 
@@ -51,3 +56,17 @@ def checkpoint_dir() -> Path:
 def cache_dir() -> Path:
     """Tokenised data sets, shared by all trials and studies."""
     return state_dir() / "cache"
+
+
+def gpu_memory_share() -> float | None:
+    """This worker's share of its GPU's memory, in (0, 1], when it shares the GPU; None otherwise."""
+    value = os.environ.get(GPU_MEMORY_SHARE_ENV)
+    if not value:
+        return None
+    try:
+        share = float(value)
+    except ValueError:
+        share = 0.0
+    if not 0 < share <= 1:
+        raise FtsearchError(f"{GPU_MEMORY_SHARE_ENV}={value!r}: must be a share of the GPU's memory in (0, 1]")
+    return share

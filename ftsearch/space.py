@@ -41,6 +41,7 @@ class TrialConfig(BaseModel):
     seed: int = 0
     # text
     max_length: int = 0
+    truncation: str = "head"
     token_mask: float = 0.0
     token_delete: float = 0.0
     # images
@@ -117,6 +118,9 @@ def sample_trial(trial: optuna.Trial, study: StudyConfig, blocks: dict[str, int]
         values["scheduler"] = trial.suggest_categorical("scheduler", space.scheduler)
     if study.modality == "text":
         values["max_length"] = trial.suggest_categorical("max_length", space.max_length)
+        # One way of reading long texts is not a choice (as with one method).
+        values["truncation"] = (trial.suggest_categorical("truncation", space.truncation) if len(space.truncation) > 1
+                                else space.truncation[0])
     augment = space.augment
     if augment.auto_augment is not None:
         values["auto_augment"] = trial.suggest_categorical("auto_augment", augment.auto_augment)

@@ -67,6 +67,7 @@ class SearchOptions:
     quiet: bool = False
     compile: bool = False
     workers: int = 1
+    trials_per_gpu: int = 1  # > 1: that many workers on each GPU (ftsearch.distributed.parallel)
     warm_start: str | None = None  # an earlier study (or generation) whose top trials run first
     warm_start_trials: int | None = None  # default warmstart.DEFAULT_WARM_START_TRIALS
 
@@ -124,8 +125,10 @@ def _run_search(options: SearchOptions, reporter: Reporter) -> SearchSummary:
     prepared = prepare(options, reporter)
     config = prepared.config
     url = settings.optuna_storage_url(options.storage)
-    if options.workers > 1:
-        _refuse_sqlite(url, f"--workers {options.workers}")
+    workers = parallel.worker_count(options.workers, options.trials_per_gpu)
+    if workers > 1:
+        _refuse_sqlite(url, f"--trials-per-gpu {options.trials_per_gpu}" if options.trials_per_gpu > 1
+                       else f"--workers {options.workers}")
     optuna_storage = storage.open_storage(url, on_stale=worker.end_stale_trial)
     first = warmstart.from_study_file(config, prepared.modality.blocks)
     if options.warm_start:  # read before the new study exists: a wrong name leaves nothing behind
@@ -160,11 +163,11 @@ def _run_search(options: SearchOptions, reporter: Reporter) -> SearchSummary:
             best=best_info(best_trial(study)), parent_run_id=parent.run_id,
         )
         runner = TrialRunner(prepared, parent, TrialCheckpoints.of(study.study_name), reporter)
-        if options.workers > 1:
+        if workers > 1:
             def follow() -> None:
                 reporter.trials_updated(trial_counts(study.get_trials(deepcopy=False)), best_info(best_trial(study)))
 
-            parallel.run_workers(options.workers, _worker_arguments(options, url), reporter, on_poll=follow)
+            parallel.run_workers(workers, _worker_arguments(options, url), reporter, on_poll=follow)
         else:
             done = worker.work(
                 study.study_name, optuna_storage, _study_opener(config, optuna_storage, study.study_name),
@@ -464,7 +467,7 @@ def finish_study(study: optuna.Study, prepared: Prepared, parent: tracking.Study
                                     modality.input_example(), signature)
     summary.model_version = version.version
     runner.checkpoints.drop_weights()  # they now live in the registry
-    for left in ("selected", "soup"):
+    for left in ("selected", "soup", "baseline"):
         shutil.rmtree(runner.checkpoints.root / left, ignore_errors=True)
     return summary
 
@@ -524,7 +527,7 @@ def _select(study: optuna.Study, prepared: Prepared, parent: tracking.StudyRun, 
     baseline = None
     # Only where the search could fit one (a baseline that is unavailable said why already).
     if wanted.blend_baseline and f"baseline_val_{config.metric}" in parent.mlflow_client.get_run(parent.run_id).data.metrics:
-        baseline = modality.baseline_member()
+        baseline = modality.baseline_member(runner.checkpoints.root / "baseline")
     ranked = list(members.values())
     souping = wanted.soup and len(ranked) >= 2
     combining = souping or (wanted.ensemble and len(ranked) >= 2) or baseline is not None

@@ -28,6 +28,7 @@ from transformers import get_scheduler, set_seed
 from ftsearch.disk import replacing
 from ftsearch.errors import FtsearchError
 from ftsearch.problems.base import Evaluation
+from ftsearch.settings import gpu_memory_share
 
 
 class Scoring(Protocol):
@@ -114,12 +115,14 @@ cheap (updating a counter, not drawing)."""
 
 
 def resolve_device(requested: str) -> torch.device:
-    """``auto`` picks CUDA when present; asking for CUDA without it is a user error."""
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """``auto`` picks CUDA when present; asking for CUDA without it is a user error. A worker that
+    shares its GPU with others (``--trials-per-gpu``) is held to its share of the GPU's memory."""
     if requested == "cuda" and not torch.cuda.is_available():
         raise FtsearchError("--device cuda was asked for but no CUDA GPU is visible; use --device auto or cpu")
-    return torch.device(requested)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if requested == "auto" else requested)
+    if device.type == "cuda" and (share := gpu_memory_share()) is not None:
+        torch.cuda.set_per_process_memory_fraction(share)
+    return device
 
 
 def free_memory() -> None:

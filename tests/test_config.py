@@ -74,6 +74,9 @@ def test_overrides_are_typed_and_win_over_the_plan():
         (["search.method=[lora]", "search.lora_rank={low: 0, high: 8, log: true}"], "a log range needs low >= 1"),
         (["search.method=[lora]", "search.lora_targets=[query]"], "search.lora_targets.0: Input should be 'attention'"),
         (["search.lr_decay={low: 0, high: 1}"], "search.lr_decay: range must lie within [0.05, 1.0]"),
+        (["search.truncation=[head, middle]"], "search.truncation.1: Input should be 'head', 'tail' or 'head_tail'"),
+        (["task=text-pair-classification", "data.text_pair_column=b", "search.truncation=[tail]"],
+         "search.truncation ['tail'] does not apply to pairs of texts"),
     ],
 )
 def test_bad_values_name_file_key_and_what_is_allowed(overrides, expected):
@@ -87,6 +90,7 @@ def test_bad_values_name_file_key_and_what_is_allowed(overrides, expected):
     "overrides, expected",
     [
         (["search.max_length=[64]"], "search.max_length does not apply to image-classification"),
+        (["search.truncation=[tail]"], "search.truncation does not apply to image-classification"),
         (["data.text_column=x"], "data.text_column does not apply"),
         (["search.augment.auto_augment=[none, trivial]"], "need 'randaugment' in search.augment.auto_augment"),
     ],

@@ -57,8 +57,7 @@ def test_the_blend_weight_is_tuned_on_validation_and_the_cheaper_of_two_equals_w
     best = _member(0, [0.9, 0.9, 0.45, 0.1, 0.1, 0.1])
     other = _member(1, [0.9, 0.9, 0.45, 0.1, 0.1, 0.1])
     # The baseline is unsure everywhere but leans the right way on the example the model gets wrong.
-    baseline = BaselineMember({"val": _logits([0.55, 0.55, 0.9, 0.45, 0.45, 0.45])}, lambda folder: None,
-                              BASELINE_FILE, 0.0001)
+    baseline = BaselineMember({"val": _logits([0.55, 0.55, 0.9, 0.45, 0.45, 0.45])}, Path(BASELINE_FILE), 0.0001)
     found = selection.candidates([best, other], Y, CLASSIFICATION, "accuracy", ensemble=True, baseline=baseline)
     blend = next(c for c in found if c.kind == "blend")
     assert blend.val["accuracy"] == 1.0 and blend.members == [0]
@@ -177,28 +176,86 @@ def test_members_outputs_are_in_the_splits_own_order(write_study, state_dir):
     assert member.outputs["val"] == pytest.approx(direct, abs=1e-4)
 
 
-def test_a_registered_image_ensemble_predicts_the_average_of_its_members(tiny_images, tiny_cnn, tmp_path, monkeypatch):
+def test_a_long_text_is_read_as_the_study_says_in_training_and_when_served(write_study):
+    from ftsearch.study import SearchOptions, prepare
+
+    path = write_study(n_trials=1, **{"search.epochs": {"low": 1, "high": 1}, "search.max_length": [8],
+                                      "search.truncation": ["head_tail"]},
+                       selection={"ensemble": False, "blend_baseline": False})
+    assert main(["search", str(path)]) == 0
+    version = store().get_model_version_by_alias("tiny-sentiment", "candidate")
+    root = Path(mlflow.artifacts.download_artifacts(f"models:/tiny-sentiment/{version.version}"))
+    folder = root / Model.load(root).flavors["python_function"]["artifacts"]["model"]["path"]
+    assert read_meta(folder)["truncation"] == "head_tail"
+    prepared = prepare(SearchOptions(study=str(path), quiet=True))
+    texts = prepared.modality.splits.val["text"].tolist()
+    assert min(len(t.split()) for t in texts) > 6  # every review is longer than 8 tokens: each is cut
+    member = selection.trial_member(prepared.modality, prepared.device, 0, folder)
+    served = TextClassifier(folder)
+    assert served.outputs(texts) == pytest.approx(member.outputs["val"], abs=1e-4)  # read as it was trained
+    served.truncation = "head"
+    assert served.outputs(texts) != pytest.approx(member.outputs["val"], abs=1e-4)
+
+
+def _image_search_choosing(tiny_images, tiny_cnn, tmp_path, monkeypatch, kind: str):
+    """A 2-trial image search whose choice is forced to ``kind``: its study file, the registered
+    version, its folder and the val images (one of each class) served to it."""
     import yaml
 
-    from ftsearch.predictor import ImagePredictor
     from tests.test_images import image_study
 
     path = tmp_path / "shapes.yaml"
     path.write_text(yaml.safe_dump(image_study(tiny_images, tiny_cnn, search={
         **image_study(tiny_images, tiny_cnn)["search"], "epochs": {"low": 2, "high": 2}})))
-    monkeypatch.setattr(selection, "choose", lambda found, problem, metric: next(c for c in found if c.kind == "ensemble"))
+    monkeypatch.setattr(selection, "choose", lambda found, problem, metric: next(c for c in found if c.kind == kind))
     assert main(["search", str(path)]) == 0
     version = store().get_model_version_by_alias("tiny-shapes", "candidate")
-    assert version.tags["selection"].startswith("ensemble of trials ")
     root = Path(mlflow.artifacts.download_artifacts(f"models:/tiny-shapes/{version.version}"))
     folder = root / Model.load(root).flavors["python_function"]["artifacts"]["model"]["path"]
-    members = read_meta(folder)["ensemble"]["members"]
-    assert len(members) == 2  # images have no blend: the ensemble of both trials
     images = [str(tiny_images / "val" / shape / "0.png") for shape in ("circle", "square")]
     served = mlflow.pyfunc.load_model(f"models:/tiny-shapes/{version.version}").predict(pd.DataFrame({"path": images}))
+    return path, version, folder, images, served[["prob_circle", "prob_square"]].to_numpy()
+
+
+def test_a_registered_image_ensemble_predicts_the_average_of_its_members(tiny_images, tiny_cnn, tmp_path, monkeypatch):
+    from ftsearch.predictor import ImagePredictor
+
+    _, version, folder, images, served = _image_search_choosing(tiny_images, tiny_cnn, tmp_path, monkeypatch, "ensemble")
+    assert version.tags["selection"].startswith("ensemble of trials ")
+    members = read_meta(folder)["ensemble"]["members"]
+    assert len(members) == 2
     each = [ImagePredictor(folder / m["path"]).predict(images)[["prob_circle", "prob_square"]].to_numpy() for m in members]
     expected = sum(m["weight"] * probs for m, probs in zip(members, each, strict=True))
-    assert served[["prob_circle", "prob_square"]].to_numpy() == pytest.approx(expected, abs=1e-5)
+    assert served == pytest.approx(expected, abs=1e-5)
+
+
+def test_a_registered_image_blend_serves_a_trial_and_the_linear_probe_as_one_model(tiny_images, tiny_cnn, tmp_path,
+                                                                                     monkeypatch, state_dir):
+    from sklearn.linear_model import LogisticRegression
+
+    from ftsearch.modalities.image import BASELINE_FIT, PROBE_FOLDER
+    from ftsearch.predictor import ImagePredictor
+    from ftsearch.study import SearchOptions, prepare
+
+    path, version, folder, images, served = _image_search_choosing(tiny_images, tiny_cnn, tmp_path, monkeypatch, "blend")
+    members = read_meta(folder)["ensemble"]["members"]
+    assert [m["path"] for m in members] == [f"trial-{members[0]['trial']}", PROBE_FOLDER]
+    assert version.tags["selection"].startswith(f"trial {members[0]['trial']} + baseline (weight ")
+    # The probe folder is the logistic regression on the frozen backbone's pooled features.
+    modality = prepare(SearchOptions(study=str(path), quiet=True)).modality
+    x_train, y_train = modality._baseline_features["train"]
+    x_val, _ = modality._baseline_features["val"]
+    expected = LogisticRegression(C=BASELINE_FIT["inverse_regularisation"],
+                                  max_iter=BASELINE_FIT["max_iter"]).fit(x_train, y_train).predict_proba(x_val)
+    paths = [p for p, _ in modality.splits.val]
+    probe = ImagePredictor(folder / PROBE_FOLDER).predict(paths)[["prob_circle", "prob_square"]].to_numpy()
+    assert probe == pytest.approx(expected, abs=1e-4)
+    # Served: the trial and the probe averaged with the weight tuned on validation.
+    trial = ImagePredictor(folder / members[0]["path"]).predict(images)[["prob_circle", "prob_square"]].to_numpy()
+    w = members[1]["weight"]
+    probe = ImagePredictor(folder / PROBE_FOLDER).predict(images)[["prob_circle", "prob_square"]].to_numpy()
+    assert served == pytest.approx((1 - w) * trial + w * probe, abs=1e-5)
+    assert not any((state_dir / "checkpoints").glob("*/*"))
 
 
 def test_the_greedy_soup_adds_a_trial_only_when_validation_improves(monkeypatch, tmp_path):

@@ -24,6 +24,11 @@ from ftsearch.augment import TokenAugment
 from ftsearch.data.text import fingerprint, target_array
 from ftsearch.disk import DiskFull, replacing
 
+# How a text longer than ``max_length`` tokens is read: its first tokens, its last, or a quarter
+# of them from its start and the rest from its end (Sun et al. 2019, "How to fine-tune BERT for
+# text classification?": head and tail read IMDB best, the end of a review deciding it often).
+TRUNCATIONS = ("head", "tail", "head_tail")
+
 
 @dataclass(frozen=True)
 class TokenizedSplit:
@@ -55,19 +60,43 @@ def tokenizer_key(tokenizer) -> str:
     return hashlib.sha256(f"{type(tokenizer).__name__}\n{definition}".encode()).hexdigest()[:16]
 
 
-def tokenize_cached(tokenizer, frame: pd.DataFrame, max_length: int, cache: Path | None = None) -> TokenizedSplit:
+def encode(tokenizer, texts: list[str], pairs: list[str] | None, max_length: int, truncation: str = "head") -> dict:
+    """Token ids (``input_ids``, with ``token_type_ids`` where the tokenizer gives them) of texts
+    (or pairs of texts) at most ``max_length`` long with the model's special tokens; a longer text
+    is read as ``truncation`` says (``TRUNCATIONS``). Training, evaluation and the served model
+    all tokenise here, so they read a long text alike."""
+    if truncation == "head" or pairs is not None:
+        # longest_first trims the longer text of a pair token by token, so neither is dropped whole.
+        return tokenizer(texts, pairs, truncation="longest_first" if pairs else True, max_length=max_length)
+    encoded = tokenizer(texts, verbose=False, return_special_tokens_mask=True)  # whole: cut below
+    cut = []
+    for ids, special in zip(encoded["input_ids"], encoded["special_tokens_mask"], strict=True):
+        if len(ids) > max_length:
+            # The model's own special tokens ([CLS] ... [SEP], <s> ... </s>) stay at both ends.
+            start = next(i for i, s in enumerate(special) if not s)
+            end = len(ids) - next(i for i, s in enumerate(reversed(special)) if not s)
+            keep = max_length - (len(ids) - (end - start))
+            head = keep // 4 if truncation == "head_tail" else 0
+            ids = ids[:start] + ids[start : start + head] + ids[end - (keep - head) : end] + ids[end:]
+        cut.append(ids)
+    return {"input_ids": cut}
+
+
+def tokenize_cached(tokenizer, frame: pd.DataFrame, max_length: int, cache: Path | None = None, *,
+                    truncation: str = "head") -> TokenizedSplit:
     """Tokenise ``frame['text']`` (with ``frame['text_pair']`` as the second text of a pair, when
-    the frame has one), truncating to ``max_length``, reusing the on-disk cache."""
+    the frame has one) to at most ``max_length`` tokens read as ``truncation`` says (``encode``),
+    reusing the on-disk cache."""
     cache = cache or settings.cache_dir() / "tokens"
-    path = cache / f"{tokenizer_key(tokenizer)}-{max_length}-{fingerprint(frame)}.npz"
+    read = "" if truncation == "head" else f"-{truncation}"
+    path = cache / f"{tokenizer_key(tokenizer)}-{max_length}{read}-{fingerprint(frame)}.npz"
     if path.is_file():
         with np.load(path) as stored:
             cut = stored["offsets"][1:-1]
             types = np.split(stored["types"], cut) if "types" in stored else None
             return TokenizedSplit(np.split(stored["flat"], cut), stored["labels"], types)
     pairs = frame["text_pair"].tolist() if "text_pair" in frame else None
-    # longest_first trims the longer text of a pair token by token, so neither is dropped whole.
-    encoded = tokenizer(frame["text"].tolist(), pairs, truncation="longest_first" if pairs else True, max_length=max_length)
+    encoded = encode(tokenizer, frame["text"].tolist(), pairs, max_length, truncation)
     ids = [np.asarray(seq, dtype=np.int32) for seq in encoded["input_ids"]]
     # Models without segments (RoBERTa) return no token type ids, nor do single texts need them.
     types = [np.asarray(seq, dtype=np.int8) for seq in encoded["token_type_ids"]] if pairs and "token_type_ids" in encoded else None

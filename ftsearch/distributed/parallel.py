@@ -1,9 +1,12 @@
-"""Several worker processes on one machine for ``ftsearch search --workers N``.
+"""Several worker processes on one machine for ``ftsearch search --workers N`` (or
+``--trials-per-gpu N``: N workers on each GPU).
 
 Each worker is an ``ftsearch worker`` process on the same storage: its own Python, so a crash,
 a leak or an out-of-memory kill stays in it. With GPUs, worker i sees only GPU i (modulo the
-count); on the CPU the cores are split between the workers. A worker killed by a signal (the
-OOM killer, a preemption, ``kill -9``) is restarted: its trial is retried from its checkpoint.
+count), and workers that share a GPU each get an equal share of its memory
+(``settings.GPU_MEMORY_SHARE_ENV``; a trial that outgrows it retries at half the batch); on the
+CPU the cores are split between the workers. A worker killed by a signal (the OOM killer, a
+preemption, ``kill -9``) is restarted: its trial is retried from its checkpoint.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ftsearch import settings
 from ftsearch.errors import FtsearchError
 from ftsearch.progress import Reporter
 
@@ -36,14 +40,31 @@ class _Worker:
     relay: threading.Thread | None = field(default=None, repr=False)
 
 
-def worker_env(index: int, count: int) -> dict[str, str]:
-    """The environment of worker ``index`` of ``count``: its GPU, or its share of the cores."""
-    env = dict(os.environ)
+def visible_gpus() -> list[str]:
+    """The ids of the GPUs this process may use (``CUDA_VISIBLE_DEVICES``'s, when it is set)."""
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if gpus:
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        ids = visible.split(",") if visible else [str(i) for i in range(gpus)]
+    if not gpus:
+        return []
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return visible.split(",")[:gpus] if visible else [str(i) for i in range(gpus)]
+
+
+def worker_count(workers: int, trials_per_gpu: int) -> int:
+    """How many workers run: ``--workers``, or ``--trials-per-gpu`` on each GPU (on a machine
+    without one, that many share the CPU)."""
+    return trials_per_gpu * max(1, len(visible_gpus())) if trials_per_gpu > 1 else workers
+
+
+def worker_env(index: int, count: int) -> dict[str, str]:
+    """The environment of worker ``index`` of ``count``: its GPU (and its share of the GPU's memory
+    when others share it), or its share of the cores."""
+    env = dict(os.environ)
+    ids = visible_gpus()
+    if ids:
         env["CUDA_VISIBLE_DEVICES"] = ids[index % len(ids)]
+        sharing = len(range(index % len(ids), count, len(ids)))
+        if sharing > 1:
+            env[settings.GPU_MEMORY_SHARE_ENV] = f"{1 / sharing:.6f}"
     else:
         threads = str(max(1, (os.cpu_count() or 1) // count))
         env.setdefault("OMP_NUM_THREADS", threads)

@@ -8,7 +8,6 @@ the head size, the baseline's estimator and the served outputs, and never branch
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -52,12 +51,12 @@ class TrialSetup:
 
 @dataclass
 class BaselineMember:
-    """The fitted baseline, for a blend: its head-like outputs per split and what writes it into an
-    ensemble folder (the file name the ensemble's predictor loads it by)."""
+    """The fitted baseline, for a blend: its head-like outputs per split and where it is saved (a
+    file or a model folder, copied into a blend's folder under its name, which the ensemble's
+    predictor loads it by)."""
 
     outputs: dict[str, np.ndarray]
-    save: Callable[[Path], None]
-    file_name: str
+    path: Path
     seconds_per_example: float  # measured on validation, features included
 
 
@@ -108,9 +107,9 @@ class Modality(Protocol):
     def eval_setup(self, folder: Path, split: str) -> tuple[torch.nn.Module, DataLoader]:
         """A saved model and a loader over ``split`` (``val``, ``test``), prepared as it was trained."""
 
-    def baseline_member(self) -> BaselineMember | None:
-        """The classical baseline as a member of a blend: its outputs on val and test and a way to
-        save it into an ensemble folder; None where it cannot be served yet (images)."""
+    def baseline_member(self, folder: Path) -> BaselineMember:
+        """The classical baseline as a member of a blend, saved in ``folder``, with its outputs on
+        val and test. A full disk raises ``DiskFull``."""
 
     def input_example(self) -> pd.DataFrame:
         """Two served inputs, for the registered model's example."""

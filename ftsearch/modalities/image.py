@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from functools import cached_property
 from pathlib import Path
 
@@ -17,18 +18,28 @@ from ftsearch.config import StudyConfig
 from ftsearch.data.checks import LABEL_ISSUE_FIGURE, DataChecks, class_balance
 from ftsearch.data.images import ImageDataset, ImageSplits, Sample, load_image_splits, loader_workers
 from ftsearch.disk import writing
-from ftsearch.modalities.base import EVAL_BATCH_SIZE, LabelCheck, TrialSetup, check_metric, count_params
+from ftsearch.modalities.base import (
+    EVAL_BATCH_SIZE,
+    BaselineMember,
+    LabelCheck,
+    TrialSetup,
+    check_metric,
+    count_params,
+)
 from ftsearch.models.vision import (
     build_classifier,
+    classifier_head,
     load_image_classifier,
     resolve_vision_backbone,
     save_image_classifier,
 )
 from ftsearch.problems.base import Evaluation, ProblemType
 from ftsearch.space import TrialConfig, searched_lora_targets
+from ftsearch.train import evaluate
 
 ENTRY_FILE = Path(__file__).resolve().parent.parent / "pyfunc_entry_image.py"
 BASELINE_FIT = {"inverse_regularisation": 1.0, "max_iter": 5000}
+PROBE_FOLDER = "linear-probe"  # the baseline's model folder, in the checkpoints and in a blend's folder
 GRID_IMAGES = 36  # in a figure of images (misclassified, likely label errors): 6 rows of 6
 
 
@@ -87,9 +98,30 @@ class ImageModality:
     def baseline(self) -> dict[str, float]:
         return self.problem.baseline(self._baseline_features, **BASELINE_FIT)
 
-    def baseline_member(self) -> None:
-        """None: the linear probe needs its backbone to serve, which an ensemble folder does not hold yet."""
-        return
+    def baseline_member(self, folder: Path) -> BaselineMember:
+        """The linear probe as one image model folder under ``folder``: the frozen backbone with
+        the probe's estimator, refitted on train, as its head (``ProblemType.baseline_head``).
+        Its outputs are the saved folder's own, run as a trial's model is (validation timed)."""
+        backbone = self.backbones[self.config.backbones[0]]
+        n_outputs = self.problem.head_size(self.labels)
+        estimator = self.problem.fit_baseline(*self._baseline_features["train"], **BASELINE_FIT)
+        weight, bias = self.problem.baseline_head(estimator, n_outputs)
+        model = build_classifier(backbone, n_outputs)
+        head, _ = classifier_head(model.backbone)
+        with torch.no_grad():
+            head.weight.copy_(torch.from_numpy(weight))
+            head.bias.copy_(torch.from_numpy(bias))
+        path = folder / PROBE_FOLDER
+        with writing(path):
+            save_image_classifier(model, backbone, path, self.labels, self.problem.meta())
+        outputs, seconds = {}, 0.0
+        for split in ("val", "test"):
+            probe, loader = self.eval_setup(path, split)
+            start = time.perf_counter()
+            outputs[split] = evaluate(probe.to(self.device), loader, self.device, self.problem).outputs
+            if split == "val":
+                seconds = (time.perf_counter() - start) / max(1, len(outputs[split]))
+        return BaselineMember(outputs, path, seconds)
 
     def label_issues(self) -> LabelCheck | None:
         """Rows name each image by its path under the data set's folder, and ``label_issues.png``

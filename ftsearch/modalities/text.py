@@ -99,7 +99,8 @@ class TextModality:
         if (bias := self.problem.head_bias()) is not None:
             set_head_bias(model, bias)
         adapted = adapt(model, trial)
-        tokens = {split: self._tokenized(trial.backbone, split, trial.max_length) for split in ("train", "val")}
+        tokens = {split: self._tokenized(trial.backbone, split, trial.max_length, trial.truncation)
+                  for split in ("train", "val")}
         cached, note = self.prefix_cache.train_from_cache(
             model, trial.backbone, trial.freeze_depth, tokens, max_length=trial.max_length,
             pad_id=tokenizer.pad_token_id, batch_size=trial.batch_size, seed=trial.seed,
@@ -115,16 +116,17 @@ class TextModality:
 
     def save(self, model: torch.nn.Module, trial: TrialConfig, folder: Path, problem: ProblemType) -> None:
         with writing(folder):
-            save_classifier(model, self.tokenizers[trial.backbone], folder,
-                            trial.max_length, self.labels, problem.meta(), pair=self.pair)
+            save_classifier(model, self.tokenizers[trial.backbone], folder, trial.max_length, self.labels,
+                            problem.meta(), pair=self.pair, truncation=trial.truncation)
 
     def eval_setup(self, folder: Path, split: str) -> tuple[torch.nn.Module, torch.utils.data.DataLoader]:
         """The saved model and a loader over ``split``, tokenised as it was trained."""
         from transformers import AutoTokenizer
 
-        max_length = int(read_meta(folder)["max_length"])
+        meta = read_meta(folder)
         tokenizer = AutoTokenizer.from_pretrained(folder)
-        tokens = tokenize_cached(tokenizer, getattr(self.splits, split), max_length)
+        tokens = tokenize_cached(tokenizer, getattr(self.splits, split), int(meta["max_length"]),
+                                 truncation=meta.get("truncation", "head"))
         model = load_classifier(folder, self.labels, num_outputs=self.problem.head_size(self.labels))
         return model, make_loader(tokens, EVAL_BATCH_SIZE, tokenizer.pad_token_id, shuffle=False)
 
@@ -139,8 +141,9 @@ class TextModality:
     def baseline(self) -> dict[str, float]:
         return self.problem.baseline(self._baseline_features, **BASELINE_FIT)
 
-    def baseline_member(self) -> BaselineMember:
-        """The TF-IDF baseline refitted on train, saved with skops (``predictor.TextBaseline``)."""
+    def baseline_member(self, folder: Path) -> BaselineMember:
+        """The TF-IDF baseline refitted on train, saved with skops in ``folder``
+        (``predictor.TextBaseline``)."""
         tfidf, features = self._tfidf
         estimator = self.problem.fit_baseline(*features["train"], **BASELINE_FIT)
         n_outputs = self.problem.head_size(self.labels)
@@ -148,8 +151,11 @@ class TextModality:
         outputs = {"val": self.problem.baseline_outputs(estimator, tfidf.frame(self.splits.val), n_outputs)}
         seconds = (time.perf_counter() - start) / max(1, len(self.splits.val))
         outputs["test"] = self.problem.baseline_outputs(estimator, features["test"][0], n_outputs)
-        return BaselineMember(outputs, lambda folder: save_text_baseline(tfidf, estimator, folder / BASELINE_FILE),
-                              BASELINE_FILE, seconds)
+        path = folder / BASELINE_FILE
+        with writing(path):
+            folder.mkdir(parents=True, exist_ok=True)
+            save_text_baseline(tfidf, estimator, path)
+        return BaselineMember(outputs, path, seconds)
 
     def label_issues(self) -> LabelCheck | None:
         found = self.problem.label_issues(*self._baseline_features["train"], self.labels, **BASELINE_FIT)
@@ -202,10 +208,11 @@ class TextModality:
 
         return Schema([ColSpec("string", "text"), *([ColSpec("string", "text_pair")] if self.pair else [])])
 
-    def _tokenized(self, backbone: str, split: str, max_length: int) -> TokenizedSplit:
-        key = (backbone, max_length, split)
+    def _tokenized(self, backbone: str, split: str, max_length: int, truncation: str) -> TokenizedSplit:
+        key = (backbone, max_length, truncation, split)
         if key not in self._tokens:
-            self._tokens[key] = tokenize_cached(self.tokenizers[backbone], getattr(self.splits, split), max_length)
+            self._tokens[key] = tokenize_cached(self.tokenizers[backbone], getattr(self.splits, split), max_length,
+                                                truncation=truncation)
         return self._tokens[key]
 
 

@@ -158,6 +158,12 @@ class ProblemType(ABC):
         columns), so that it is scored, combined and served like a model."""
 
     @abstractmethod
+    def baseline_head(self, estimator, n_outputs: int) -> tuple[np.ndarray, np.ndarray]:
+        """A fitted baseline as the ``(weight, bias)`` of a linear layer (``n_outputs`` rows) whose
+        outputs on the baseline's features are ``baseline_outputs``' up to what the problem type
+        reads from them, so that a linear probe is saved and served as one model."""
+
+    @abstractmethod
     def baseline(self, features: dict[str, tuple], inverse_regularisation: float, max_iter: int) -> dict[str, float]:
         """Fit the classical estimator on ``features['train']`` (``(x, y)``) and score it on the
         other splits: ``{"baseline_<split>_<metric>": value}`` for every metric. The modality

@@ -13,6 +13,10 @@ if TYPE_CHECKING:
     import pandas as pd
     import torch
 
+# The logit of a class a linear probe never saw: far enough below every other that its softmax
+# probability is 0 in float32, finite so that the served layer stays ordinary arithmetic.
+MISSING_CLASS_LOGIT = -1.0e4
+
 
 class SingleLabelClassification(ProblemType):
     """Each example has exactly one of ``labels``; targets are class ids (or, mixed by MixUp /
@@ -82,6 +86,19 @@ class SingleLabelClassification(ProblemType):
         outputs = np.full((x.shape[0], max(n_outputs, int(classes.max()) + 1)), -np.inf, dtype=np.float32)
         outputs[:, classes] = estimator.predict_log_proba(x)
         return outputs
+
+    def baseline_head(self, estimator, n_outputs: int) -> tuple[np.ndarray, np.ndarray]:
+        """The logistic regression's decision function as logits: their softmax is its
+        probabilities (binary: logits 0 and ``w.x + b``). A class missing from train gets weight 0
+        and a bias no other class's logit comes near, probability 0 as in ``baseline_outputs``."""
+        classes = np.asarray(estimator.classes_).astype(int)
+        coef, intercept = np.atleast_2d(estimator.coef_), np.atleast_1d(estimator.intercept_)
+        if len(classes) == 2:
+            coef, intercept = np.vstack([np.zeros_like(coef), coef]), np.concatenate([[0.0], intercept])
+        weight = np.zeros((n_outputs, coef.shape[1]), dtype=np.float32)
+        bias = np.full(n_outputs, MISSING_CLASS_LOGIT, dtype=np.float32)
+        weight[classes], bias[classes] = coef, intercept
+        return weight, bias
 
     def baseline(self, features: dict[str, tuple], inverse_regularisation: float, max_iter: int) -> dict[str, float]:
         """Logistic regression on the train features, scored like the model on every other split

@@ -23,6 +23,9 @@ CANDIDATES = np.round(np.arange(0.05, 0.951, 0.05), 2)
 # Where a label has nothing to tune on (no positive example), and the tie-breaker's centre.
 DEFAULT_THRESHOLD = 0.5
 MODES = ("per_label", "global")
+# Probabilities are kept this far from 0 and 1 before their logit: a constant predictor's 0 or 1
+# would be an infinite logit.
+PROBABILITY_CLIP = 1e-6
 
 
 class MultiLabelClassification(ProblemType):
@@ -152,7 +155,7 @@ class MultiLabelClassification(ProblemType):
         from scipy.special import logit
 
         mean = sum(w * _probabilities(o) for w, o in zip(weights, outputs, strict=True))
-        return logit(np.clip(mean, 1e-6, 1 - 1e-6)).astype(np.float32)
+        return logit(np.clip(mean, PROBABILITY_CLIP, 1 - PROBABILITY_CLIP)).astype(np.float32)
 
     def fit_baseline(self, x, y: np.ndarray, inverse_regularisation: float, max_iter: int):
         """One-vs-rest logistic regression."""
@@ -171,8 +174,22 @@ class MultiLabelClassification(ProblemType):
         if probs.shape[1] != n_outputs:
             # With a single label sklearn sees a binary problem and returns both columns.
             probs = probs[:, -1:]
-        # Clipped: a constant predictor's probability 0 or 1 would have an infinite logit.
-        return logit(np.clip(probs, 1e-6, 1 - 1e-6)).astype(np.float32)
+        return logit(np.clip(probs, PROBABILITY_CLIP, 1 - PROBABILITY_CLIP)).astype(np.float32)
+
+    def baseline_head(self, estimator, n_outputs: int) -> tuple[np.ndarray, np.ndarray]:
+        """Label j's logit is its logistic regression's ``w.x + b``. A label that train gives every
+        example or none (sklearn's constant predictor) gets weight 0 and the clipped logit of that
+        constant, as ``baseline_outputs`` gives it."""
+        from scipy.special import logit
+
+        weight = np.zeros((n_outputs, estimator.n_features_in_), dtype=np.float32)
+        bias = np.empty(n_outputs, dtype=np.float32)
+        for j, label in enumerate(estimator.estimators_):
+            if hasattr(label, "coef_"):
+                weight[j], bias[j] = label.coef_.ravel(), label.intercept_[0]
+            else:
+                bias[j] = logit(np.clip(float(label.y_[0]), PROBABILITY_CLIP, 1 - PROBABILITY_CLIP))
+        return weight, bias
 
     def baseline(self, features: dict[str, tuple], inverse_regularisation: float, max_iter: int) -> dict[str, float]:
         """One-vs-rest logistic regression on the train features; its probabilities' logits stand

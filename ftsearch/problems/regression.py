@@ -122,6 +122,11 @@ class Regression(ProblemType):
         """The ridge's standardised predictions, as the model's head gives them."""
         return np.asarray(estimator.predict(x), dtype=np.float32).reshape(-1, 1)
 
+    def baseline_head(self, estimator, n_outputs: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ridge's coefficients and intercept: its standardised prediction."""
+        weight = np.asarray(estimator.coef_, dtype=np.float32).reshape(1, -1)
+        return weight, np.atleast_1d(np.asarray(estimator.intercept_, dtype=np.float32))
+
     def _scaling(self, train_targets: np.ndarray) -> Regression:
         return self if self._fitted else self.fitted(train_targets, target_range=self.target_range)
 

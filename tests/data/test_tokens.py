@@ -6,7 +6,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from ftsearch.augment import TokenAugment
-from ftsearch.data.tokens import PadCollator, make_loader, tokenize_cached, tokenizer_key
+from ftsearch.data.tokens import TRUNCATIONS, PadCollator, make_loader, tokenize_cached, tokenizer_key
 
 
 @pytest.fixture
@@ -38,6 +38,25 @@ def test_truncation_and_special_tokens(tiny_bert, frame, tmp_path):
     split = tokenize_cached(tokenizer, frame, 4, cache=tmp_path)
     assert [len(ids) for ids in split.ids] == [4, 4, 4]
     assert all(ids[0] == tokenizer.cls_token_id and ids[-1] == tokenizer.sep_token_id for ids in split.ids)
+
+
+def test_a_long_text_is_read_from_its_head_its_tail_or_both_and_a_short_one_whole(tiny_bert, tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    words = ["great", "awful", "film", "plot", "boring", "story", "movie", "loved", "hated", "dull"]
+    frame = pd.DataFrame({"text": [" ".join(words), "great film"], "label": [1, 1]})
+    body = tokenizer(words[0], add_special_tokens=False)["input_ids"]
+    assert len(body) == 1  # one token a word: the kept words are read off the ids
+    ids = {t: tokenize_cached(tokenizer, frame, 10, cache=tmp_path, truncation=t).ids for t in TRUNCATIONS}
+
+    def words_of(seq):
+        assert seq[0] == tokenizer.cls_token_id and seq[-1] == tokenizer.sep_token_id
+        return tokenizer.convert_ids_to_tokens(seq[1:-1].tolist())
+
+    assert words_of(ids["head"][0]) == words[:8]
+    assert words_of(ids["tail"][0]) == words[-8:]
+    assert words_of(ids["head_tail"][0]) == words[:2] + words[-6:]  # a quarter of the 8 from the start
+    assert all(words_of(found[1]) == ["great", "film"] for found in ids.values())
+    assert len(list(tmp_path.glob("*.npz"))) == 3  # cached apart: they are different inputs
 
 
 def test_tokenizer_key_differs_between_tokenizers(tiny_bert):

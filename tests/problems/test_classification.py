@@ -83,6 +83,19 @@ def test_baseline_keeps_class_ids_when_a_class_is_missing_from_train():
     assert scores["baseline_val_accuracy"] == pytest.approx(6 / 7)
 
 
+@pytest.mark.parametrize("classes", [[0, 1], [0, 1, 2], [0, 2]])  # binary, three, one missing from train
+def test_the_baseline_as_a_linear_head_gives_the_estimators_probabilities(classes):
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(80, 4))
+    y = np.array(classes)[np.digitize(x[:, 0] + 0.3 * rng.normal(size=80), np.linspace(-0.6, 0.6, len(classes) - 1))]
+    estimator = CLASSIFICATION.fit_baseline(x, y, 1.0, 500)
+    weight, bias = CLASSIFICATION.baseline_head(estimator, 3 if 2 in classes else 2)
+    head = (x @ weight.T + bias).astype(np.float32)
+    expected = CLASSIFICATION.baseline_outputs(estimator, x, weight.shape[0])
+    assert softmax(head, axis=1) == pytest.approx(softmax(expected, axis=1), abs=1e-5)
+    assert (head.argmax(axis=1) == expected.argmax(axis=1)).all()
+
+
 def test_binary_metrics_include_mcc_and_roc_auc_of_the_class_1_probability():
     y_true = np.array([0, 0, 1, 1, 1, 0, 1, 0])
     outputs = np.array([[2, 0], [1, 0.5], [0, 1], [0.2, 0.1], [-1, 2], [0, 0.3], [0, 3], [1, 1.5]], dtype=np.float32)

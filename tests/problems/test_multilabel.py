@@ -180,6 +180,16 @@ def test_baseline_survives_a_label_without_train_positives_and_sparse_features()
     assert not any(np.isnan(v) for v in scores.values())
 
 
+def test_the_baseline_as_a_linear_head_gives_the_estimators_label_probabilities():
+    x, y = _toy(2, 120)
+    y[:, 1] = 0  # a label never positive: sklearn's constant predictor, weight 0
+    estimator = MULTI.fit_baseline(x, y, 1.0, 500)
+    weight, bias = MULTI.baseline_head(estimator, 3)
+    assert weight.shape == (3, x.shape[1]) and not weight[1].any()
+    head = x @ weight.T + bias
+    assert expit(head) == pytest.approx(expit(MULTI.baseline_outputs(estimator, x, 3)), abs=1e-5)
+
+
 def test_tables_give_each_labels_precision_recall_f1_support_and_threshold():
     rng = np.random.default_rng(3)
     y_true = (rng.random((30, 3)) < 0.5).astype(np.float32)

@@ -128,6 +128,14 @@ def test_baseline_is_the_ridge_fit_in_standardised_space():
     assert scores["baseline_test_mae"] == pytest.approx(mean_absolute_error(y[40:], predicted), rel=1e-5)
 
 
+def test_the_baseline_as_a_linear_head_gives_the_ridges_standardised_predictions():
+    x, y = _linear(1, 60)
+    fitted = REGRESSION.fitted(y)
+    estimator = fitted.fit_baseline(x, y, 0.5, 100)
+    weight, bias = fitted.baseline_head(estimator, 1)
+    assert x @ weight.T + bias == pytest.approx(fitted.baseline_outputs(estimator, x, 1), abs=1e-5)
+
+
 def test_figure_is_a_scatter_with_the_correlations_in_its_title():
     import matplotlib.pyplot as plt
 
