@@ -301,6 +301,16 @@ class StopConfig(_Strict):
     min_delta: float = Field(0.0, ge=0)
 
 
+# What ftsearch.cost measures for every completed trial, and a study file's constraints can bound.
+CostName = Literal["latency_ms", "latency_ms_b32", "params_m", "size_mb"]
+
+
+class Bound(_Strict):
+    """The most a measured cost may be, for a trial to be feasible."""
+
+    max: float = Field(gt=0)
+
+
 class SelectionConfig(_Strict):
     """How the registered model is chosen among the top trials: their configurations trained again
     with other seeds (the best mean wins; ftsearch.reevaluation), and which combinations are
@@ -337,6 +347,12 @@ class StudyConfig(_Strict):
     selection: SelectionConfig = Field(SelectionConfig(), description="ensembles and blends as candidates")
     enqueue: list[dict[str, str | int | float]] = Field(
         [], description="configurations (trial parameter -> value) to try first, before the sampler's own"
+    )
+    constraints: dict[CostName, Bound] = Field(
+        {}, description="measured costs (ftsearch.cost) the registered model must stay within, e.g. latency_ms: {max: 20}"
+    )
+    serve_device: str = Field(
+        "cpu", pattern=r"^(cpu|cuda(:[0-9]+)?)$", description="where each trial's latency is measured: cpu, cuda or cuda:N"
     )
     n_trials: int = Field(10, ge=1)
     timeout: float | None = Field(None, gt=0, description="seconds after which no new trial starts")

@@ -25,6 +25,7 @@ METHOD_ATTR = "ftsearch.method"  # how the backbone was adapted (full, freeze, l
 TRAINABLE_ATTR = "ftsearch.trainable_params"  # parameters the method trained
 EPOCH_SECONDS_ATTR = "ftsearch.epoch_seconds"  # mean seconds per epoch (training and validation)
 PEAK_MEMORY_ATTR = "ftsearch.peak_memory_mb"  # see ftsearch.train.peak_memory_mb
+COST_ATTR = "ftsearch.cost"  # the saved model's ftsearch.cost.Cost, as a dict
 
 # The order in which trial states are counted and shown everywhere.
 STATE_ORDER = ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")
@@ -51,9 +52,15 @@ def latest_generation(study_names: list[str], name: str) -> str | None:
     return found[max(found)] if found else None
 
 
+def feasible(trial: FrozenTrial) -> bool:
+    """Whether a trial met the study's ``constraints`` (Optuna's rule: every constraint value <= 0;
+    a trial without them, pruned before its cost was measured, is feasible)."""
+    return all(value <= 0 for value in trial.constraints.values())
+
+
 def best_trial(study: optuna.Study) -> FrozenTrial | None:
-    """The study's best completed trial (Optuna's choice, so every worker and the report agree on
-    it, ties included); None before any trial completed."""
+    """The study's best completed feasible trial (Optuna's choice, so every worker and the report
+    agree on it, ties included); None before any trial completed within the constraints."""
     try:
         return study.best_trial
     except ValueError:
@@ -61,13 +68,14 @@ def best_trial(study: optuna.Study) -> FrozenTrial | None:
 
 
 def top_trials(study: optuna.Study, k: int) -> list[FrozenTrial]:
-    """The ``k`` best completed trials, best first: Optuna's best, then the others by value (ties
-    by trial number)."""
+    """The ``k`` best completed feasible trials, best first: Optuna's best, then the others by value
+    (ties by trial number)."""
     best = best_trial(study)
     if best is None:
         return []
     sign = -1 if study.direction == optuna.study.StudyDirection.MAXIMIZE else 1
-    others = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.number != best.number]
+    others = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+              if t.number != best.number and feasible(t)]
     return [best, *sorted(others, key=lambda t: (sign * t.value, t.number))][:k]
 
 

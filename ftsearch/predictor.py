@@ -167,18 +167,45 @@ def image_predictor(folder: str | Path) -> ImagePredictor | Ensemble:
     return Ensemble(folder, lambda path, ensemble: ImagePredictor(path)) if is_ensemble(folder) else ImagePredictor(folder)
 
 
+def served_column(model_input, name: str, columns: list[str]) -> list[str]:
+    """Column ``name`` of a served model's input (a DataFrame, or for a model of one input column a
+    plain list of values, as ``{"inputs": [...]}`` sends), checked to hold strings. Anything else
+    is refused with an MLflow error the scoring server answers as 400 Bad Request, naming what the
+    model reads: a number or a null is not a text (nor a path) to be read as its string."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+    expected = ", ".join(f"'{c}'" for c in columns)
+    if isinstance(model_input, pd.DataFrame):
+        if name not in model_input.columns:
+            raise MlflowException(f"the model reads column(s) {expected}; the input has "
+                                  f"{', '.join(repr(str(c)) for c in model_input.columns) or 'none'}",
+                                  error_code=INVALID_PARAMETER_VALUE)
+        values = model_input[name].tolist()
+    elif len(columns) == 1 and isinstance(model_input, list | tuple | np.ndarray | pd.Series):
+        values = list(model_input)
+    else:
+        raise MlflowException(f"the model reads a table with column(s) {expected}, not {type(model_input).__name__}",
+                              error_code=INVALID_PARAMETER_VALUE)
+    for row, value in enumerate(values):
+        if not isinstance(value, str):
+            raise MlflowException(f"column '{name}' must hold strings: row {row} is {value!r} "
+                                  f"({type(value).__name__})", error_code=INVALID_PARAMETER_VALUE)
+    return values
+
+
 class TextClassifierModel(mlflow.pyfunc.PythonModel):
-    """MLflow pyfunc: a DataFrame with a ``text`` column (and ``text_pair`` for a pair model) in,
-    the problem type's prediction table out."""
+    """MLflow pyfunc: a DataFrame with a ``text`` column (and ``text_pair`` for a pair model) of
+    strings in, the problem type's prediction table out."""
 
     def load_context(self, context) -> None:
         self.classifier = text_predictor(context.artifacts["model"])
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        if not isinstance(model_input, pd.DataFrame):
-            model_input = pd.DataFrame({"text": [str(t) for t in model_input]})
-        pairs = model_input["text_pair"].astype(str).tolist() if "text_pair" in model_input else None
-        return self.classifier.predict(model_input["text"].astype(str).tolist(), pairs)
+        columns = ["text", "text_pair"] if self.classifier.pair else ["text"]
+        texts = served_column(model_input, "text", columns)
+        pairs = served_column(model_input, "text_pair", columns) if self.classifier.pair else None
+        return self.classifier.predict(texts, pairs)
 
 
 class ImagePredictor:
@@ -222,4 +249,4 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
         self.predictor = image_predictor(context.artifacts["model"])
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        return self.predictor.predict(model_input["path"].astype(str).tolist())
+        return self.predictor.predict(served_column(model_input, "path", ["path"]))

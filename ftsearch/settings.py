@@ -16,6 +16,10 @@ DATA_DIR_ENV = "FTSEARCH_DATA_DIR"
 # Set by ``ftsearch search --trials-per-gpu`` for each worker: the share of its GPU's memory the
 # worker may allocate (``torch.cuda.set_per_process_memory_fraction``).
 GPU_MEMORY_SHARE_ENV = "FTSEARCH_GPU_MEMORY_SHARE"
+# The most seconds spent timing each of a trial's two latency figures (ftsearch.cost): a quiet
+# machine needs less, a busy one gets no more.
+LATENCY_SECONDS_ENV = "FTSEARCH_LATENCY_SECONDS"
+DEFAULT_LATENCY_SECONDS = 1.0
 DEFAULT_STATE_DIR = "mlruns"
 DEFAULT_DATA_DIR = "data"
 
@@ -70,3 +74,17 @@ def gpu_memory_share() -> float | None:
     if not 0 < share <= 1:
         raise FtsearchError(f"{GPU_MEMORY_SHARE_ENV}={value!r}: must be a share of the GPU's memory in (0, 1]")
     return share
+
+
+def latency_seconds() -> float:
+    """The most seconds ``ftsearch.cost`` spends timing each latency figure of a model."""
+    value = os.environ.get(LATENCY_SECONDS_ENV)
+    if not value:
+        return DEFAULT_LATENCY_SECONDS
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = 0.0
+    if not 0 < seconds <= 600:
+        raise FtsearchError(f"{LATENCY_SECONDS_ENV}={value!r}: must be a number of seconds in (0, 600]")
+    return seconds

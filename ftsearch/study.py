@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import optuna
+import torch
 from mlflow.models import ModelSignature
 from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
@@ -33,6 +34,7 @@ from ftsearch.generations import (
     PARENT_RUN_ATTR,
     REASON_ATTR,
     RUN_ID_ATTR,
+    COST_ATTR,
     best_trial,
     count_states,
     generations,
@@ -98,6 +100,7 @@ def prepare(options: SearchOptions, reporter: Reporter | None = None) -> Prepare
     if options.timeout is not None:
         overrides.append(f"timeout={options.timeout}")
     config = load_study(options.study, overrides, cpu=device.type == "cpu")
+    _check_serve_device(config)
     reporter.info(f"study {config.name} on {device.type.upper()}: {config.plan_summary()}")
     modality = make_modality(config, device)
     reporter.info(modality.describe())
@@ -107,6 +110,19 @@ def prepare(options: SearchOptions, reporter: Reporter | None = None) -> Prepare
         reporter.warn(warning)
     warmstart.from_study_file(config, modality.blocks)  # an entry that does not fit is an error now
     return Prepared(config, device, modality, options.compile)
+
+
+def _check_serve_device(config: StudyConfig) -> None:
+    """Latency is measured where ``serve_device`` says: a GPU that this machine lacks is refused
+    before any trial, not found missing after the first one trained."""
+    name = config.serve_device
+    if name == "cpu":
+        return
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = int(name.partition(":")[2] or 0)
+    if index >= count:
+        raise FtsearchError(f"{config.source}: serve_device {name!r}: this machine has "
+                            f"{count or 'no'} CUDA GPU{'' if count == 1 else 's'}; use serve_device: cpu, or a GPU it has")
 
 
 def run_search(options: SearchOptions, reporter: Reporter | None = None) -> SearchSummary:
@@ -408,7 +424,7 @@ def finish_study(study: optuna.Study, prepared: Prepared, parent: tracking.Study
         parent.set_tag(tracking.STOPPED_TAG, converged)
     _end_orphaned_runs(study, parent)
     _log_study_plots(study, parent, runner.reporter)
-    best = _best_or_why_none(study, counts)
+    best = _best_or_why_none(study, counts, config)
     summary.best_trial, summary.best_value = best.number, best.value
     parent.log_best(config.metric, best.value, best.number, best.params)  # workers may have raced on it
     selected_from = ",".join(str(t.number) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
@@ -439,6 +455,10 @@ def finish_study(study: optuna.Study, prepared: Prepared, parent: tracking.Study
             "selection": chosen.description, f"val_{config.metric}": f"{summary.selection_value:.6f}",
             "models": str(chosen.models), "ms_per_example": f"{1000 * chosen.seconds_per_example:.3f}",
             SELECTED_FROM_TAG: selected_from}
+    # What the chosen model costs where it is served, as measured for its trial (a soup or a seed of
+    # it has the same architecture); a combination's members were measured one by one.
+    if chosen.models == 1 and COST_ATTR in study.trials[first.number].user_attrs:
+        tags.update({name: f"{value:.4f}" for name, value in study.trials[first.number].user_attrs[COST_ATTR].items()})
     if configurations and chosen.kind == "best":
         top = configurations[0]
         tags.update({f"val_{config.metric}_mean": f"{top.mean:.6f}", f"val_{config.metric}_std": f"{top.std:.6f}",
@@ -504,6 +524,12 @@ def _select(study: optuna.Study, prepared: Prepared, parent: tracking.StudyRun, 
     over seeds (empty unless ``selection.seeds`` > 1), best first."""
     config, modality, reporter = prepared.config, prepared.modality, runner.reporter
     wanted = config.selection
+    if config.constraints and (wanted.ensemble or wanted.blend_baseline):
+        # A combination costs its members' latency together, which no trial measured: only single
+        # models (a trial, a seed, the soup of one backbone's weights) are judged within the bounds.
+        wanted = wanted.model_copy(update={"ensemble": False, "blend_baseline": False})
+        reporter.info("constraints: the ensemble and the blend with the baseline are not candidates (each is "
+                      "several models, measured one by one)")
     top = top_trials(study, wanted.top_k if wanted.ensemble or wanted.soup or wanted.seeds > 1 else 1)
     configurations = reevaluation.reevaluate(study, top, runner, wanted.seeds) if wanted.seeds > 1 else []
     if configurations:  # each configuration is represented by its best seed, in the order of their means
@@ -552,8 +578,21 @@ def _select(study: optuna.Study, prepared: Prepared, parent: tracking.StudyRun, 
     return found, chosen, members, baseline, configurations
 
 
-def _best_or_why_none(study: optuna.Study, counts: dict[str, int]) -> FrozenTrial:
+def _best_or_why_none(study: optuna.Study, counts: dict[str, int], config: StudyConfig) -> FrozenTrial:
     best = best_trial(study)
+    if best is None and counts["COMPLETE"]:
+        # Trials completed, none within the constraints: nothing is registered rather than an
+        # infeasible model; the least infeasible trial says how far off the search got.
+        completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        nearest = min(completed, key=lambda t: sum(max(v, 0.0) for v in t.constraints.values()))
+        cost = nearest.user_attrs.get(COST_ATTR, {})
+        measured = ", ".join(f"{name} {cost[name]:.4g} (max {bound.max:g})" for name, bound in config.constraints.items()
+                             if name in cost)
+        raise FtsearchError(
+            f"{config.source}: none of the {counts['COMPLETE']} completed trials meets the constraints, so nothing is "
+            f"registered; the nearest, trial {nearest.number}, measured {measured} on {config.serve_device}. Loosen "
+            "`constraints` or search smaller models (backbones, max_length), then rerun with --fresh"
+        )
     if best is None:
         reasons = [t.user_attrs.get(REASON_ATTR, "") for t in study.trials if t.user_attrs.get(REASON_ATTR)]
         raise FtsearchError(

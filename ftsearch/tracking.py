@@ -35,6 +35,10 @@ STUDY_TAG = "ftsearch.study"
 PARENT_TAG = "mlflow.parentRunId"
 STOPPED_TAG = "ftsearch.stopped"  # on the parent run: why the study's stop rule ended it early
 BASELINE_SKIPPED_TAG = "baseline_skipped"  # on the parent run: why no classical baseline could be fitted
+# The MLflow UI opens an experiment by its kind: without one, MLflow 3 opens on its GenAI overview
+# (traces, all empty) rather than the runs.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "finetuning"
 
 # What a tracking call raises when the store cannot be reached or refuses (an HTTP server away for
 # longer than MLflow's retries, a broken database): callers that can go on without the call catch it.
@@ -68,16 +72,19 @@ def is_shared() -> bool:
 
 
 def experiment_id(mlflow_client: MlflowClient, name: str) -> str:
-    """The study's experiment, created on first use (artifacts under the state dir when local)."""
+    """The study's experiment, created on first use (artifacts under the state dir when local),
+    tagged as a fine-tuning experiment (``EXPERIMENT_KIND_TAG``)."""
     experiment = mlflow_client.get_experiment_by_name(name)
     if experiment is not None:
         if experiment.lifecycle_stage == "deleted":
             mlflow_client.restore_experiment(experiment.experiment_id)
+        if EXPERIMENT_KIND_TAG not in experiment.tags:  # created by an ftsearch before it set the tag
+            mlflow_client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return experiment.experiment_id
     location = None
     if mlflow_client.tracking_uri.startswith("sqlite:"):
         location = (settings.artifact_root() / name).as_uri()
-    return mlflow_client.create_experiment(name, artifact_location=location)
+    return mlflow_client.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
 
 
 def _usable(mlflow_client: MlflowClient, run_id: str) -> bool:

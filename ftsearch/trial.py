@@ -15,9 +15,11 @@ from transformers import set_seed
 
 from ftsearch import progress, tracking
 from ftsearch.checkpoints import TrialCheckpoints
+from ftsearch.cost import measure
 from ftsearch.config import StudyConfig
 from ftsearch.formatting import first_line
 from ftsearch.generations import (
+    COST_ATTR,
     ENQUEUED_FROM_ATTR,
     EPOCH_SECONDS_ATTR,
     METHOD_ATTR,
@@ -142,6 +144,7 @@ class TrialRunner:
             outcome = fit_outcome(result, self.config)
             if outcome.state == "PRUNED":
                 raise optuna.TrialPruned(outcome.reason)
+            self._set_constraints(trial)
             self._share_if_top(trial, outcome.value, run)
             return outcome.value
         except BaseException as err:
@@ -241,6 +244,7 @@ class TrialRunner:
             if result.status == "completed":
                 setup.model.load_state_dict(result.best_state)
                 self.modality.save(setup.serving_model(), trial_cfg, files[1], problem)
+                self._record_serving_cost(trial, run, files[1], result.best_epoch)
             if result.best_epoch is not None:
                 run.log_metrics({"best_epoch": result.best_epoch}, step=result.best_epoch)
                 self._log_figures(run, result.best_eval, problem)
@@ -258,6 +262,31 @@ class TrialRunner:
         trial.set_user_attr(PEAK_MEMORY_ATTR, round(peak, 1))
         if seconds:
             trial.set_user_attr(EPOCH_SECONDS_ATTR, round(sum(seconds) / len(seconds), 3))
+
+    def _record_serving_cost(self, trial: Attempt, run: tracking.TrialRun, weights: Path, step: int) -> None:
+        """The saved model's latency, parameters and size where it will be served (``serve_device``),
+        on the run (at the best epoch, whose weights were saved) and on the trial (for constraints
+        and the report)."""
+        device = self.config.serve_device
+        predictor, inputs = self.modality.served(weights, device)
+        try:
+            cost = measure(predictor, inputs, weights, device)
+        finally:
+            del predictor
+            free_memory()
+        run.log_metrics(cost.as_dict(), step=step)
+        trial.set_user_attr(COST_ATTR, {k: round(v, 4) for k, v in cost.as_dict().items()})
+        self.reporter.info(f"  served on {device}: {cost.latency_ms:.1f} ms per example alone, "
+                           f"{cost.latency_ms_b32:.1f} in batches of 32; {cost.params_m:.1f}M parameters, "
+                           f"{cost.size_mb:.1f} MB")
+
+    def _set_constraints(self, trial: optuna.Trial) -> None:
+        """Each ``constraints`` bound as Optuna's constraint value: the measured cost's relative
+        excess over its bound (feasible when <= 0), so that costs in different units weigh alike
+        in the sampler's infeasibility score."""
+        cost = trial.user_attrs[COST_ATTR]
+        for name, bound in self.config.constraints.items():
+            trial.set_constraint(name, cost[name] / bound.max - 1.0)
 
     def _log_figures(self, run: tracking.TrialRun, evaluation: Evaluation, problem: ProblemType) -> None:
         """The best epoch's figures and tables: the problem type's, then the modality's of the

@@ -80,8 +80,8 @@ def make_tagged(n: int, seed: int) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def build_tiny_bert(folder: Path) -> Path:
-    """A randomly initialised 2-block BERT (hidden 32) with a word-level vocabulary."""
+def build_tiny_bert(folder: Path, blocks: int = 2, hidden: int = 32, positions: int = 64) -> Path:
+    """A randomly initialised BERT (by default 2 blocks, hidden 32) with a word-level vocabulary."""
     import torch
     from transformers import BertConfig, BertModel, BertTokenizer
 
@@ -89,8 +89,8 @@ def build_tiny_bert(folder: Path) -> Path:
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *POSITIVE, *NEGATIVE, *NEUTRAL]
     BertTokenizer(vocab={word: i for i, word in enumerate(vocab)}).save_pretrained(folder)
     config = BertConfig(
-        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=64,
+        vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=blocks, num_attention_heads=2,
+        intermediate_size=2 * hidden, max_position_embeddings=positions,
     )
     torch.manual_seed(0)
     BertModel(config).save_pretrained(folder)

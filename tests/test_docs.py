@@ -40,16 +40,18 @@ def study_keys(model: type[BaseModel] = StudyConfig, prefix: str = "") -> list[s
             continue
         key = f"{prefix}{name}"
         keys.append(key)
+        # A table of named entries (``constraints: {latency_ms: {max: 20}}``): ``constraints.<name>.max``.
+        inner = f"{key}.<name>." if typing.get_origin(field.annotation) is dict else f"{key}."
         for nested in _models_in(field.annotation):
             if not issubclass(nested, VALUE_TYPES):
-                keys += study_keys(nested, f"{key}.")
+                keys += study_keys(nested, inner)
     return keys
 
 
 def test_the_walk_finds_nested_and_optional_keys():
     keys = study_keys()
     assert {"data.dataset", "search.lr", "search.augment.token_mask", "sampler.startup_trials",
-            "pruner.min_epochs", "cpu_plan"} <= set(keys)
+            "pruner.min_epochs", "cpu_plan", "constraints.<name>.max"} <= set(keys)
     assert "source" not in keys and "search.lr.low" not in keys
 
 

@@ -68,6 +68,18 @@ def test_one_parent_and_a_child_run_per_trial_with_epoch_curves(in_searched):
             "data_report.json"} <= parent_artifacts
 
 
+def test_the_experiment_is_a_fine_tuning_one_and_each_trial_measured_its_served_cost(in_searched):
+    parents, children = runs("tiny")
+    # The MLflow UI opens a fine-tuning experiment on its runs, not on the GenAI overview.
+    assert store().get_experiment(parents[0].info.experiment_id).tags["mlflow.experimentKind"] == "finetuning"
+    version = store().get_model_version_by_alias("tiny-sentiment", "candidate")
+    for child in children:
+        cost = child.data.metrics
+        assert 0 < cost["latency_ms_b32"] and 0 < cost["latency_ms"] and cost["params_m"] > 0.01 and cost["size_mb"] > 0
+    best = store().get_run(version.tags["run_id"]).data.metrics
+    assert float(version.tags["latency_ms"]) == pytest.approx(best["latency_ms"], abs=1e-4)
+
+
 def test_training_learns_the_task(in_searched):
     _, children = runs("tiny")
     client = store()

@@ -111,6 +111,10 @@ class Modality(Protocol):
         """The classical baseline as a member of a blend, saved in ``folder``, with its outputs on
         val and test. A full disk raises ``DiskFull``."""
 
+    def served(self, folder: Path, device: str):
+        """The saved model's predictor on ``device`` (``ftsearch.predictor``) and the validation
+        inputs as its ``outputs`` takes them: what ``ftsearch.cost`` times."""
+
     def input_example(self) -> pd.DataFrame:
         """Two served inputs, for the registered model's example."""
 

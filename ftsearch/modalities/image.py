@@ -33,6 +33,7 @@ from ftsearch.models.vision import (
     resolve_vision_backbone,
     save_image_classifier,
 )
+from ftsearch.predictor import ImagePredictor
 from ftsearch.problems.base import Evaluation, ProblemType
 from ftsearch.space import TrialConfig, searched_lora_targets
 from ftsearch.train import evaluate
@@ -181,6 +182,9 @@ class ImageModality:
     def eval_setup(self, folder: Path, split: str) -> tuple[torch.nn.Module, DataLoader]:
         model, meta = load_image_classifier(folder)
         return model, self._loader(getattr(self.splits, split), image_eval_transform(meta["preprocessing"]), EVAL_BATCH_SIZE)
+
+    def served(self, folder: Path, device: str) -> tuple[ImagePredictor, tuple[list[str]]]:
+        return ImagePredictor(folder, device), ([path for path, _ in self.splits.val],)
 
     def input_example(self) -> pd.DataFrame:
         return pd.DataFrame({"path": [path for path, _ in self.splits.test[:2]]})

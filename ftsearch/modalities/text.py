@@ -29,7 +29,7 @@ from ftsearch.modalities.base import (
     count_params,
 )
 from ftsearch.models.text import load_classifier, load_tokenizer, resolve_backbone, set_head_bias, skeleton
-from ftsearch.predictor import BASELINE_FILE, read_meta, save_classifier, save_text_baseline
+from ftsearch.predictor import BASELINE_FILE, TextClassifier, read_meta, save_classifier, save_text_baseline
 from ftsearch.problems.base import Evaluation, ProblemType
 from ftsearch.space import TrialConfig, searched_lora_targets
 
@@ -198,6 +198,10 @@ class TextModality:
     def example_figures(self, evaluation: Evaluation) -> dict[str, object]:
         """Nothing to draw for text; the problem type's figures say it."""
         return {}
+
+    def served(self, folder: Path, device: str) -> tuple[TextClassifier, tuple[list[str], ...]]:
+        columns = ["text", "text_pair"] if self.pair else ["text"]
+        return TextClassifier(folder, device), tuple(self.splits.val[c].astype(str).tolist() for c in columns)
 
     def input_example(self) -> pd.DataFrame:
         columns = ["text", "text_pair"] if self.pair else ["text"]

@@ -30,6 +30,7 @@ from ftsearch.distributed import storage
 from ftsearch.errors import FtsearchError
 from ftsearch.formatting import first_line
 from ftsearch.generations import (
+    COST_ATTR,
     EPOCH_SECONDS_ATTR,
     METHOD_ATTR,
     PARENT_RUN_ATTR,
@@ -63,7 +64,8 @@ class TrialRow:
     is how the backbone was adapted (an Optuna param only when the study searched several);
     ``trainable_params``, ``epoch_seconds`` (mean seconds per epoch, training and validation) and
     ``peak_memory_mb`` (MiB) are None for a trial that did not record them (older studies, a trial
-    that failed before training).
+    that failed before training). ``cost`` is the saved model's ``ftsearch.cost.Cost`` (None when
+    none was saved), ``over`` the study's constraints it broke (an infeasible trial).
     """
 
     number: int
@@ -78,6 +80,8 @@ class TrialRow:
     trainable_params: int | None = None
     epoch_seconds: float | None = None
     peak_memory_mb: float | None = None
+    cost: dict[str, float] | None = None
+    over: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -363,11 +367,14 @@ def _row(trial: FrozenTrial, curve: list[tuple[int, float]] | None, maximize: bo
         trainable_params=attrs.get(TRAINABLE_ATTR),
         epoch_seconds=attrs.get(EPOCH_SECONDS_ATTR),
         peak_memory_mb=attrs.get(PEAK_MEMORY_ATTR),
+        cost=attrs.get(COST_ATTR),
+        over=tuple(name for name, value in trial.constraints.items() if value > 0),
     )
 
 
 def _rank_key(row: TrialRow, maximize: bool, best_number: int | None) -> tuple:
-    state = _RANK_OF_STATE.get(row.state, 3)
+    # An infeasible trial is ranked after those within the constraints, whatever its value.
+    state = _RANK_OF_STATE.get(row.state, 3) + (0.5 if row.over else 0)
     if row.value is None or state > 1:
         return (state, 1, 0.0, True, row.number)
     return (state, 0, -row.value if maximize else row.value, row.number != best_number, row.number)

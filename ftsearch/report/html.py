@@ -25,6 +25,8 @@ from ftsearch.report.views import (
     artifact_caption,
     comparison_gaps,
     comparison_rows,
+    cost_cells,
+    cost_head,
     counts_text,
     data_view,
     method_rows,
@@ -143,10 +145,12 @@ def _leaderboard(report: StudyReport) -> dict:
     params = [shown_params(row) for row in report.rows]
     varying, constant = split_params(params)
     reasons = any(row.reason for row in report.rows)
-    head = ["trial", "state", f"val {report.metric}", "epochs", "duration", *varying, *(["reason"] if reasons else [])]
+    head = ["trial", "state", f"val {report.metric}", "epochs", "duration", *cost_head(report), *varying,
+            *(["reason"] if reasons else [])]
     rows = []
     for row, values in zip(report.rows, params, strict=True):
-        cells = [str(row.number), state_label(row), format_metric(row.value), str(row.epochs), format_seconds(row.seconds)]
+        cells = [str(row.number), state_label(row), format_metric(row.value), str(row.epochs), format_seconds(row.seconds),
+                 *cost_cells(report, row)]
         cells += [format_value(values[n]) if n in values else MISSING for n in varying]
         if reasons:
             cells.append(row.reason.splitlines()[0] if row.reason else "")

@@ -17,6 +17,8 @@ from ftsearch.report.views import (
     TableView,
     comparison_gaps,
     comparison_rows,
+    cost_cells,
+    cost_head,
     counts_text,
     method_rows,
     method_table,
@@ -29,6 +31,7 @@ from ftsearch.report.views import (
 )
 
 _FIXED_WIDTH = 60  # about what the trial, state, value, epochs and duration columns take
+_COST_WIDTH = 36  # and the cost columns, when trials measured them
 TABLE_ROWS = 10  # rows of each test table printed; the HTML report has them all
 
 
@@ -66,17 +69,18 @@ def _print_leaderboard(console: Console, report: StudyReport, shown: list[TrialR
         box=box.SIMPLE_HEAVY, title_justify="left",
     )
     for header, justify in [("trial", "right"), ("state", "left"), (f"val {report.metric}", "right"),
-                            ("epochs", "right"), ("duration", "right")]:
+                            ("epochs", "right"), ("duration", "right"), *((h, "right") for h in cost_head(report))]:
         table.add_column(header, justify=justify, no_wrap=True)
     values = [{n: _short(format_value(p[n])) if n in p else MISSING for n in varying} for p in params]
     # One column per param while they fit the width; else one wrapped "params" column, which
     # stays readable where a dozen squeezed columns would fold every value over four lines.
-    width = _FIXED_WIDTH + sum(3 + max(len(n), *(len(v[n]) for v in values)) for n in varying)
+    width = _FIXED_WIDTH + (_COST_WIDTH if cost_head(report) else 0) + sum(3 + max(len(n), *(len(v[n]) for v in values)) for n in varying)
     as_columns = width <= console.width
     for name in varying if as_columns else ["params"]:
         table.add_column(name, justify="right" if as_columns else "left", overflow="fold")
     for row, row_values in zip(shown, values, strict=True):
-        cells = [str(row.number), state_label(row), format_metric(row.value), str(row.epochs), format_seconds(row.seconds)]
+        cells = [str(row.number), state_label(row), format_metric(row.value), str(row.epochs), format_seconds(row.seconds),
+                 *cost_cells(report, row)]
         if as_columns:
             cells += list(row_values.values())
         else:

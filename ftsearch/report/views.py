@@ -51,7 +51,25 @@ def ranking_text(report: StudyReport) -> str:
 def state_label(row: TrialRow) -> str:
     if row.state == "PRUNED":
         return f"PRUNED at epoch {row.epochs}" if row.epochs else "PRUNED"
+    if row.over:
+        return f"{row.state}, over {', '.join(row.over)}"
     return row.state
+
+
+# The leaderboard's columns of what a trial's model costs where it is served (ftsearch.cost).
+COST_COLUMNS = (("latency_ms", "ms / example"), ("latency_ms_b32", "ms / ex. at 32"), ("size_mb", "MB"))
+
+
+def cost_head(report: StudyReport) -> list[str]:
+    """The cost columns' headers, when any trial measured its cost (none for older studies)."""
+    return [header for _, header in COST_COLUMNS] if any(row.cost for row in report.rows) else []
+
+
+def cost_cells(report: StudyReport, row: TrialRow) -> list[str]:
+    """``row``'s cells under ``cost_head``."""
+    if not cost_head(report):
+        return []
+    return [f"{row.cost[name]:.3g}" if row.cost and name in row.cost else MISSING for name, _ in COST_COLUMNS]
 
 
 @dataclass(frozen=True)
