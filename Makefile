@@ -3,6 +3,7 @@
 #   make ui                                         MLflow UI on 127.0.0.1:$(PORT)
 #   make dashboard                                  optuna-dashboard on 127.0.0.1:$(DASHBOARD_PORT)
 #   make promote STUDY=imdb ARGS=--force            move the champion alias
+#   make serve STUDY=imdb                           the champion over REST on 127.0.0.1:$(SERVE_PORT)
 #   make report STUDY=imdb ARGS="--top 20"          leaderboard + HTML report (mlruns/reports/)
 #   make test                                       the test suite (fast; ARGS="-m slow" for the slow ones)
 
@@ -13,11 +14,12 @@ ARGS ?=
 HOST ?= 127.0.0.1
 PORT ?= 5000
 DASHBOARD_PORT ?= 8080
+SERVE_PORT ?= 5001
 STATE := $${FTSEARCH_STATE_DIR:-$(CURDIR)/mlruns}
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: search ui dashboard promote report test env clean-env
+.PHONY: search ui dashboard promote serve report test env clean-env
 
 env: $(STAMP)
 
@@ -33,14 +35,17 @@ search: $(STAMP)
 promote: $(STAMP)
 	$(BIN)/ftsearch promote $(STUDY) $(ARGS)
 
+# The champion (or STUDY=models:/NAME@ALIAS) from this environment: `mlflow models serve` finds uvicorn.
+serve: $(STAMP)
+	$(BIN)/ftsearch serve $(STUDY) --host $(HOST) --port $(SERVE_PORT) $(ARGS)
+
 # The HTML report also lands on the study's MLflow parent run as report.html.
 report: $(STAMP)
 	$(BIN)/ftsearch report $(STUDY) $(ARGS)
 
+# Prints each study's link (its runs) first: MLflow's UI opens experiments on its GenAI view.
 ui: $(STAMP)
-	@echo "MLflow UI: http://$(HOST):$(PORT)"
-	$(BIN)/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(STATE)/mlflow.db}" \
-		--host $(HOST) --port $(PORT)
+	$(BIN)/ftsearch ui --host $(HOST) --port $(PORT)
 
 # STORAGE= points it at another Optuna storage (what was given to --storage).
 dashboard: $(STAMP)

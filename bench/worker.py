@@ -153,7 +153,8 @@ def _note_val_accuracy(probe: Probe, args: tuple, kwargs: dict) -> None:
     if metrics is None and len(args) >= 3:  # (self, run_id, metrics, ...)
         metrics = args[2]
     for metric in metrics or ():
-        if getattr(metric, "key", None) == "val_accuracy":
+        # A metric with a model id is a trial's LoggedModel linking a validation already counted.
+        if getattr(metric, "key", None) == "val_accuracy" and getattr(metric, "model_id", None) is None:
             probe.eval_done(metric.value, metric.step)
 
 

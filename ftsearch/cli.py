@@ -1,4 +1,4 @@
-"""The ``ftsearch`` command: search, check, worker, promote, predict, report, repair-journal. Thin: parses arguments and calls the package."""
+"""The ``ftsearch`` command: search, check, worker, promote, predict, ui, serve, export, report, repair-journal. Thin: parses arguments and calls the package."""
 
 from __future__ import annotations
 
@@ -86,6 +86,27 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--pair-column", metavar="NAME", help="--input's column of the second texts of pairs")
     predict.add_argument("--columns", nargs="+", metavar="NAME",
                          help="names of --input's columns, for a .csv / .tsv file without a header row")
+
+    ui = commands.add_parser("ui", help="the MLflow UI on the studies' store, with a link to each study's runs")
+    ui.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    ui.add_argument("--port", type=_positive_int, default=5000, help="port (default 5000)")
+    ui.add_argument("--workers", type=_positive_int, help="server processes (default: MLflow's)")
+
+    serve = commands.add_parser(
+        "serve", help="serve a registered model over REST (MLflow's scoring server, from this environment)"
+    )
+    serve.add_argument("target", help="a study (its champion is served) or a model URI, e.g. models:/ftsearch-imdb@candidate")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=_positive_int, default=5001, help="port (default 5001; the MLflow UI's is 5000)")
+    serve.add_argument("--workers", type=_positive_int, default=1, help="server processes, each with its own model (default 1)")
+
+    export = commands.add_parser(
+        "export", help="export a registered model to ONNX, checked against PyTorch and timed under ONNX Runtime"
+    )
+    export.add_argument("model_uri", help="a registered version: models:/NAME@ALIAS or models:/NAME/VERSION")
+    export.add_argument("--format", default="onnx", choices=["onnx"], help="the format (default onnx)")
+    export.add_argument("--output", type=Path, metavar="DIR",
+                        help="where to write it (default: <state dir>/exports/<name>-v<version>-onnx)")
 
     repair = commands.add_parser(
         "repair-journal",
@@ -318,6 +339,57 @@ def _stderr_console():
     return Console(stderr=True)
 
 
+def _ui(args: argparse.Namespace) -> int:
+    import os
+
+    from ftsearch import settings, tracking
+
+    base = f"http://{args.host}:{args.port}"
+    uri = settings.tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        base = uri.rstrip("/")  # a tracking server serves its own UI
+    pages = tracking.study_pages(base)
+    print(f"MLflow UI: {base}")
+    for name, url in pages.items():
+        print(f"  study {name}: {url}")
+    if not pages:
+        print("  no study yet: `make search STUDY=imdb` runs one")
+    print("  (MLflow opens an experiment on its GenAI overview unless 'Model training' is chosen in its sidebar "
+          "once; these links choose it)", flush=True)
+    if base == uri.rstrip("/"):
+        return 0
+    bin_dir = Path(sys.prefix) / "bin"
+    command = [str(bin_dir / "mlflow"), "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port),
+               *(["--workers", str(args.workers)] if args.workers else [])]
+    env = {**os.environ, "PATH": os.pathsep.join([str(bin_dir), os.environ.get("PATH", "")])}
+    os.execve(command[0], command, env)  # the server takes over this process: Ctrl-C reaches it directly
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import os
+
+    from ftsearch.serve import model_uri, server_command
+
+    uri = model_uri(args.target)
+    command, env = server_command(uri, args.host, args.port, args.workers)
+    print(f"serving {uri} on http://{args.host}:{args.port}/invocations (Ctrl-C stops it)", flush=True)
+    os.execve(command[0], command, env)  # the server takes over this process: signals reach it directly
+
+
+def _export(args: argparse.Namespace) -> int:
+    from ftsearch.export import export
+
+    done = export(args.model_uri, args.format, args.output)
+    ms = done.latency
+    print(f"exported {done.uri} to {done.folder} ({args.format}); its outputs match PyTorch's on {done.checked} "
+          f"validation examples (largest difference {done.max_abs_diff:.2g})")
+    print(f"latency per example on this CPU: PyTorch {ms['torch_latency_ms']:.2f} ms alone, "
+          f"{ms['torch_latency_ms_b32']:.2f} ms in batches of 32; ONNX Runtime {ms['onnx_latency_ms']:.2f} ms alone, "
+          f"{ms['onnx_latency_ms_b32']:.2f} ms in batches of 32")
+    print(f"logged to run {done.run_id} as onnx/")
+    return 0
+
+
 def _repair_journal(args: argparse.Namespace) -> int:
     from ftsearch import settings
     from ftsearch.distributed.journal import repair_journal
@@ -339,7 +411,7 @@ def _repair_journal(args: argparse.Namespace) -> int:
 
 _COMMANDS = {
     "search": _search, "check": _check, "worker": _worker, "promote": _promote, "predict": _predict, "report": _report,
-    "repair-journal": _repair_journal,
+    "ui": _ui, "serve": _serve, "export": _export, "repair-journal": _repair_journal,
 }
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import re
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -311,6 +312,24 @@ class Bound(_Strict):
     max: float = Field(gt=0)
 
 
+class SelectConfig(_Strict):
+    """How the model to register is chosen from the Pareto front of a study with several
+    ``objectives`` (ftsearch.objectives.choose)."""
+
+    rule: Literal["best", "within", "knee"] = Field(
+        "best", description="best: the best metric on the front; within: the best second objective among the front's "
+        "trials whose metric is within tolerance of the best; knee: nearest the ideal point, objectives scaled to [0, 1]"
+    )
+    tolerance: float = Field(0.01, ge=0, description="within: how far below the best metric a trial may be, in its units")
+
+    @model_validator(mode="after")
+    def _tolerance_fits_rule(self) -> SelectConfig:
+        # By value, not by the keys given: a resolved study (config.json) must validate again.
+        if self.tolerance != type(self).model_fields["tolerance"].default and self.rule != "within":
+            raise ValueError(f"select.tolerance applies to rule 'within' only (rule is {self.rule!r})")
+        return self
+
+
 class SelectionConfig(_Strict):
     """How the registered model is chosen among the top trials: their configurations trained again
     with other seeds (the best mean wins; ftsearch.reevaluation), and which combinations are
@@ -348,11 +367,20 @@ class StudyConfig(_Strict):
     enqueue: list[dict[str, str | int | float]] = Field(
         [], description="configurations (trial parameter -> value) to try first, before the sampler's own"
     )
+    objectives: list[str] | None = Field(
+        None, min_length=2, description="several objectives, the metric among them: validation metrics of the task and "
+        "measured costs (latency_ms, latency_ms_b32, params_m, size_mb); Optuna keeps their Pareto front"
+    )
+    select: SelectConfig = Field(SelectConfig(), description="with objectives: how the model is chosen from the front")
     constraints: dict[CostName, Bound] = Field(
         {}, description="measured costs (ftsearch.cost) the registered model must stay within, e.g. latency_ms: {max: 20}"
     )
     serve_device: str = Field(
         "cpu", pattern=r"^(cpu|cuda(:[0-9]+)?)$", description="where each trial's latency is measured: cpu, cuda or cuda:N"
+    )
+    system_metrics: bool = Field(
+        True, description="log CPU, memory, disk and GPU use on each trial's run (MLflow's system metrics); "
+        "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING overrides it on a machine"
     )
     n_trials: int = Field(10, ge=1)
     timeout: float | None = Field(None, gt=0, description="seconds after which no new trial starts")
@@ -391,6 +419,44 @@ class StudyConfig(_Strict):
                              "(data.text_pair_column): a pair is cut longest first, the longer text losing its last "
                              "tokens; leave search.truncation out")
         return self
+
+    @model_validator(mode="after")
+    def _fits_objectives(self) -> StudyConfig:
+        if self.objectives is None:
+            if self.select != SelectConfig():
+                raise ValueError("select applies to a study with several objectives: add objectives, e.g. "
+                                 f"[{self.metric}, latency_ms], or remove select")
+            return self
+        n_labels = None if self.data.labels is None else len(self.data.labels)
+        allowed = [*self.problem.metrics_for(n_labels), *typing.get_args(CostName)]
+        for name in self.objectives:
+            if name not in allowed:
+                raise ValueError(f"objectives: {name!r} is not a metric of {self.task} nor a measured cost; "
+                                 f"use {_one_of(allowed)}")
+        if len(set(self.objectives)) != len(self.objectives):
+            raise ValueError("objectives: each at most once")
+        if self.metric not in self.objectives:
+            raise ValueError(f"objectives must include the study's metric {self.metric!r} (it orders the leaderboard "
+                             "and is scored on test), or leave metric out to use the first metric among them")
+        return self
+
+    @property
+    def objective_names(self) -> list[str]:
+        """What the Optuna study optimises, the metric first (ftsearch.objectives.primary)."""
+        return [self.metric, *(name for name in self.objectives or () if name != self.metric)]
+
+    @property
+    def objective_directions(self) -> list[str]:
+        """Each objective's direction: a metric's own, a cost's ``minimize``."""
+        return [self.problem.direction(name) if name in self.problem.metrics else "minimize"
+                for name in self.objective_names]
+
+    def pruning_note(self) -> str | None:
+        """Why this study prunes no trial although its pruner would, or None."""
+        if self.objectives and self.pruner.name != "none":
+            return (f"pruning: off, the {self.pruner.name} pruner unused: Optuna prunes single-objective studies only, "
+                    f"and this one has objectives {', '.join(self.objective_names)}; every trial runs all its epochs")
+        return None
 
     def _fits_targets(self) -> None:
         """The data keys that say what a text task's targets are must fit its problem type."""
@@ -435,7 +501,10 @@ class StudyConfig(_Strict):
         spec = TASKS.get(task) if isinstance(task, str) else None  # a bad task is reported by its validator
         metrics = problem_type(spec.problem).metrics if spec is not None else {}
         if "metric" not in raw and metrics:
-            raw = {**raw, "metric": next(iter(metrics))}
+            # With several objectives, the first metric among them; else the task's first.
+            named = [o for o in raw.get("objectives") or () if isinstance(o, str) and o in metrics] \
+                if isinstance(raw.get("objectives"), list) else []
+            raw = {**raw, "metric": named[0] if named else next(iter(metrics))}
         metric = raw.get("metric", cls.model_fields["metric"].default)
         if "direction" not in raw and isinstance(metric, str) and metric in metrics:
             raw = {**raw, "direction": "maximize" if metrics[metric] else "minimize"}
@@ -494,9 +563,10 @@ class StudyConfig(_Strict):
         """The fields that define the search; resuming a study with other values is refused.
 
         Defaults are left out, so that a field added to ftsearch later does not block resuming."""
-        # What is chosen after the trials (``selection``) and what is tried first (``enqueue``, once
-        # per configuration) may change on a resume.
-        return self.model_dump(exclude={"n_trials", "timeout", "cpu_plan", "source", "selection", "enqueue"},
+        # What is recorded beside the trials (``system_metrics``), chosen after them (``selection``,
+        # ``select``) and tried first (``enqueue``, once per configuration) may change on a resume.
+        return self.model_dump(exclude={"n_trials", "timeout", "cpu_plan", "source", "selection", "select", "enqueue",
+                                        "system_metrics"},
                                exclude_defaults=True)
 
 

@@ -46,6 +46,15 @@ def measure(predictor, inputs: Sequence[list], folder: Path, device: str | torch
     """The cost of the model saved in ``folder``, served by ``predictor`` (its ``outputs(*inputs,
     batch_size=)`` and ``model``) on ``device``; ``inputs``: validation inputs as ``outputs``
     takes them (texts, or texts and their pairs, or image paths)."""
+    single, batched = latency_ms(predictor, inputs)
+    params = sum(p.numel() for p in predictor.model.parameters())
+    size = sum(f.stat().st_size for f in Path(folder).rglob("*") if f.suffix in WEIGHT_SUFFIXES)
+    return Cost(latency_ms=single, latency_ms_b32=batched, params_m=params / 1e6, size_mb=size / 1e6)
+
+
+def latency_ms(predictor, inputs: Sequence[list]) -> tuple[float, float]:
+    """Milliseconds per example of ``predictor.outputs`` on ``inputs``: one example per call, and
+    in calls of ``BATCH`` examples."""
     count = len(inputs[0])
     if count == 0:
         raise ValueError("no validation inputs to time the model on")
@@ -55,10 +64,7 @@ def measure(predictor, inputs: Sequence[list], folder: Path, device: str | torch
 
     single = _median_seconds(call, [[i] for i in range(count)])
     batched = _median_seconds(call, [[(start + k) % count for k in range(BATCH)] for start in range(0, count, BATCH)])
-    params = sum(p.numel() for p in predictor.model.parameters())
-    size = sum(f.stat().st_size for f in Path(folder).rglob("*") if f.suffix in WEIGHT_SUFFIXES)
-    return Cost(latency_ms=1000 * single, latency_ms_b32=1000 * batched / BATCH, params_m=params / 1e6,
-                size_mb=size / 1e6)
+    return 1000 * single, 1000 * batched / BATCH
 
 
 def _median_seconds(call: Callable[[list[int]], None], batches: list[list[int]]) -> float:

@@ -10,6 +10,8 @@ from collections.abc import Iterable
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from ftsearch import objectives
+
 PARENT_RUN_ATTR = "mlflow_parent_run_id"  # study attribute: the MLflow parent run
 RUN_ID_ATTR = "mlflow_run_id"  # trial attribute: the trial's MLflow run
 CONFIG_ATTR = "ftsearch_config"  # study attribute: the search identity it was started with
@@ -26,6 +28,8 @@ TRAINABLE_ATTR = "ftsearch.trainable_params"  # parameters the method trained
 EPOCH_SECONDS_ATTR = "ftsearch.epoch_seconds"  # mean seconds per epoch (training and validation)
 PEAK_MEMORY_ATTR = "ftsearch.peak_memory_mb"  # see ftsearch.train.peak_memory_mb
 COST_ATTR = "ftsearch.cost"  # the saved model's ftsearch.cost.Cost, as a dict
+MODEL_ID_ATTR = "ftsearch.model_id"  # trial attribute: the MLflow LoggedModel of its saved model
+SELECT_ATTR = "ftsearch.select"  # study attribute: the study file's select rule, as {rule, tolerance}
 
 # The order in which trial states are counted and shown everywhere.
 STATE_ORDER = ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")
@@ -58,9 +62,25 @@ def feasible(trial: FrozenTrial) -> bool:
     return all(value <= 0 for value in trial.constraints.values())
 
 
+def is_multi_objective(study: optuna.Study) -> bool:
+    """Whether the study optimises several objectives (a study file's ``objectives``)."""
+    return len(study.directions) > 1
+
+
+def front(study: optuna.Study) -> list[FrozenTrial]:
+    """A multi-objective study's Pareto front of completed feasible trials (Optuna's
+    ``best_trials``); empty for a single-objective study."""
+    return study.best_trials if is_multi_objective(study) else []
+
+
 def best_trial(study: optuna.Study) -> FrozenTrial | None:
-    """The study's best completed feasible trial (Optuna's choice, so every worker and the report
-    agree on it, ties included); None before any trial completed within the constraints."""
+    """The study's best completed feasible trial, so every worker and the report agree on it, ties
+    included: Optuna's choice, or with several objectives the study's ``select`` rule's choice from
+    the Pareto front; None before any trial completed within the constraints."""
+    if is_multi_objective(study):
+        rule = study.user_attrs.get(SELECT_ATTR, {})
+        return objectives.choose(study.best_trials, study.directions, rule.get("rule", "best"),
+                                 rule.get("tolerance", 0.0))
     try:
         return study.best_trial
     except ValueError:
@@ -68,15 +88,15 @@ def best_trial(study: optuna.Study) -> FrozenTrial | None:
 
 
 def top_trials(study: optuna.Study, k: int) -> list[FrozenTrial]:
-    """The ``k`` best completed feasible trials, best first: Optuna's best, then the others by value
-    (ties by trial number)."""
+    """The ``k`` best completed feasible trials, best first: the best trial, then the others by
+    the study's metric (ties by trial number)."""
     best = best_trial(study)
     if best is None:
         return []
-    sign = -1 if study.direction == optuna.study.StudyDirection.MAXIMIZE else 1
+    sign = -1 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else 1
     others = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
               if t.number != best.number and feasible(t)]
-    return [best, *sorted(others, key=lambda t: (sign * t.value, t.number))][:k]
+    return [best, *sorted(others, key=lambda t: (sign * objectives.primary(t), t.number))][:k]
 
 
 def count_states(trials: Iterable[FrozenTrial], states: Iterable[str] = STATE_ORDER) -> dict[str, int]:

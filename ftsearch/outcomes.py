@@ -21,11 +21,12 @@ INTERRUPTED = "interrupted (Ctrl-C or SIGTERM); it resumes from its last epoch w
 class Outcome:
     """``state``: COMPLETE (with ``value``), PRUNED (stopped early, or diverged), FAIL (a bug or a
     broken setup), KILLED (interrupted: retried from its last epoch) or ABANDONED (another worker
-    judged it dead while it ran, ended its run and queued its retry); ``reason`` says why."""
+    judged it dead while it ran, ended its run and queued its retry); ``reason`` says why. A
+    completed trial of a study with several objectives has one ``value`` per objective."""
 
     state: State
     reason: str = ""
-    value: float | None = None
+    value: float | list[float] | None = None
 
     @property
     def interrupted(self) -> bool:

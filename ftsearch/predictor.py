@@ -55,11 +55,29 @@ def save_classifier(
     (folder / META_FILE).write_text(json.dumps(meta))
 
 
-class TextClassifier:
+class Network:
+    """A saved model's network on ``device``: ``inputs`` turns raw examples into the arrays it
+    reads, ``logits`` runs it on tensors of those names, ``forward`` goes from arrays to outputs."""
+
+    device: torch.device
+
+    def logits(self, **tensors: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.inference_mode()
+    def forward(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        """The head's outputs for one batch of ``inputs``: the PyTorch network's (``ftsearch.export``
+        gives an ONNX Runtime session's instead)."""
+        return self.logits(**{k: torch.from_numpy(v).to(self.device) for k, v in batch.items()}).float().cpu().numpy()
+
+
+class TextClassifier(Network):
     """Predicts for texts (or pairs of texts) from a saved text model folder: what its problem
     type returns (a label and class probabilities, a set of labels, a number)."""
 
-    def __init__(self, folder: str | Path, device: str = "cpu"):
+    def __init__(self, folder: str | Path, device: str = "cpu", network: bool = True):
+        """``network=False`` reads only what prepares the inputs and reads the outputs (for an
+        exported folder, whose network runs elsewhere: ``ftsearch.export.onnx_predictor``)."""
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         folder = Path(folder)
@@ -70,16 +88,16 @@ class TextClassifier:
         self.labels = tuple(meta["labels"])
         self.problem = saved_problem(meta)
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
-        self.model = AutoModelForSequenceClassification.from_pretrained(folder, use_safetensors=True)
         self.device = torch.device(device)
-        self.model.to(self.device).eval()
+        if network:
+            self.model = AutoModelForSequenceClassification.from_pretrained(folder, use_safetensors=True)
+            self.model.to(self.device).eval()
 
     def predict(self, texts: list[str], pairs: list[str] | None = None, batch_size: int = 32) -> pd.DataFrame:
         """One row per text (and its pair's second text), as the problem type's
         ``prediction_table`` says; tokenised as in training."""
         return self.problem.prediction_table(self.outputs(texts, pairs, batch_size), self.labels)
 
-    @torch.inference_mode()
     def outputs(self, texts: list[str], pairs: list[str] | None = None, batch_size: int = 32) -> np.ndarray:
         """The head's outputs, one row per text."""
         if self.pair and pairs is None:
@@ -87,14 +105,22 @@ class TextClassifier:
         outputs = []
         for start in range(0, len(texts), batch_size):
             second = None if not self.pair else pairs[start : start + batch_size]
-            encoded = encode(self.tokenizer, texts[start : start + batch_size], second, self.max_length, self.truncation)
-            ids, mask = pad_right([np.asarray(seq) for seq in encoded["input_ids"]], self.tokenizer.pad_token_id, np.int64)
-            batch = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
-            if "token_type_ids" in encoded:
-                batch["token_type_ids"] = torch.from_numpy(pad_right([np.asarray(t) for t in encoded["token_type_ids"]],
-                                                                     0, np.int64)[0])
-            outputs.append(self.model(**{k: v.to(self.device) for k, v in batch.items()}).logits.float().cpu())
-        return torch.cat(outputs).numpy()
+            outputs.append(self.forward(self.inputs(texts[start : start + batch_size], second)))
+        return np.concatenate(outputs)
+
+    def inputs(self, texts: list[str], pairs: list[str] | None = None) -> dict[str, np.ndarray]:
+        """What the network reads for one batch of texts: token ids, attention mask (and token
+        types, for a model that has them), tokenised as in training."""
+        encoded = encode(self.tokenizer, texts, pairs, self.max_length, self.truncation)
+        ids, mask = pad_right([np.asarray(seq) for seq in encoded["input_ids"]], self.tokenizer.pad_token_id, np.int64)
+        batch = {"input_ids": ids, "attention_mask": mask}
+        if "token_type_ids" in encoded:
+            batch["token_type_ids"] = pad_right([np.asarray(t) for t in encoded["token_type_ids"]], 0, np.int64)[0]
+        return batch
+
+    def logits(self, **tensors: torch.Tensor) -> torch.Tensor:
+        """The network's outputs for a batch of tensors named as ``inputs`` names them."""
+        return self.model(**tensors).logits
 
 
 def save_text_baseline(features, estimator, path: Path) -> None:
@@ -208,38 +234,48 @@ class TextClassifierModel(mlflow.pyfunc.PythonModel):
         return self.classifier.predict(texts, pairs)
 
 
-class ImagePredictor:
+class ImagePredictor(Network):
     """Predicts for image files from a saved image model folder (a label and class probabilities,
     for a classifier)."""
 
-    def __init__(self, folder: str | Path, device: str = "cpu"):
+    def __init__(self, folder: str | Path, device: str = "cpu", network: bool = True):
+        """``network=False``: as for ``TextClassifier``."""
         from ftsearch.augment import image_eval_transform
         from ftsearch.models.vision import load_image_classifier
 
-        self.model, meta = load_image_classifier(Path(folder))
+        self.device = torch.device(device)
+        if network:
+            self.model, meta = load_image_classifier(Path(folder))
+            self.model.to(self.device)
+        else:
+            meta = read_meta(Path(folder))
         self.labels = tuple(meta["labels"])
         self.problem = saved_problem(meta)
         self.transform = image_eval_transform(meta["preprocessing"])
-        self.device = torch.device(device)
-        self.model.to(self.device)
 
     def predict(self, paths: list[str], batch_size: int = 32) -> pd.DataFrame:
         """One row per image, as the problem type's ``prediction_table`` says."""
         return self.problem.prediction_table(self.outputs(paths, batch_size=batch_size), self.labels)
 
-    @torch.inference_mode()
     def outputs(self, paths: list[str], batch_size: int = 32) -> np.ndarray:
         """The head's outputs, one row per image."""
+        return np.concatenate([self.forward(self.inputs(paths[start : start + batch_size]))
+                               for start in range(0, len(paths), batch_size)])
+
+    def inputs(self, paths: list[str]) -> dict[str, np.ndarray]:
+        """What the network reads for one batch of image files: their pixels, decoded, resized,
+        cropped and normalised as in evaluation."""
         from PIL import Image
 
-        outputs = []
-        for start in range(0, len(paths), batch_size):
-            images = []
-            for path in paths[start : start + batch_size]:
-                with Image.open(path) as image:
-                    images.append(self.transform(image.convert("RGB")))
-            outputs.append(self.model(torch.stack(images).to(self.device)).logits.float().cpu())
-        return torch.cat(outputs).numpy()
+        images = []
+        for path in paths:
+            with Image.open(path) as image:
+                images.append(self.transform(image.convert("RGB")))
+        return {"pixel_values": torch.stack(images).numpy()}
+
+    def logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The network's outputs for a batch of pixels."""
+        return self.model(pixel_values).logits
 
 
 class ImageClassifierModel(mlflow.pyfunc.PythonModel):

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import mlflow
 import pandas as pd
+from mlflow.entities import LoggedModelStatus
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model, ModelSignature
@@ -44,41 +45,43 @@ def _requirements() -> list[str]:
     return pins
 
 
-def register_best(
-    registered_name: str,
-    model_folder: Path,
+def log_model(
     run_id: str,
-    tags: dict[str, str],
+    model_folder: Path,
     entry_file: Path,
     input_example: pd.DataFrame,
     signature: ModelSignature,
-) -> ModelVersion:
-    """Log ``model_folder`` as an MLflow model of ``run_id`` and register it with alias ``candidate``.
+    *,
+    name: str = "model",
+    step: int = 0,
+    tags: dict[str, str] | None = None,
+    model_type: str | None = None,
+) -> str:
+    """Log ``model_folder`` as an MLflow ``LoggedModel`` of ``run_id`` (a pyfunc served by
+    ``entry_file``) and return its ``model_id``. The run's metrics at ``step`` (a trial's best
+    epoch: its validation metrics and measured cost) are linked to it, so MLflow's models view
+    ranks models by them; the run's params become its params.
 
-    ``tags`` (study, trial number, test metrics...) go on the model version; they must already
-    be final, because the alias is set only once everything else has succeeded, and the version
-    is marked complete last. A version left incomplete by a crash is removed by the next call.
-    ``signature``: the modality's inputs and the problem type's outputs.
-    """
-    discard_incomplete(registered_name, run_id)
+    All or nothing: a model that cannot be logged (a full disk: ``DiskFull``) is deleted with what
+    MLflow had copied of it. ``signature``: the modality's inputs and the problem type's outputs."""
     mlflow_client = tracking.client()  # also points MLflow's model logging at the configured store
-    # A LoggedModel of the trial's run, in the run's own experiment, created by the run's id: the
-    # run is never reopened, so it stays FINISHED whatever happens here.
+    # Created in the run's own experiment, by the run's id: the run is never reopened, so it stays
+    # FINISHED (or RUNNING, for a trial) whatever happens here.
     run = mlflow_client.get_run(run_id)
-    logged = mlflow.initialize_logged_model(
-        name="model", source_run_id=run_id, experiment_id=run.info.experiment_id, params=run.data.params
-    )
+    logged = mlflow.initialize_logged_model(name=name, source_run_id=run_id, experiment_id=run.info.experiment_id,
+                                            params=run.data.params, tags=tags, model_type=model_type)
     stored = _local_folder(logged.artifact_location)
     # MLflow stages the model in the temporary folder, then copies it to the artifact store: a
     # full disk in either is named by ``writing``.
     with writing(stored or Path(tempfile.gettempdir())):
         try:
-            info = Model.log(
+            Model.log(
                 artifact_path=None,  # MLflow 3 names a model by ``name``; the old argument is still required
-                name="model",
+                name=name,
                 flavor=mlflow.pyfunc,
                 run_id=run_id,
                 model_id=logged.model_id,
+                step=step,
                 python_model=str(entry_file),
                 artifacts={"model": str(model_folder)},
                 input_example=input_example,
@@ -95,12 +98,41 @@ def register_best(
             with contextlib.suppress(MlflowException):  # the error above is the one to report
                 mlflow_client.delete_logged_model(logged.model_id)
             raise
+    return logged.model_id
 
+
+def logged_model_exists(model_id: str) -> bool:
+    """Whether ``model_id`` is a complete LoggedModel of the configured store (one logged to
+    another store, or deleted, is not)."""
+    try:
+        return tracking.client().get_logged_model(model_id).status == LoggedModelStatus.READY
+    except MlflowException:
+        return False
+
+
+def delete_model(model_id: str) -> None:
+    """Delete a LoggedModel and its artifacts (one logged for a registration that failed)."""
+    mlflow_client = tracking.client()
+    stored = _local_folder(mlflow_client.get_logged_model(model_id).artifact_location)
+    mlflow_client.delete_logged_model(model_id)
+    if stored is not None:
+        shutil.rmtree(stored, ignore_errors=True)
+
+
+def register_best(registered_name: str, model_id: str, run_id: str, tags: dict[str, str]) -> ModelVersion:
+    """Register LoggedModel ``model_id`` (of ``run_id``) as a new version with alias ``candidate``.
+
+    ``tags`` (study, trial number, test metrics...) go on the model version; they must already
+    be final, because the alias is set only once everything else has succeeded, and the version
+    is marked complete last. A version left incomplete by a crash is removed by the next call.
+    """
+    discard_incomplete(registered_name, run_id)
+    mlflow_client = tracking.client()
     version = None
     try:
         # register_model prints its own progress to stderr; ftsearch reports the version itself.
         with contextlib.redirect_stderr(io.StringIO()):
-            version = mlflow.register_model(info.model_uri, registered_name, tags=tags)
+            version = mlflow.register_model(f"models:/{model_id}", registered_name, tags=tags)
         if version.status != "READY":  # register_model waits for it; a store may still say no
             raise FtsearchError(f"{registered_name} v{version.version} did not become ready ({version.status}); nothing was registered")
         mlflow_client.set_registered_model_alias(registered_name, CANDIDATE, version.version)

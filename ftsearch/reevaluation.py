@@ -32,6 +32,7 @@ from optuna.trial import FixedTrial, FrozenTrial
 from ftsearch import tracking
 from ftsearch.disk import DiskFull
 from ftsearch.generations import RETRY_OF_ATTR, RUN_ID_ATTR
+from ftsearch.objectives import primary
 from ftsearch.outcomes import Outcome, end_run, outcome_of
 from ftsearch.problems.base import ProblemType
 from ftsearch.space import sample_trial
@@ -150,7 +151,7 @@ def reevaluate(study: optuna.Study, top: list[FrozenTrial], runner: TrialRunner,
     for trial in top:
         origin = int(trial.user_attrs.get(RETRY_OF_ATTR, trial.number))
         first = config.sampler.seed + origin
-        configuration = Configuration(trial.number, [SeedRun(first, trial.value, trial.user_attrs[RUN_ID_ATTR])])
+        configuration = Configuration(trial.number, [SeedRun(first, primary(trial), trial.user_attrs[RUN_ID_ATTR])])
         recorded = {r["seed"]: SeedRun(**r) for r in done.get(str(trial.number), [])}
         record = functools.partial(_record, study, done, recorded, trial.number)
         for i in range(1, seeds):
@@ -194,7 +195,7 @@ def _train_again(study: optuna.Study, trial: FrozenTrial, seed: int, which: str,
     trial_cfg = sample_trial(FixedTrial(trial.params, trial.number), config, modality.blocks).model_copy(
         update={"seed": seed})
     run = runner.parent.start_reevaluation(trial.number, seed, tags={
-        REEVALUATION_OF_TAG: str(trial.number), "optuna.study": study.study_name})
+        REEVALUATION_OF_TAG: str(trial.number), "optuna.study": study.study_name}, system_metrics=runner.system_metrics)
     record(SeedRun(seed, None, run.run_id, "RUNNING"))
     resume = runner.checkpoints.reevaluation_resume_file(trial.number, seed)
     outcome = Outcome("FAIL")

@@ -1,4 +1,5 @@
-"""Predicting with a registered model: a few inputs from the command line, or a whole file.
+"""Predicting with a registered model: a few inputs from the command line, a whole file, or a
+REST endpoint (``mlflow models serve`` in this environment).
 
 The registered model's signature says what it reads (``text``, ``text`` and ``text_pair``, or image
 ``path``s) and what it returns (its problem type's prediction table); nothing here branches on
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,7 +18,7 @@ import mlflow
 import pandas as pd
 from mlflow.exceptions import MlflowException
 
-from ftsearch import tracking
+from ftsearch import settings, tracking
 from ftsearch.data.text import read_table
 from ftsearch.errors import FtsearchError
 
@@ -119,3 +121,42 @@ def predict_file(model_uri: str, source: Path, target: Path, renames: dict[str, 
     finally:
         partial.unlink(missing_ok=True)
     return len(out)
+
+
+def model_uri(target: str) -> str:
+    """The model ``ftsearch serve TARGET`` serves: ``TARGET`` itself when it is a model URI
+    (``models:/...``, ``runs:/...``) or a model folder, else the ``champion`` of study ``TARGET``
+    (a name under studies/ or a study file). A registered model or alias that does not exist is
+    an error saying what to do."""
+    from ftsearch.config import load_study
+    from ftsearch.publish import CANDIDATE, CHAMPION
+
+    if ":/" in target or Path(target).is_dir():
+        uri = target
+    else:
+        uri = f"models:/{load_study(target).registered_model}@{CHAMPION}"
+    name, at, alias = uri.removeprefix("models:/").partition("@")
+    if uri.startswith("models:/") and at:
+        try:
+            tracking.client().get_model_version_by_alias(name, alias)
+        except MlflowException:
+            hint = (f"promote the candidate first (`ftsearch promote {target}`), or serve models:/{name}@{CANDIDATE}"
+                    if alias == CHAMPION else f"the aliases are set by a search ({CANDIDATE}) and ftsearch promote ({CHAMPION})")
+            raise FtsearchError(f"{uri}: the registered model {name!r} has no version with alias {alias!r} in "
+                                f"{settings.tracking_uri()}; {hint}") from None
+    return uri
+
+
+def server_command(uri: str, host: str, port: int, workers: int) -> tuple[list[str], dict[str, str]]:
+    """The command line serving ``uri`` over REST, and its environment: uvicorn (from this
+    environment's Python, whatever is on PATH) running ``ftsearch.rest_app``, which is MLflow's
+    scoring server (what ``mlflow models serve --env-manager local`` runs) with a check of the
+    inputs MLflow would cast, on the tracking store the model is registered in."""
+    from mlflow.pyfunc import scoring_server
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": settings.tracking_uri(), scoring_server._SERVER_MODEL_PATH: uri,
+           # No network here or on many servers: no telemetry calls.
+           "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
+    command = [sys.executable, "-m", "uvicorn", "--host", host, "--port", str(port), "--workers", str(workers),
+               "ftsearch.rest_app:app"]
+    return command, env

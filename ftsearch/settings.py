@@ -64,27 +64,24 @@ def cache_dir() -> Path:
 
 def gpu_memory_share() -> float | None:
     """This worker's share of its GPU's memory, in (0, 1], when it shares the GPU; None otherwise."""
-    value = os.environ.get(GPU_MEMORY_SHARE_ENV)
-    if not value:
-        return None
-    try:
-        share = float(value)
-    except ValueError:
-        share = 0.0
-    if not 0 < share <= 1:
-        raise FtsearchError(f"{GPU_MEMORY_SHARE_ENV}={value!r}: must be a share of the GPU's memory in (0, 1]")
-    return share
+    return _number(GPU_MEMORY_SHARE_ENV, None, 1, "a share of the GPU's memory")
 
 
 def latency_seconds() -> float:
     """The most seconds ``ftsearch.cost`` spends timing each latency figure of a model."""
-    value = os.environ.get(LATENCY_SECONDS_ENV)
+    return _number(LATENCY_SECONDS_ENV, DEFAULT_LATENCY_SECONDS, 600, "a number of seconds")
+
+
+def _number(name: str, default: float | None, high: float, what: str) -> float | None:
+    """Environment variable ``name`` as a number in (0, ``high``]; ``default`` when it is unset or
+    empty; anything else is an error naming it."""
+    value = os.environ.get(name)
     if not value:
-        return DEFAULT_LATENCY_SECONDS
+        return default
     try:
-        seconds = float(value)
+        number = float(value)
     except ValueError:
-        seconds = 0.0
-    if not 0 < seconds <= 600:
-        raise FtsearchError(f"{LATENCY_SECONDS_ENV}={value!r}: must be a number of seconds in (0, 600]")
-    return seconds
+        number = 0.0
+    if not 0 < number <= high:
+        raise FtsearchError(f"{name}={value!r}: must be {what} in (0, {high:g}]")
+    return number

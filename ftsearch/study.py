@@ -6,6 +6,7 @@ Optuna study or MLflow run exists, so a bad input leaves nothing behind.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -17,7 +18,6 @@ from pathlib import Path
 
 import optuna
 import torch
-from mlflow.models import ModelSignature
 from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
 
@@ -29,20 +29,24 @@ from ftsearch.distributed import parallel, storage, worker
 from ftsearch.errors import BaselineUnavailable, FtsearchError
 from ftsearch.generations import (
     CONFIG_ATTR,
+    COST_ATTR,
     DATA_ATTR,
     FINISHED_STATES,
+    MODEL_ID_ATTR,
     PARENT_RUN_ATTR,
     REASON_ATTR,
     RUN_ID_ATTR,
-    COST_ATTR,
+    SELECT_ATTR,
     best_trial,
     count_states,
+    front,
     generations,
     latest_generation,
     top_trials,
 )
 from ftsearch.modalities import make_modality
 from ftsearch.modalities.base import Modality
+from ftsearch.objectives import primary
 from ftsearch.outcomes import Outcome, end_run
 from ftsearch.predictor import read_meta
 from ftsearch.problems.base import Evaluation, ProblemType
@@ -51,6 +55,7 @@ from ftsearch.train import resolve_device
 from ftsearch.trial import Prepared, TrialRunner, best_info, trial_counts
 
 JOIN_POLL_SECONDS = 2.0
+FRONT_ARTIFACT = "pareto_front.json"  # on the parent run of a study with objectives: the front and the chosen trial
 CANDIDATES_ARTIFACT = "candidates.json"  # on the parent run: every candidate's validation value, the chosen one's test
 SELECTED_FROM_TAG = "ftsearch.selected_from"  # a registered combination: the completed trials it was chosen among
 
@@ -101,7 +106,10 @@ def prepare(options: SearchOptions, reporter: Reporter | None = None) -> Prepare
         overrides.append(f"timeout={options.timeout}")
     config = load_study(options.study, overrides, cpu=device.type == "cpu")
     _check_serve_device(config)
+    settings.latency_seconds()  # a bad FTSEARCH_LATENCY_SECONDS is refused now, not by the first trial
     reporter.info(f"study {config.name} on {device.type.upper()}: {config.plan_summary()}")
+    if note := config.pruning_note():
+        reporter.info(note)
     modality = make_modality(config, device)
     reporter.info(modality.describe())
     for note in modality.checks.notes:
@@ -336,12 +344,18 @@ def open_study(config: StudyConfig, optuna_storage: BaseStorage, fresh: bool) ->
     study = optuna.create_study(
         study_name=name,
         storage=optuna_storage,
-        direction=config.direction,
+        directions=config.objective_directions,
         sampler=make_sampler(config),
         pruner=make_pruner(config),
         load_if_exists=True,
     )
     study.set_user_attr(CONFIG_ATTR, _identity(config))
+    if study.metric_names != config.objective_names:  # the dashboard and the Pareto plot name the axes by them
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # stable since Optuna 3.2 in all but name
+            study.set_metric_names(config.objective_names)
+    # Read by whoever asks for the best trial (generations.best_trial): it may change on a resume.
+    study.set_user_attr(SELECT_ATTR, config.select.model_dump())
     return study
 
 
@@ -397,6 +411,8 @@ def make_sampler(config: StudyConfig, offset: int = 0) -> optuna.samplers.BaseSa
 
 def make_pruner(config: StudyConfig) -> optuna.pruners.BasePruner:
     p = config.pruner
+    if config.objectives:
+        return optuna.pruners.NopPruner()  # Optuna prunes single-objective studies only (StudyConfig.pruning_note)
     # Epochs are reported as steps 1, 2, ...: a warm-up of n steps lets epoch n be the first pruned.
     if p.name == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=p.startup_trials, n_warmup_steps=p.min_epochs)
@@ -425,8 +441,10 @@ def finish_study(study: optuna.Study, prepared: Prepared, parent: tracking.Study
     _end_orphaned_runs(study, parent)
     _log_study_plots(study, parent, runner.reporter)
     best = _best_or_why_none(study, counts, config)
-    summary.best_trial, summary.best_value = best.number, best.value
-    parent.log_best(config.metric, best.value, best.number, best.params)  # workers may have raced on it
+    summary.best_trial, summary.best_value = best.number, primary(best)
+    parent.log_best(config.metric, primary(best), best.number, best.params)  # workers may have raced on it
+    if config.objectives:
+        _log_front(study, best, config, parent, runner.reporter)
     selected_from = ",".join(str(t.number) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
     version = _registered(study, config.registered_model, parent, selected_from)
     if version is not None:
@@ -448,7 +466,7 @@ def finish_study(study: optuna.Study, prepared: Prepared, parent: tracking.Study
     summary.selection = chosen.description
     first = members[chosen.members[0]]
     plain_best = chosen.kind == "best" and first.seed is None and first.number == best.number
-    summary.selection_value = best.value if plain_best else chosen.val[config.metric]
+    summary.selection_value = primary(best) if plain_best else chosen.val[config.metric]
     modality = prepared.modality
     # Its inference cost, measured on the validation split on this machine, travels with it.
     tags = {"study": config.name, "optuna_study": study.study_name, "trial_number": str(first.number),
@@ -477,14 +495,27 @@ def finish_study(study: optuna.Study, prepared: Prepared, parent: tracking.Study
     selection.add_outputs(scored, modality, prepared.device, "test")
     evaluation = chosen.problem.evaluation(scored.targets["test"],
                                            selection.combined_outputs(chosen, members, baseline, "test"))
-    summary.test_metrics = log_test(evaluation, chosen.problem, prepared, run_id)
+    # The best trial itself is registered from its own LoggedModel, whose metrics gain the test
+    # split's; anything else (a soup, a seed, a combination) is logged as a model of its run now.
+    trial_itself = chosen.kind == "best" and first.seed is None
+    model_id = study.trials[first.number].user_attrs.get(MODEL_ID_ATTR) if trial_itself else None
+    if model_id is not None and not publish.logged_model_exists(model_id):
+        model_id = None  # logged to another tracking store, or deleted since
+    summary.test_metrics = log_test(evaluation, chosen.problem, prepared, run_id, model_id)
     if len(found) > 1 or configurations:
         parent.log_dict(selection.report(found, chosen, config.metric, summary.test_metrics,
                                          [c.as_dict(config.metric) for c in configurations]), CANDIDATES_ARTIFACT)
     tags.update({"run_id": run_id, **{k: f"{v:.6f}" for k, v in summary.test_metrics.items()}})
-    signature = ModelSignature(inputs=modality.input_schema(), outputs=modality.problem.output_schema(modality.labels))
-    version = publish.register_best(config.registered_model, folder, run_id, tags, modality.entry_file,
-                                    modality.input_example(), signature)
+    logged_now = model_id is None
+    if logged_now:
+        model_id = runner.log_model(run_id, folder, "model")  # linked to the run's step-0 metrics: test_*
+    try:
+        version = publish.register_best(config.registered_model, model_id, run_id, tags)
+    except BaseException:
+        if logged_now:  # all or nothing: no model left behind for a version that does not exist
+            with contextlib.suppress(Exception):
+                publish.delete_model(model_id)
+        raise
     summary.model_version = version.version
     runner.checkpoints.drop_weights()  # they now live in the registry
     for left in ("selected", "soup", "baseline"):
@@ -514,7 +545,7 @@ def _summary_of(summary: SearchSummary, version, best: FrozenTrial, metric: str)
     summary.model_version = version.version
     summary.test_metrics = {k: float(v) for k, v in version.tags.items() if k.startswith("test_")}
     summary.selection = version.tags.get("selection", f"trial {best.number}")
-    summary.selection_value = float(version.tags.get(f"val_{metric}", best.value))
+    summary.selection_value = float(version.tags.get(f"val_{metric}", primary(best)))
     return summary
 
 
@@ -524,7 +555,14 @@ def _select(study: optuna.Study, prepared: Prepared, parent: tracking.StudyRun, 
     over seeds (empty unless ``selection.seeds`` > 1), best first."""
     config, modality, reporter = prepared.config, prepared.modality, runner.reporter
     wanted = config.selection
-    if config.constraints and (wanted.ensemble or wanted.blend_baseline):
+    if config.objectives and (wanted.ensemble or wanted.blend_baseline or wanted.seeds > 1):
+        # They are judged on the metric alone: the front's trade-off would be lost. The soup keeps
+        # the chosen trial's architecture, so its cost.
+        wanted = wanted.model_copy(update={"ensemble": False, "blend_baseline": False, "seeds": 1})
+        reporter.info("objectives: the trial chosen from the Pareto front is registered (or a weight soup with its "
+                      "backbone's other top trials); the ensemble, the blend with the baseline and re-evaluation over "
+                      "seeds are not candidates (they are judged on the metric alone)")
+    elif config.constraints and (wanted.ensemble or wanted.blend_baseline):
         # A combination costs its members' latency together, which no trial measured: only single
         # models (a trial, a seed, the soup of one backbone's weights) are judged within the bounds.
         wanted = wanted.model_copy(update={"ensemble": False, "blend_baseline": False})
@@ -576,6 +614,23 @@ def _select(study: optuna.Study, prepared: Prepared, parent: tracking.StudyRun, 
                           f"{1000 * candidate.seconds_per_example:.2f} ms per example"
                           + ("  <- chosen" if candidate is chosen else ""))
     return found, chosen, members, baseline, configurations
+
+
+def _log_front(study: optuna.Study, chosen: FrozenTrial, config: StudyConfig, parent: tracking.StudyRun,
+               reporter: Reporter) -> None:
+    """Say and log (``pareto_front.json`` on the parent run) the Pareto front of a study with
+    several objectives and which trial its ``select`` rule chose from it."""
+    names = config.objective_names
+    trials = sorted(front(study), key=lambda t: t.number)
+    rule = config.select.rule + (f" (tolerance {config.select.tolerance:g})" if config.select.rule == "within" else "")
+    reporter.info(f"Pareto front of {', '.join(names)}: {len(trials)} trial(s); select {rule} chose trial {chosen.number}")
+    for trial in trials:
+        values = ", ".join(f"{name} {value:.4g}" for name, value in zip(names, trial.values, strict=True))
+        reporter.info(f"  trial {trial.number}: {values}" + ("  <- chosen" if trial.number == chosen.number else ""))
+    parent.log_dict({"objectives": names, "directions": config.objective_directions,
+                     "select": config.select.model_dump(), "chosen": chosen.number,
+                     "front": [{"trial": t.number, **dict(zip(names, t.values, strict=True))} for t in trials]},
+                    FRONT_ARTIFACT)
 
 
 def _best_or_why_none(study: optuna.Study, counts: dict[str, int], config: StudyConfig) -> FrozenTrial:
@@ -660,14 +715,17 @@ def _end_orphaned_runs(study: optuna.Study, parent: tracking.StudyRun) -> None:
             end_run(tracking.TrialRun(parent.mlflow_client, run_id), Outcome(trial.state.name, reason))
 
 
-def log_test(evaluation: Evaluation, problem: ProblemType, prepared: Prepared, run_id: str) -> dict[str, float]:
+def log_test(evaluation: Evaluation, problem: ProblemType, prepared: Prepared, run_id: str,
+             model_id: str | None = None) -> dict[str, float]:
     """Log the chosen model's one scoring on the held-out test split to ``run_id``: its metrics
-    (``test_<metric>`` for every metric of the problem type), figures and tables. ``problem`` is
-    the one saved with the model: thresholds tuned on validation are applied to test as they are."""
+    (``test_<metric>`` for every metric of the problem type; with ``model_id``, that LoggedModel's
+    too, measured on the test dataset), figures and tables. ``problem`` is the one saved with the
+    model: thresholds tuned on validation are applied to test as they are."""
     modality = prepared.modality
     metrics = {f"test_{name}": value for name, value in evaluation.metrics.items()}
     run = tracking.TrialRun(tracking.client(), run_id)
-    run.log_metrics(metrics, step=0)
+    run.log_metrics(metrics, step=0, model_id=model_id,
+                    dataset=tracking.dataset_of(prepared.config.name, modality.checks.report, "test") if model_id else None)
     figures = problem.figures(evaluation, modality.labels)
     try:
         for path, figure in figures.items():
@@ -686,11 +744,13 @@ def _log_study_plots(study: optuna.Study, parent: tracking.StudyRun, reporter: R
     plots = {"optimization_history.png": optuna_plots.plot_optimization_history}
     if len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) >= 2:
         plots["param_importances.png"] = optuna_plots.plot_param_importances
+    # Of the study's metric: with several objectives Optuna asks which one to plot.
+    target = primary if len(study.directions) > 1 else None
     with warnings.catch_warnings():
         # Optuna flags its matplotlib plots experimental and warns on ties in importances.
         warnings.simplefilter("ignore")
         for path, plot in plots.items():
             try:
-                parent.log_figure(plot(study).figure, path)
+                parent.log_figure(plot(study, target=target).figure, path)
             except Exception as err:  # noqa: BLE001 - a plot is not worth losing the study's model
                 reporter.warn(f"skipped the study plot {path}: {type(err).__name__}: {err}")

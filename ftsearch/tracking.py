@@ -22,7 +22,9 @@ import matplotlib.pyplot as plt
 import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
+from mlflow.environment_variables import MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING
 from mlflow.exceptions import MlflowException
+from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from mlflow.utils.async_logging.run_operations import RunOperations
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
@@ -35,8 +37,8 @@ STUDY_TAG = "ftsearch.study"
 PARENT_TAG = "mlflow.parentRunId"
 STOPPED_TAG = "ftsearch.stopped"  # on the parent run: why the study's stop rule ended it early
 BASELINE_SKIPPED_TAG = "baseline_skipped"  # on the parent run: why no classical baseline could be fitted
-# The MLflow UI opens an experiment by its kind: without one, MLflow 3 opens on its GenAI overview
-# (traces, all empty) rather than the runs.
+# What kind of experiment a study is, for MLflow (its UI offers to set it; ``study_pages`` finds the
+# studies by it). MLflow 3.17's open-source UI does not open an experiment by it (see study_pages).
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "finetuning"
 
@@ -87,6 +89,17 @@ def experiment_id(mlflow_client: MlflowClient, name: str) -> str:
     return mlflow_client.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
 
 
+def study_pages(base_url: str) -> dict[str, str]:
+    """Each study's page in the MLflow UI at ``base_url``: its experiment on the training runs.
+    MLflow 3.17's UI opens an experiment by its sidebar's GenAI / Model training switch (the
+    ``workflowType`` in the address, else the browser's last choice, GenAI at first), not by the
+    experiment's kind tag: the address says Model training."""
+    mlflow_client = client()
+    found = mlflow_client.search_experiments(filter_string=f"tags.`{EXPERIMENT_KIND_TAG}` = '{EXPERIMENT_KIND}'")
+    return {e.name: f"{base_url}/#/experiments/{e.experiment_id}?workflowType=machine_learning"
+            for e in sorted(found, key=lambda e: e.name)}
+
+
 def _usable(mlflow_client: MlflowClient, run_id: str) -> bool:
     """Whether a stored parent run still exists (the MLflow store may have been reset or cleaned)."""
     try:
@@ -95,6 +108,12 @@ def _usable(mlflow_client: MlflowClient, run_id: str) -> bool:
         print(f"warning: MLflow run {run_id} of this study no longer exists; starting a new parent run",
               file=sys.stderr, flush=True)
         return False
+
+
+def system_metrics_on(study_setting: bool) -> bool:
+    """Whether trial runs log system metrics: the study file's ``system_metrics``, unless MLflow's
+    ``MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING`` is set on this machine."""
+    return MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING.get() if MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING.defined else study_setting
 
 
 def close_figures(figures) -> None:
@@ -110,6 +129,11 @@ def _figure_artifact(mlflow_client: MlflowClient, run_id: str, figure, path: str
         plt.close(figure)
 
 
+def dataset_of(study_name: str, report: dict, split: str) -> tuple[str, str]:
+    """The name and digest under which ``log_datasets`` logs ``split`` of the data checks' ``report``."""
+    return f"{study_name}-{split}", report["digests"][split]
+
+
 def log_datasets(mlflow_client: MlflowClient, run_id: str, study_name: str, report: dict, splits: tuple[str, ...]) -> None:
     """Log ``splits`` of the data checks' ``report`` as the run's MLflow dataset inputs (name,
     content digest, source, rows; context train / validation / test), so the UI shows which data a
@@ -117,7 +141,7 @@ def log_datasets(mlflow_client: MlflowClient, run_id: str, study_name: str, repo
     contexts = {"train": "training", "val": "validation", "test": "test"}
     inputs = [
         DatasetInput(
-            Dataset(name=f"{study_name}-{split}", digest=report["digests"][split], source_type="local",
+            Dataset(*dataset_of(study_name, report, split), source_type="local",
                     source=json.dumps({"uri": report["sources"][split]}),
                     profile=json.dumps({"num_rows": report["sizes"][split]})),
             tags=[InputTag(MLFLOW_DATASET_CONTEXT, contexts[split])],
@@ -141,6 +165,13 @@ class TrialRun:
     mlflow_client: MlflowClient
     run_id: str
     _pending: list[tuple[RunOperations, list[Metric]]] = field(default_factory=list, repr=False)
+    _monitor: SystemMetricsMonitor | None = field(default=None, repr=False)
+
+    def monitor_system(self) -> None:
+        """Log the machine's CPU, memory, disk, network (and GPU) use on this run, sampled in the
+        background every ``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` seconds (10), until it ends."""
+        self._monitor = SystemMetricsMonitor(self.run_id, tracking_uri=self.mlflow_client.tracking_uri)
+        self._monitor.start()
 
     def log_params(self, params: dict[str, Any]) -> None:
         self.mlflow_client.log_batch(self.run_id, params=[Param(k, str(v)) for k, v in params.items()])
@@ -151,10 +182,15 @@ class TrialRun:
     def set_tag(self, key: str, value: str) -> None:
         self.mlflow_client.set_tag(self.run_id, key, value)
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        """Queue ``metrics`` at ``step`` for the background sender; returns at once."""
+    def log_metrics(self, metrics: dict[str, float], step: int, model_id: str | None = None,
+                    dataset: tuple[str, str] | None = None) -> None:
+        """Queue ``metrics`` at ``step`` for the background sender; returns at once. With
+        ``model_id`` they are that LoggedModel's metrics too, measured on ``dataset`` (its name
+        and digest, as ``log_datasets`` logs it)."""
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        name, digest = dataset or (None, None)
+        batch = [Metric(k, float(v), now, step, model_id=model_id, dataset_name=name, dataset_digest=digest)
+                 for k, v in metrics.items()]
         self._pending.append((self.mlflow_client.log_batch(self.run_id, metrics=batch, synchronous=False), batch))
 
     def flush(self) -> None:
@@ -176,6 +212,9 @@ class TrialRun:
         """Wait for the queued metrics, tag the Optuna state (and reason) and end the run with the
         matching status."""
         try:
+            if self._monitor is not None:
+                self._monitor.finish()  # its last samples, while the run still takes them
+                self._monitor = None
             self.flush()
             self.mlflow_client.set_tag(self.run_id, STATE_TAG, state)
             if reason:
@@ -212,23 +251,23 @@ class StudyRun:
         mlflow_client = client()
         return cls(mlflow_client, experiment_id(mlflow_client, study_name), run_id, study_name)
 
-    def start_trial(self, number: int, tags: dict[str, str]) -> TrialRun:
-        run = self.mlflow_client.create_run(
-            self.experiment_id,
-            run_name=f"trial-{number}",
-            tags={PARENT_TAG: self.run_id, TRIAL_TAG: str(number), STUDY_TAG: self.study_name, **tags},
-        )
-        return TrialRun(self.mlflow_client, run.info.run_id)
+    def start_trial(self, number: int, tags: dict[str, str], system_metrics: bool = False) -> TrialRun:
+        """The child run of trial ``number`` (logging system metrics while it runs, if asked)."""
+        return self._child(f"trial-{number}", {TRIAL_TAG: str(number), **tags}, system_metrics)
 
-    def start_reevaluation(self, number: int, seed: int, tags: dict[str, str]) -> TrialRun:
+    def start_reevaluation(self, number: int, seed: int, tags: dict[str, str], system_metrics: bool = False) -> TrialRun:
         """A child run that trains trial ``number``'s configuration again with ``seed``. It is not
         a trial (no trial-number tag): the study's trial tables leave it out."""
+        return self._child(f"trial-{number}-seed-{seed}", tags, system_metrics)
+
+    def _child(self, name: str, tags: dict[str, str], system_metrics: bool) -> TrialRun:
         run = self.mlflow_client.create_run(
-            self.experiment_id,
-            run_name=f"trial-{number}-seed-{seed}",
-            tags={PARENT_TAG: self.run_id, STUDY_TAG: self.study_name, **tags},
+            self.experiment_id, run_name=name, tags={PARENT_TAG: self.run_id, STUDY_TAG: self.study_name, **tags}
         )
-        return TrialRun(self.mlflow_client, run.info.run_id)
+        child = TrialRun(self.mlflow_client, run.info.run_id)
+        if system_metrics:
+            child.monitor_system()
+        return child
 
     def log_dict(self, data: dict[str, Any], path: str) -> None:
         self.mlflow_client.log_dict(self.run_id, data, path)

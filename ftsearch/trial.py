@@ -10,19 +10,21 @@ from typing import Any, Protocol
 
 import optuna
 import torch
+from mlflow.models import ModelSignature
 from optuna.trial import FrozenTrial, TrialState
 from transformers import set_seed
 
-from ftsearch import progress, tracking
+from ftsearch import objectives, progress, publish, tracking
 from ftsearch.checkpoints import TrialCheckpoints
-from ftsearch.cost import measure
 from ftsearch.config import StudyConfig
+from ftsearch.cost import measure
 from ftsearch.formatting import first_line
 from ftsearch.generations import (
     COST_ATTR,
     ENQUEUED_FROM_ATTR,
     EPOCH_SECONDS_ATTR,
     METHOD_ATTR,
+    MODEL_ID_ATTR,
     PEAK_MEMORY_ATTR,
     REASON_ATTR,
     RESUMED_ATTR,
@@ -31,6 +33,7 @@ from ftsearch.generations import (
     TRAINABLE_ATTR,
     best_trial,
     count_states,
+    front,
     top_trials,
 )
 from ftsearch.modalities.base import Modality
@@ -103,7 +106,7 @@ def trial_counts(trials: list[FrozenTrial]) -> TrialCounts:
 
 
 def best_info(best: FrozenTrial | None) -> BestTrial | None:
-    return None if best is None else BestTrial(best.number, best.value, dict(best.params))
+    return None if best is None else BestTrial(best.number, objectives.primary(best), dict(best.params))
 
 
 def fit_outcome(result: FitResult, config: StudyConfig) -> Outcome:
@@ -129,13 +132,14 @@ class TrialRunner:
         self.prepared, self.config, self.modality = prepared, prepared.config, prepared.modality
         self.parent, self.checkpoints = parent, checkpoints
         self.reporter = reporter if reporter is not None else progress.PlainReporter()
+        self.system_metrics = tracking.system_metrics_on(self.config.system_metrics)  # on each trial's run
 
-    def __call__(self, trial: optuna.Trial) -> float:
+    def __call__(self, trial: optuna.Trial) -> float | list[float]:
         trial_cfg = sample_trial(trial, self.config, self.modality.blocks)
         tags = {"optuna.study": trial.study.study_name}
         if ENQUEUED_FROM_ATTR in trial.user_attrs:  # a configuration tried first (ftsearch.warmstart)
             tags[ENQUEUED_FROM_ATTR] = trial.user_attrs[ENQUEUED_FROM_ATTR]
-        run = self.parent.start_trial(trial.number, tags=tags)
+        run = self.parent.start_trial(trial.number, tags=tags, system_metrics=self.system_metrics)
         outcome = Outcome("FAIL")
         try:
             self._record_start(trial, trial_cfg, run)
@@ -145,8 +149,13 @@ class TrialRunner:
             if outcome.state == "PRUNED":
                 raise optuna.TrialPruned(outcome.reason)
             self._set_constraints(trial)
+            self._log_trial_model(trial, run, result.best_epoch)
             self._share_if_top(trial, outcome.value, run)
-            return outcome.value
+            if not self.config.objectives:
+                return outcome.value
+            # The best epoch's validation metrics (the saved model's) and its measured costs.
+            return objectives.values(self.config.objective_names, result.history[result.best_epoch - 1].metrics,
+                                     trial.user_attrs[COST_ATTR])
         except BaseException as err:
             outcome = outcome_of(err)
             raise
@@ -231,7 +240,8 @@ class TrialRunner:
             if setup.feature_cache:
                 run.set_tag(FEATURE_CACHE_TAG, setup.feature_cache)
                 self.reporter.info(f"  frozen-prefix cache: {setup.feature_cache}")
-            epochs = _EpochRecorder(trial, run, self.reporter, self.config.metric, logged, trial_cfg.epochs)
+            epochs = _EpochRecorder(trial, run, self.reporter, self.config.metric, logged, trial_cfg.epochs,
+                                    prunable=not self.config.objectives)
             result = fit(
                 setup.model, setup.train_loader, setup.val_loader, train_settings(trial_cfg, self.prepared, accumulation),
                 epochs.on_epoch_end, on_step=self.reporter.step, checkpoint=files[0],
@@ -280,6 +290,30 @@ class TrialRunner:
                            f"{cost.latency_ms_b32:.1f} in batches of 32; {cost.params_m:.1f}M parameters, "
                            f"{cost.size_mb:.1f} MB")
 
+    def log_model(self, run_id: str, folder: Path, name: str, step: int = 0, tags: dict[str, str] | None = None) -> str:
+        """Log the model saved in ``folder`` as an MLflow LoggedModel of ``run_id``, as it is served
+        (the modality's entry file, input example and signature); returns its ``model_id``."""
+        signature = ModelSignature(inputs=self.modality.input_schema(),
+                                   outputs=self.modality.problem.output_schema(self.modality.labels))
+        return publish.log_model(run_id, folder, self.modality.entry_file, self.modality.input_example(), signature,
+                                 name=name, step=step, tags=tags, model_type=self.config.task)
+
+    def _log_trial_model(self, trial: optuna.Trial, run: tracking.TrialRun, best_epoch: int) -> None:
+        """The completed trial's saved model as the LoggedModel ``trial-<n>``, its best epoch's
+        metrics (validation, measured cost) linked, so MLflow's models view ranks the trials' models
+        and a registration of this trial is made from it (``MODEL_ID_ATTR``). One that cannot be
+        logged is said, and the trial stands: its weights are on disk, logged if it is registered."""
+        run.flush()  # MLflow links the run's metrics at the best epoch: they must be stored first
+        try:
+            model_id = self.log_model(run.run_id, self.checkpoints.weights(trial.number), f"trial-{trial.number}",
+                                      best_epoch, tags={tracking.TRIAL_TAG: str(trial.number),
+                                                        tracking.STUDY_TAG: self.parent.study_name})
+        except Exception as err:  # noqa: BLE001 - the model is the trial's record, not its result
+            self.reporter.warn(f"trial {trial.number}: could not log its model to MLflow ({first_line(err)[:300]}); "
+                               "it is logged when it is registered")
+            return
+        trial.set_user_attr(MODEL_ID_ATTR, model_id)
+
     def _set_constraints(self, trial: optuna.Trial) -> None:
         """Each ``constraints`` bound as Optuna's constraint value: the measured cost's relative
         excess over its bound (feasible when <= 0), so that costs in different units weigh alike
@@ -323,11 +357,12 @@ class TrialRunner:
         # Read after the snapshot: a trial finished in it that is not the best now never will be.
         best = best_trial(study)
         self.reporter.trials_updated(trial_counts(trials), best_info(best))
-        top = {t.number for t in top_trials(study, self.config.selection.top_k)}
+        # With several objectives, the front's trials too: the select rule may choose any of them.
+        top = {t.number for t in [*top_trials(study, self.config.selection.top_k), *front(study)]}
         self.checkpoints.keep_only({t.number for t in trials if t.state.is_finished()}, top)
         if best is not None and best.number == trial.number:
             try:
-                self.parent.log_best(self.config.metric, best.value, best.number, best.params)
+                self.parent.log_best(self.config.metric, objectives.primary(best), best.number, best.params)
             except tracking.TrackingError as err:  # logged again when the study finishes
                 self.reporter.warn(f"could not record the new best trial on the MLflow parent run ({first_line(err)[:300]})")
 
@@ -338,8 +373,9 @@ class TrialRunner:
         if not tracking.is_shared():
             return
         top = top_trials(trial.study, self.config.selection.top_k)
-        last = top[-1].value if top else None
-        if (len(top) < self.config.selection.top_k or value == last
+        last = objectives.primary(top[-1]) if top else None
+        # With several objectives any trial may be on the front, until the trials after it say.
+        if (self.config.objectives or len(top) < self.config.selection.top_k or value == last
                 or self.config.problem.better(self.config.metric, value, last)):
             self.checkpoints.upload(run, trial.number)
 
@@ -349,20 +385,22 @@ class _EpochRecorder:
     (which may prune), and epochs inherited from a checkpoint replayed into a retry's run."""
 
     def __init__(self, trial: Attempt, run: tracking.TrialRun, reporter: Reporter, metric: str, logged: set[int],
-                 last_epoch: int):
+                 last_epoch: int, prunable: bool = True):
         self.trial, self.run, self.reporter, self.metric, self.logged = trial, run, reporter, metric, logged
-        self.last_epoch = last_epoch
+        # Optuna takes intermediate values (and prunes) in single-objective studies only.
+        self.last_epoch, self.prunable = last_epoch, prunable
 
     def on_epoch_end(self, m: EpochMetrics) -> bool:
         if m.epoch not in self.logged:
             self.logged.add(m.epoch)
             self.run.log_metrics({"train_loss": m.train_loss, "epoch_seconds": m.seconds,
                                   **{f"val_{k}": v for k, v in m.metrics.items()}}, step=m.epoch)
-            self.trial.report(m.value(self.metric), m.epoch)
+            if self.prunable:
+                self.trial.report(m.value(self.metric), m.epoch)
         self.reporter.epoch_ended(m.epoch, {"train loss": m.train_loss, **{f"val {k}": v for k, v in m.metrics.items()}})
         # Pruning saves the epochs still to come: after the last one it would only throw away a
         # finished model, whose value the study would then never count as complete.
-        return m.epoch < self.last_epoch and self.trial.should_prune()
+        return self.prunable and m.epoch < self.last_epoch and self.trial.should_prune()
 
     def on_resume(self, history: list[EpochMetrics]) -> None:
         # A retry is a new run: it carries the epochs it inherits, so its curve is whole.

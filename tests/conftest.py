@@ -43,9 +43,11 @@ def state_dir(tmp_path, monkeypatch):
     """Each test gets its own MLflow store, Optuna storage and caches."""
     state = tmp_path / "mlruns"
     monkeypatch.setenv("FTSEARCH_STATE_DIR", str(state))
-    # Each trial's model is timed for 0.1 s per latency figure, not the default 1 s: the tiny
+    # Each trial's model is timed for 0.05 s per latency figure, not the default 1 s: the tiny
     # models' latency is a number to log here, not a ranking (tests/test_cost.py times for longer).
-    monkeypatch.setenv("FTSEARCH_LATENCY_SECONDS", "0.1")
+    monkeypatch.setenv("FTSEARCH_LATENCY_SECONDS", "0.05")
+    # No system metrics thread beside every tiny trial (tests/test_study.py turns them on to check them).
+    monkeypatch.setenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     yield state
     # mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI itself; it must not leak into the next test.

@@ -178,6 +178,48 @@ def stop(server: subprocess.Popen) -> None:
         server.wait(timeout=5)
 
 
+def post_json(url: str, body: dict, timeout: float = 120) -> tuple[int, dict | str, float]:
+    """POST ``body`` as JSON: the status, the parsed answer (or its text) and the seconds it took."""
+    import json
+    import time
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    start = time.perf_counter()
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            status, text = response.status, response.read()
+    except urllib.error.HTTPError as err:
+        status, text = err.code, err.read()
+    seconds = time.perf_counter() - start
+    try:
+        return status, json.loads(text), seconds
+    except ValueError:
+        return status, text.decode(errors="replace"), seconds
+
+
+def start_server(command: list[str], env: dict, log: Path, cwd: Path | None = None, timeout: float = 180) -> subprocess.Popen:
+    """Start a model server (``ftsearch serve``) in its own session and wait until its ``/ping``
+    answers; its output goes to ``log``. Stop it with ``stop``."""
+    import time
+    import urllib.request
+
+    port = command[command.index("--port") + 1]
+    with log.open("w") as out:
+        server = subprocess.Popen(command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2):
+                return server
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                stop(server)
+                raise RuntimeError(f"the server did not start: {log.read_text()[-3000:]}") from None
+            time.sleep(1)
+
+
 # Reading back what a search left: the MLflow store and the Optuna storage of the test's state dir.
 PARENT = "mlflow.parentRunId"
 

@@ -118,3 +118,15 @@ def test_constraints_and_the_serve_device_are_checked_as_the_study_file_is_read(
     path = write_study(serve_device="cuda:0")
     assert main(["search", str(path)]) == 2
     assert f"{path}: serve_device 'cuda:0': this machine has no CUDA GPUs; use serve_device: cpu" in capsys.readouterr().err
+
+
+def test_a_bad_latency_budget_is_an_error_naming_the_variable(monkeypatch):
+    from ftsearch import settings
+    from ftsearch.errors import FtsearchError
+
+    for value in ("0", "-1", "soon", "601"):
+        monkeypatch.setenv("FTSEARCH_LATENCY_SECONDS", value)
+        with pytest.raises(FtsearchError, match=rf"FTSEARCH_LATENCY_SECONDS='{value}': must be a number of seconds in \(0, 600\]"):
+            settings.latency_seconds()
+    monkeypatch.delenv("FTSEARCH_LATENCY_SECONDS")
+    assert settings.latency_seconds() == 1.0

@@ -80,6 +80,35 @@ def test_the_experiment_is_a_fine_tuning_one_and_each_trial_measured_its_served_
     assert float(version.tags["latency_ms"]) == pytest.approx(best["latency_ms"], abs=1e-4)
 
 
+def test_each_trial_is_a_logged_model_ranked_by_its_metrics_and_the_registered_one_is_the_best_trials(in_searched):
+    client = store()
+    parents, _ = runs("tiny")
+    experiment = parents[0].info.experiment_id
+    models = {m.name: m for m in client.search_logged_models(experiment_ids=[experiment])}
+    study = optuna_study("tiny")
+    assert set(models) == {f"trial-{t.number}" for t in study.trials}
+    for trial in study.trials:
+        model = models[f"trial-{trial.number}"]
+        assert trial.user_attrs["ftsearch.model_id"] == model.model_id and model.status.name == "READY"
+        assert model.source_run_id == trial.user_attrs["mlflow_run_id"] and model.model_type == "text-classification"
+        assert model.params["lr"] == str(trial.params["lr"]) and model.tags["ftsearch.trial_number"] == str(trial.number)
+        # Its metrics are its run's at the best epoch: what the models view ranks it by.
+        linked = {m.key: m for m in model.metrics}
+        best_epoch = int(client.get_run(model.source_run_id).data.metrics["best_epoch"])
+        assert linked["val_accuracy"].value == trial.value and linked["val_accuracy"].step == best_epoch
+        assert {"latency_ms", "latency_ms_b32", "size_mb", "params_m", "val_f1"} <= set(linked)
+    version = client.get_model_version_by_alias("tiny-sentiment", "candidate")
+    best = study.best_trial
+    registered = client.get_logged_model(best.user_attrs["ftsearch.model_id"])
+    assert version.source == f"models:/{registered.model_id}" and version.tags["trial_number"] == str(best.number)
+    assert json.loads(registered.tags["mlflow.modelVersions"]) == [{"name": "tiny-sentiment", "version": version.version}]
+    # The test split's metrics joined the registered trial's model, measured on the test dataset.
+    test = {m.key: m for m in registered.metrics if m.key.startswith("test_")}
+    assert test["test_accuracy"].value == pytest.approx(float(version.tags["test_accuracy"]), abs=1e-6)
+    assert test["test_accuracy"].dataset_name == "tiny-test"
+    assert test["test_accuracy"].dataset_digest == study.user_attrs["ftsearch.data_digests"]["test"]
+
+
 def test_training_learns_the_task(in_searched):
     _, children = runs("tiny")
     client = store()
@@ -300,6 +329,21 @@ def test_when_every_trial_fails_the_search_says_why(write_study, monkeypatch, ca
     parents, children = runs("tiny")
     assert len(children) == 3
     assert parents[0].info.status == "FAILED" and all(c.info.status == "FAILED" for c in children)
+
+
+def test_trial_runs_log_system_metrics_unless_the_study_or_the_machine_says_not_to(write_study, monkeypatch):
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")  # MLflow's: 10 s, longer than a tiny trial
+    monkeypatch.delenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING")  # the other tests' switch: here the study decides
+    assert main(["search", str(write_study(n_trials=1))]) == 0
+    # The study file turns them off; MLflow's own switch, set on this machine, overrides the file.
+    assert main(["search", str(write_study(n_trials=2, system_metrics=False))]) == 0
+    monkeypatch.setenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
+    assert main(["search", str(write_study(n_trials=3))]) == 0
+    _, children = runs("tiny")
+    logged = {int(c.data.tags["ftsearch.trial_number"]): {k for k in c.data.metrics if k.startswith("system/")}
+              for c in children}
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= logged[0]
+    assert logged[1] == logged[2] == set()
 
 
 def test_registration_is_all_or_nothing(write_study, monkeypatch, capsys):

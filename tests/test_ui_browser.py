@@ -1,9 +1,10 @@
-"""The user's view: a real browser on `mlflow ui` over the store a search and a promote left.
+"""The user's view: a real browser on the MLflow UI over the store a search and a promote left.
 
-A tiny 2-trial study runs, its candidate is promoted to champion, then `mlflow ui` serves that
+A tiny 2-trial study runs, its candidate is promoted to champion, then `ftsearch ui` serves that
 store (as `make ui` does) and headless Chromium, driven by Playwright, checks what a user looks
-for: the study's experiment, its trial runs nested under the study run, a trial's artifacts, and
-the registered model with its `champion` alias. A screenshot of every page goes to
+for: the study's experiment, the link `ftsearch ui` prints opening on its runs with their datasets
+and models, its trial runs nested under the study run, a trial's artifacts, and the registered
+model with its `champion` alias. A screenshot of every page goes to
 $FTSEARCH_TEST_ARTIFACTS (default: test-artifacts/ in the repository).
 
 Needs Debian's chromium (/usr/bin/chromium; .ci/run installs it). Without it the tests skip,
@@ -96,24 +97,27 @@ def store(chromium, tmp_path_factory, tiny_bert, tiny_reviews) -> Store:
     return Store(state, config.name, experiment.experiment_id, summary.parent_run_id, trials, config.registered_model)
 
 
+@dataclass(frozen=True)
+class Ui:
+    """The running UI: its base URL and the link `ftsearch ui` printed for each study."""
+
+    base: str
+    links: dict[str, str]
+
+
 @pytest.fixture(scope="module")
-def ui(store, tmp_path_factory, request) -> str:
-    """`mlflow ui` over the store, as `make ui` starts it; its base URL. Always stopped after."""
+def ui(store, tmp_path_factory, request) -> Ui:
+    """`ftsearch ui` over the store, as `make ui` starts it; always stopped after."""
     folder = tmp_path_factory.mktemp("mlflow-ui")
     port = free_port()
     log = folder / "server.log"
-    command = [
-        str(Path(sys.prefix) / "bin" / "mlflow"), "ui",
-        # As `make ui`: the store's sqlite file. Artifacts need no flag: ftsearch creates each
-        # experiment with an absolute file: artifact location, which the server reads directly.
-        "--backend-store-uri", f"sqlite:///{store.state / 'mlflow.db'}",
-        "--host", "127.0.0.1", "--port", str(port),
-        "--workers", "1",  # the default 4 only slow the start down here
-    ]
+    command = [str(Path(sys.prefix) / "bin" / "ftsearch"), "ui", "--host", "127.0.0.1", "--port", str(port),
+               "--workers", "1"]  # MLflow's default 4 only slow the start down here
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    # No telemetry (there is no network); no job runner: it only serves GenAI scorers, and it
-    # slows both the start and the stop.
-    env.update(MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true", MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    # The store the search left; no telemetry (there is no network); no job runner: it only serves
+    # GenAI scorers, and it slows both the start and the stop.
+    env.update(FTSEARCH_STATE_DIR=str(store.state), MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true",
+               MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     with log.open("wb") as out:
         # Its own session, so that the finalizer can end its whole process group.
         server = subprocess.Popen(
@@ -130,7 +134,7 @@ def ui(store, tmp_path_factory, request) -> str:
             with urllib.request.urlopen(f"{base}/health", timeout=2) as response:
                 if response.status == 200:
                     print(f"mlflow ui answered on {base} after {time.monotonic() - started:.1f} s")
-                    return base
+                    break
         except (urllib.error.URLError, OSError):
             pass
         exited = server.poll()
@@ -140,8 +144,12 @@ def ui(store, tmp_path_factory, request) -> str:
                 else f"did not answer within {SERVER_START_TIMEOUT:.0f} s"
             )
             output = log.read_text(errors="replace")[-6000:]
-            pytest.fail(f"mlflow ui on {base} {what}\ncommand: {' '.join(command)}\n--- its output ---\n{output}")
+            pytest.fail(f"ftsearch ui on {base} {what}\ncommand: {' '.join(command)}\n--- its output ---\n{output}")
         time.sleep(0.5)
+    printed = log.read_text(errors="replace")
+    links = dict(re.findall(r"^  study (\S+): (\S+)$", printed, flags=re.MULTILINE))
+    assert printed.startswith(f"MLflow UI: {base}\n") and set(links) == {store.experiment}, printed[:2000]
+    return Ui(base, links)
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +170,7 @@ def browser(chromium, ui):
 @pytest.fixture
 def page(browser, ui, request):
     """A fresh page on the UI; on failure, a screenshot of where it stood."""
-    context = browser.new_context(base_url=ui, viewport={"width": 1400, "height": 900})
+    context = browser.new_context(base_url=ui.base, viewport={"width": 1400, "height": 900})
     page = context.new_page()
     page.set_default_timeout(PAGE_TIMEOUT_MS)
     failed_before = request.session.testsfailed
@@ -190,22 +198,48 @@ def test_the_study_experiment_is_listed(page, store):
     shoot(page, "experiments")
 
 
-def test_trial_runs_are_children_of_the_study_run(page, store):
+def test_the_printed_link_opens_the_study_on_its_runs_their_datasets_and_their_models(page, store, ui):
     from playwright.sync_api import expect
 
-    # The experiment page opens on the GenAI overview; runs are under the "Model training" workflow.
-    page.goto(f"/#/experiments/{store.experiment_id}/runs?workflowType=machine_learning", wait_until="load")
+    # Not MLflow's GenAI overview (traces, token usage: all empty), where the experiment opens by default.
+    page.goto(ui.links[store.experiment], wait_until="load")
+    expect(page.get_by_text("3 matching runs")).to_be_visible()
+    expect(page.get_by_text(f"study-{store.experiment}", exact=True)).to_be_visible()
+    expect(page.get_by_text("Token Usage")).to_have_count(0)
+    # The study run's datasets: the three splits, each with its content digest.
+    for split in ("train", "val", "test"):
+        expect(page.get_by_text(re.compile(rf"^{store.experiment}-{split} \([0-9a-f]{{16}}\)$"))).to_be_visible()
+    shoot(page, "study-landing")
+    # Its models: each trial's LoggedModel, the registered one with its version (a column the grid
+    # draws only when it is in view: wide enough for it).
+    page.set_viewport_size({"width": 2400, "height": 900})
+    page.get_by_role("link", name="Models", exact=True).first.click()
+    for name in store.trial_runs:
+        expect(page.get_by_text(name, exact=True).first).to_be_visible()
+    registered = page.get_by_role("row").filter(has=page.get_by_text("trial-", exact=False)).filter(
+        has_text=re.compile(rf"{re.escape(store.model)}\s*v1"))
+    expect(registered).to_have_count(1)
+    # The registered trial's model holds its test metrics too, measured on the test split's dataset.
+    expect(registered).to_contain_text(re.compile(rf"{store.experiment}-test"))
+    shoot(page, "study-models")
+
+
+def test_trial_runs_are_children_of_the_study_run(page, store, ui):
+    from playwright.sync_api import expect
+
+    page.goto(ui.links[store.experiment], wait_until="load")
     parent_name = f"study-{store.experiment}"
     run_names = page.locator('[col-id="attributes.`Run Name`"]')
     parent_cell = run_names.filter(has=page.get_by_text(parent_name, exact=True))
     expect(parent_cell).to_be_visible()
     expect(page.get_by_text("3 matching runs")).to_be_visible()
-    # Children are collapsed under their parent until its expander is clicked.
+    # Children are collapsed under their parent until its expander is clicked (their models,
+    # named as they are, show in the Models column meanwhile).
     for name in store.trial_runs:
-        expect(page.get_by_text(name, exact=True)).to_have_count(0)
+        expect(run_names.get_by_text(name, exact=True)).to_have_count(0)
     parent_cell.get_by_role("button").click()
     for name, run_id in store.trial_runs.items():
-        link = page.get_by_role("link", name=name, exact=True)
+        link = run_names.get_by_role("link", name=name, exact=True)
         expect(link).to_be_visible()
         assert link.get_attribute("href").endswith(f"/runs/{run_id}")
     shoot(page, "runs")
@@ -255,3 +289,4 @@ def test_the_registered_model_has_the_champion_alias(page, store):
     expect(version.locator('[role="status"][title="champion"]')).to_be_visible()
     expect(version.locator('[role="status"][title="candidate"]')).to_be_visible()
     shoot(page, "model")
+

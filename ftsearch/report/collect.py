@@ -40,10 +40,16 @@ from ftsearch.generations import (
     TRAINABLE_ATTR,
     best_trial,
     count_states,
+    front,
+    is_multi_objective,
     latest_generation,
 )
+from ftsearch.objectives import primary
 
 ALIASES = ("champion", "candidate")  # the first that exists is the model shown
+# What `ftsearch export` logs on the registered version's run (ftsearch.export.Exported.metrics).
+LATENCY_METRICS = ("torch_latency_ms", "torch_latency_ms_b32", "onnx_latency_ms", "onnx_latency_ms_b32",
+                   "onnx_max_abs_diff")
 CANDIDATES = "candidates.json"  # on the parent run: the models judged on validation (ftsearch.study)
 TEST_PREFIX = "test_"  # run metrics, version tags and root artifacts under this prefix are about the test split
 FIGURE_SUFFIX = ".png"  # test_<name>.png: a figure, shown as is
@@ -140,6 +146,10 @@ class ModelSummary:
     test: dict[str, float]
     figures: dict[str, bytes] = field(default_factory=dict)
     tables: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    # Milliseconds per example where it is served: ``latency_ms`` / ``latency_ms_b32`` as its
+    # trial measured them (version tags), and ``ftsearch export``'s PyTorch and ONNX Runtime
+    # figures (``torch_latency_ms``, ``onnx_latency_ms``, ... and ``onnx_max_abs_diff``, run metrics).
+    latency: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -171,6 +181,8 @@ class StudyReport:
     stopped: str = ""  # why the study's stop rule ended it early (tag ``ftsearch.stopped``)
     candidates: list[CandidateRow] = field(default_factory=list)  # none when only the best trial was judged
     reevaluation: list[ReevaluationRow] = field(default_factory=list)  # best mean first; none without seeds
+    objectives: list[str] = field(default_factory=list)  # a study with several: their names, the metric first
+    front: list[int] = field(default_factory=list)  # and the trials on its Pareto front
 
     @property
     def metric(self) -> str:
@@ -182,7 +194,7 @@ class StudyReport:
 
     @property
     def maximize(self) -> bool:
-        return self.study.direction == optuna.study.StudyDirection.MAXIMIZE
+        return self.study.directions[0] == optuna.study.StudyDirection.MAXIMIZE
 
     def is_best(self, row: TrialRow) -> bool:
         return self.best is not None and row.number == self.best.number
@@ -230,9 +242,10 @@ def collect(config: StudyConfig, storage_url: str | None = None) -> StudyReport:
     client = tracking.client()
     notes: list[str] = []
     trials = study.get_trials(deepcopy=False)
-    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
+    maximize = study.directions[0] == optuna.study.StudyDirection.MAXIMIZE
     rows, curves = _rows(client, trials, f"val_{config.metric}", maximize, notes)
-    # The best trial is Optuna's (the one the search registered), also when others tie with it.
+    # The best trial is the one the search chose (Optuna's, or the select rule's from the Pareto
+    # front), also when others tie with it.
     best_frozen = best_trial(study)
     best_number = best_frozen.number if best_frozen is not None else None
     rows.sort(key=lambda r: _rank_key(r, maximize, best_number))
@@ -258,6 +271,8 @@ def collect(config: StudyConfig, storage_url: str | None = None) -> StudyReport:
         best=best,
         best_test=metrics_on_test(best_run.data.metrics) if best_run is not None else {},
         model=_registered_model(client, config.registered_model, config.metric, notes),
+        objectives=list(study.metric_names or [config.metric]) if is_multi_objective(study) else [],
+        front=sorted(t.number for t in front(study)),
         notes=notes,
         **(_data_report(client, parent_run_id, notes) if parent_run_id else {}),
         **(_candidates(client, parent_run_id, config.metric, notes) if parent_run_id else {}),
@@ -343,7 +358,7 @@ def _curve(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float
 
 def _row(trial: FrozenTrial, curve: list[tuple[int, float]] | None, maximize: bool) -> TrialRow:
     if trial.state == TrialState.COMPLETE:
-        value = trial.value
+        value = primary(trial)
     else:
         # Optuna's reported values, one per epoch, survive even when the MLflow run does not.
         reported = [v for v in trial.intermediate_values.values() if not math.isnan(v)]
@@ -426,6 +441,9 @@ def _registered_model(client: MlflowClient, name: str, metric: str, notes: list[
         run_id = tags.get("run_id") or version.run_id or ""
         figures, tables = _test_artifacts(client, run_id, notes) if run_id else ({}, {})
         val = tags.get(f"val_{metric}")
+        run = _get_run(client, run_id) if run_id else None
+        measured = {k: v for k, v in (run.data.metrics.items() if run is not None else ()) if k in LATENCY_METRICS}
+        latency = {k: float(tags[k]) for k in ("latency_ms", "latency_ms_b32") if _number(tags.get(k)) is not None}
         return ModelSummary(
             name=name,
             version=str(version.version),
@@ -438,6 +456,7 @@ def _registered_model(client: MlflowClient, name: str, metric: str, notes: list[
             test=metrics_on_test(tags),
             figures=figures,
             tables=tables,
+            latency=latency | measured,
         )
     return None
 

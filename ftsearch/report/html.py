@@ -19,6 +19,7 @@ import jinja2
 from markupsafe import Markup
 
 from ftsearch.formatting import MISSING, format_metric, format_seconds, format_value
+from ftsearch.objectives import primary
 from ftsearch.report.collect import StudyReport
 from ftsearch.report.views import (
     TableView,
@@ -29,6 +30,8 @@ from ftsearch.report.views import (
     cost_head,
     counts_text,
     data_view,
+    front_text,
+    latency_sentence,
     method_rows,
     method_table,
     methods_gap,
@@ -104,11 +107,12 @@ def render_html(report: StudyReport) -> str:
     return _environment().get_template(TEMPLATE).render(
         report=report,
         counts=counts_text(report),
-        direction=report.study.direction.name.lower(),
+        direction=report.study.directions[0].name.lower(),
         generated=dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
         comparison=comparison_rows(report),
         gaps=comparison_gaps(report),
         model_sentence=model_sentence(report),
+        latency=latency_sentence(report),
         model_metrics={k: format_metric(v) for k, v in model_metrics(report).items()},
         model_figures=_model_figures(report),
         model_tables=_model_tables(report),
@@ -208,13 +212,51 @@ def _study_plots(report: StudyReport, figures: _Figures) -> list[Plot]:
             with warnings.catch_warnings():
                 # Optuna flags some plots experimental and warns on ties: not the reader's concern.
                 warnings.simplefilter("ignore")
-                fig = draw(report.study, target_name=f"val {report.metric}", **({"params": varying} if by_params else {}))
+                fig = draw(report.study, target=primary if report.objectives else None, target_name=f"val {report.metric}",
+                           **({"params": varying} if by_params else {}))
             plot.figure = figures.markup(fig)
         except Exception as err:  # noqa: BLE001 - one plot must not cost the whole report
             plot.notes.append(f"Could not draw this plot: {type(err).__name__}: {err}")
         if draw is vis.plot_param_importances and len(complete) < ROUGH_IMPORTANCES:
             plot.notes.append(f"Estimated from only {len(complete)} completed trials: a hint, not a measurement.")
+    if report.objectives:
+        plots.insert(0, _pareto_plot(report, figures))
     return plots
+
+
+def _pareto_plot(report: StudyReport, figures: _Figures) -> Plot:
+    """Optuna's Pareto front of a study with several objectives (the first two when there are
+    more than three): every completed trial, the front highlighted, infeasible trials apart, and
+    the trial the study's select rule chose marked."""
+    import plotly.graph_objects as go
+    from optuna import visualization as vis
+
+    plot = Plot("pareto-front", "Pareto front")
+    plot.notes.append(front_text(report))
+    if not report.front:
+        return plot
+    names = report.objectives if len(report.objectives) <= 3 else report.objectives[:2]
+    picked = (lambda t: t.values[: len(names)]) if len(names) < len(report.objectives) else None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # experimental-feature warnings
+            fig = vis.plot_pareto_front(report.study, target_names=[_axis(n) for n in names], targets=picked)
+        if report.best is not None and len(names) == 2:
+            chosen = report.study.trials[report.best.number]
+            fig.add_trace(go.Scatter(x=[chosen.values[0]], y=[chosen.values[1]], mode="markers", name="chosen",
+                                     marker={"symbol": "star", "size": 18, "color": "gold",
+                                             "line": {"width": 1, "color": "black"}},
+                                     hovertext=[f"trial {chosen.number} (chosen)"]))
+        plot.figure = figures.markup(fig)
+    except Exception as err:  # noqa: BLE001 - one plot must not cost the whole report
+        plot.notes.append(f"Could not draw this plot: {type(err).__name__}: {err}")
+    return plot
+
+
+def _axis(name: str) -> str:
+    """An objective's axis title: a validation metric, or a cost with its unit."""
+    return {"latency_ms": "latency, ms per example", "latency_ms_b32": "latency at batch 32, ms per example",
+            "params_m": "parameters, millions", "size_mb": "size, MB"}.get(name, f"val {name}")
 
 
 def learning_curves_figure(report: StudyReport):

@@ -20,6 +20,8 @@ from ftsearch.report.views import (
     cost_cells,
     cost_head,
     counts_text,
+    front_text,
+    latency_sentence,
     method_rows,
     method_table,
     model_sentence,
@@ -49,12 +51,16 @@ def print_report(report: StudyReport, top: int = 10, console: Console | None = N
         _print_leaderboard(console, report, shown)
     else:
         console.print("No trial has run yet: nothing to rank.")
+    if report.objectives:
+        console.print(Text(front_text(report)))
     methods = method_rows(report)
     if len(methods) > 1:  # with one method the leaderboard already says it all
         view = method_table(report, methods)
         console.print(_table(view, view.caption))
     _print_comparison(console, report)
     console.print(Text(model_sentence(report)))
+    if latency := latency_sentence(report):
+        console.print(Text(latency))
     _print_tables(console, report)
     for note in report.notes:
         console.print(Text(f"note: {note}", style="yellow"))

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ftsearch.formatting import MISSING, format_metric, format_seconds
+from ftsearch.generations import SELECT_ATTR
 from ftsearch.report.collect import TEST_PREFIX, StudyReport, TrialRow, study_argument
 
 
@@ -46,6 +47,21 @@ def split_params(params: list[dict[str, Any]]) -> tuple[list[str], dict[str, Any
 def ranking_text(report: StudyReport) -> str:
     """``highest first`` or ``lowest first``: which way the leaderboard ranks the study's metric."""
     return "highest first" if report.maximize else "lowest first"
+
+
+def front_text(report: StudyReport) -> str:
+    """What a study with several objectives kept: its Pareto front and the trial the select rule
+    chose from it, and that it pruned nothing."""
+    select = report.study.user_attrs.get(SELECT_ATTR, {})
+    rule = select.get("rule", "best") + (f", tolerance {select['tolerance']:g}" if select.get("rule") == "within" else "")
+    if not report.front:
+        chosen = "no completed trial within the constraints yet"
+    else:
+        chosen = (f"trial{'s' if len(report.front) > 1 else ''} {', '.join(map(str, report.front))}; "
+                  f"the select rule ({rule}) chose trial {report.best.number if report.best else '?'}")
+    note = report.config.pruning_note()
+    return (f"Objectives {', '.join(report.objectives)}. Pareto front: {chosen}."
+            + (f" {note[0].upper()}{note[1:]}." if note else ""))
 
 
 def state_label(row: TrialRow) -> str:
@@ -256,6 +272,26 @@ def model_sentence(report: StudyReport) -> str:
         origin += " (another generation than this report's)"
     hint = "" if model.alias == "champion" else f"; no champion yet: `ftsearch promote {study_argument(report.config)}`"
     return f"{model.alias}: {model.name} v{model.version} from {origin}: {tests}{hint}"
+
+
+def latency_sentence(report: StudyReport) -> str | None:
+    """What the registered model costs per example where it is served: as its trial measured it,
+    and with ONNX Runtime beside PyTorch once ``ftsearch export`` timed both; None when nothing
+    was measured (a combination of models, an older study)."""
+    model = report.model
+    ms = model.latency if model is not None else {}
+
+    def pair(key: str) -> str:
+        return f"{ms[key]:.2f} ms alone, {ms[key + '_b32']:.2f} ms in batches of 32"
+
+    if "onnx_latency_ms" in ms:
+        return (f"Latency per example on the CPU, timed by ftsearch export on the validation split: PyTorch "
+                f"{pair('torch_latency_ms')}; ONNX Runtime {pair('onnx_latency_ms')} (outputs within "
+                f"{ms['onnx_max_abs_diff']:.2g} of PyTorch's).")
+    if "latency_ms" in ms:
+        return (f"Latency per example where it is served, as its trial measured it: {pair('latency_ms')}; "
+                f"`ftsearch export models:/{model.name}/{model.version}` times it under ONNX Runtime too.")
+    return None
 
 
 def model_metrics(report: StudyReport) -> dict[str, float]:
