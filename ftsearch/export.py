@@ -85,17 +85,18 @@ def export(uri: str, fmt: str, output: Path | None = None) -> Exported:
     if fmt not in FORMATS:
         raise FtsearchError(f"--format {fmt!r}: ftsearch exports to {', '.join(FORMATS)}")
     version = _version(uri)
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=settings.tracking_uri()))
-    folder = _model_folder(local)
-    if is_ensemble(folder):
-        members = [m["path"] for m in read_meta(folder)["ensemble"]["members"]]
-        raise FtsearchError(f"{uri} is a combination of {len(members)} models ({', '.join(members)}): ONNX export takes "
-                            "one network; register a single model (selection: {ensemble: false, blend_baseline: false}) "
-                            "to export it")
-    inputs = _validation_inputs(version.run_id, folder)
-    network = TextClassifier(folder) if "max_length" in read_meta(folder) else ImagePredictor(folder)
     target = output or settings.state_dir() / "exports" / f"{version.name}-v{version.version}-{fmt}"
     with tempfile.TemporaryDirectory(prefix="ftsearch-onnx-") as staging:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(Path(staging) / "registered"),
+                                                    tracking_uri=settings.tracking_uri())
+        folder = _model_folder(Path(local))
+        if is_ensemble(folder):
+            members = [m["path"] for m in read_meta(folder)["ensemble"]["members"]]
+            raise FtsearchError(f"{uri} is a combination of {len(members)} models ({', '.join(members)}): ONNX export "
+                                "takes one network; register a single model (selection: {ensemble: false, "
+                                "blend_baseline: false}) to export it")
+        inputs = _validation_inputs(version.run_id, folder)
+        network = TextClassifier(folder) if "max_length" in read_meta(folder) else ImagePredictor(folder)
         onnx_folder = Path(staging) / ONNX_ARTIFACT
         _write_onnx(network, [column[:2] for column in inputs], onnx_folder / ONNX_FILE)
         for path in folder.iterdir():  # what reads the inputs: the tokenizer, ftsearch.json, the config

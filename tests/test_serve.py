@@ -1,6 +1,7 @@
-"""Serving that holds up: `ftsearch serve` starts `mlflow models serve` for a study's champion in
-this environment (without it on PATH), answers good requests with labels and probabilities,
-refuses bad ones with a 400 that says what was wrong, and takes 100 concurrent requests."""
+"""Serving that holds up: `ftsearch serve` starts MLflow's scoring server (what `mlflow models serve`
+runs) for a study's champion from this environment (not on PATH), answers good requests with
+labels and probabilities, refuses bad ones with a 400 that says what was wrong, and takes 100
+concurrent requests."""
 
 from __future__ import annotations
 
@@ -55,8 +56,8 @@ def server(champion, tmp_path_factory):
 
 @pytest.mark.slow  # a search and a model server
 def test_a_good_request_gets_labels_and_probabilities(server):
-    status, answer, _ = post_json(server, {"dataframe_split": {"columns": ["text"],
-                                                          "data": [["great superb loved film"], ["awful dull hated plot"]]}})
+    texts = [["great superb loved film"], ["awful dull hated plot"]]
+    status, answer, _ = post_json(server, {"dataframe_split": {"columns": ["text"], "data": texts}})
     assert status == 200, answer
     first, second = answer["predictions"]
     assert (first["label"], second["label"]) == ("pos", "neg")
