@@ -20,12 +20,21 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import nn
 
-from ftsearch.data.features import budget_bytes, budget_shortfall, feature_bytes, feature_loader, prefix_features
-from ftsearch.data.tokens import TokenizedSplit, make_loader
+from ftsearch.data.features import (
+    FeatureFill,
+    PrefixStates,
+    budget_bytes,
+    budget_shortfall,
+    feature_bytes,
+    feature_loader,
+    open_entry,
+)
+from ftsearch.data.tokens import LengthGroupedBatches, TokenizedSplit, make_loader
 from ftsearch.errors import FtsearchError
 from ftsearch.models import Layers
 from ftsearch.models import text as text_models
@@ -243,16 +252,27 @@ class FrozenPrefixCache:
         needed = sum(feature_bytes(t, model.config.hidden_size) for t in tokens.values())
         if needed > budget_bytes():
             return None, f"off ({budget_shortfall(needed)})"
-        features, notes = {}, []
+        entries, notes = {}, []
         for split, split_tokens in tokens.items():
-            features[split], how = prefix_features(model, depth, split_tokens, max_length, pad_id, self.device)
-            if features[split] is None:
+            entries[split], how = open_entry(model, depth, split_tokens, max_length, self.device)
+            if entries[split] is None:
+                for opened in entries.values():
+                    if isinstance(opened, FeatureFill):
+                        opened.abandon()
                 return None, f"off ({split}: {how})"
             notes.append(f"{split} {how}")
         cuda = self.device.type == "cuda"
-        train = feature_loader(features["train"], batch_size, shuffle=True, seed=seed, pin_memory=cuda)
-        val = feature_loader(features["val"], self.eval_batch_size, shuffle=False, pin_memory=cuda)
-        return CachedTraining(UpperBlocksClassifier(model, depth), train, val), f"depth {depth}: " + ", ".join(notes)
+        loaders = {}
+        for split, entry in entries.items():
+            size, shuffle = (batch_size, True) if split == "train" else (self.eval_batch_size, False)
+            features = partial(feature_loader, batch_size=size, shuffle=shuffle, seed=seed, pin_memory=cuda)
+            if isinstance(entry, FeatureFill):
+                sampler = LengthGroupedBatches(tokens[split].lengths(), size, shuffle=shuffle, seed=seed)
+                loaders[split] = PrefixStates(entry, tokens[split], pad_id, model, depth, self.device, features, sampler)
+            else:
+                loaders[split] = features(entry)
+        return (CachedTraining(UpperBlocksClassifier(model, depth), loaders["train"], loaders["val"]),
+                f"depth {depth}: " + ", ".join(notes))
 
     def _cut_problem(self, model: nn.Module, backbone: str, depth: int, val: TokenizedSplit, pad_id: int) -> str:
         """Why training from cached hidden states would not be training this model ('' if nothing).
@@ -265,13 +285,13 @@ class FrozenPrefixCache:
         batch = next(iter(make_loader(val, min(4, len(val.ids)), pad_id, shuffle=False)))
         ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
         segments = {"token_type_ids": batch["token_type_ids"].to(self.device)} if "token_type_ids" in batch else {}
-        model.to(self.device)
+        model.to(self.device).eval()  # without dropout, both ways (training sets its own mode)
         try:
             # The same precision as training: bf16 autocast on a GPU.
             with torch.inference_mode(), torch.autocast(self.device.type, torch.bfloat16, enabled=self.device.type == "cuda"):
                 states = prefix_hidden_states(model, depth, ids, mask, segments.get("token_type_ids")).to(torch.float16)
                 full = model(input_ids=ids, attention_mask=mask, **segments).logits.float()
-                cached = UpperBlocksClassifier(model, depth).eval()(inputs_embeds=states, attention_mask=mask).logits.float()
+                cached = UpperBlocksClassifier(model, depth)(inputs_embeds=states, attention_mask=mask).logits.float()
         except Exception as err:  # noqa: BLE001 - an architecture the cut does not fit
             return f"{backbone} cannot be cut after block {depth}: {type(err).__name__}: {str(err)[:120]}"
         if not torch.allclose(cached, full, rtol=CACHE_RTOL, atol=CACHE_ATOL):

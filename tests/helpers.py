@@ -274,3 +274,24 @@ def seeded_classifier(tiny_bert: Path):
 
     torch.manual_seed(0)
     return load_classifier(tiny_bert, ("neg", "pos"))
+
+
+def cached_features(model, depth: int, split, max_length: int = 32):
+    """``(entry, how)``: the split's frozen-prefix cache entry, written (when it is not cached
+    yet) by one pass of the loader that writes it during a trial's first epoch."""
+    from functools import partial
+
+    import torch
+
+    from ftsearch.data.features import FeatureFill, PrefixStates, feature_loader, open_entry
+    from ftsearch.data.tokens import LengthGroupedBatches
+
+    cpu = torch.device("cpu")
+    entry, how = open_entry(model, depth, split, max_length, cpu)
+    if isinstance(entry, FeatureFill):
+        states = PrefixStates(entry, split, 0, model, depth, cpu, partial(feature_loader, batch_size=64, shuffle=False),
+                              LengthGroupedBatches(split.lengths(), 64, shuffle=False))
+        for _ in states:
+            pass
+        entry = states.entry
+    return entry, how

@@ -17,7 +17,7 @@ from transformers import AutoTokenizer
 
 from ftsearch.adaptation import adapt, freeze_lowest_blocks
 from ftsearch.cli import main
-from ftsearch.data.features import feature_loader, prefix_features
+from ftsearch.data.features import feature_loader
 from ftsearch.data.tokens import make_loader, tokenize_cached
 from ftsearch.errors import FtsearchError
 from ftsearch.models.text import UpperBlocksClassifier, load_classifier, transformer_blocks
@@ -25,7 +25,7 @@ from ftsearch.problems import problem_type
 from ftsearch.space import TrialConfig
 from ftsearch.train import TrainSettings, make_optimizer
 from ftsearch.train import fit as train_fit
-from tests.helpers import labelled_reviews, optuna_study, tiny_study
+from tests.helpers import cached_features, labelled_reviews, optuna_study, tiny_study
 
 CPU = torch.device("cpu")
 fit = partial(train_fit, scoring=problem_type("single-label-classification"))
@@ -189,8 +189,8 @@ def test_lora_above_a_cached_prefix_trains_as_it_does_without_the_cache(tiny_ber
     plain = fit(plain_model, *loaders(tokens), settings, groups=plain_groups)
     model = text_model(tiny_bert)
     groups = adapt(model, lora).groups
-    train, _ = prefix_features(model, 1, tokens["train"], 32, 0, CPU)
-    val, _ = prefix_features(model, 1, tokens["val"], 32, 0, CPU)
+    train, _ = cached_features(model, 1, tokens["train"])
+    val, _ = cached_features(model, 1, tokens["val"])
     cached = fit(UpperBlocksClassifier(model, 1), feature_loader(train, 16, shuffle=True, seed=0),
                  feature_loader(val, 64, shuffle=False), settings, groups=groups)
     assert [m.train_loss for m in cached.history] == pytest.approx([m.train_loss for m in plain.history], rel=0.02)

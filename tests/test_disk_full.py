@@ -24,14 +24,22 @@ from transformers import AutoTokenizer
 from ftsearch import settings
 from ftsearch.adaptation import freeze_lowest_blocks
 from ftsearch.cli import main
-from ftsearch.data.features import cache_root, prefix_features
+from ftsearch.data.features import cache_root
 from ftsearch.data.tokens import tokenize_cached
 from ftsearch.disk import DiskFull, writing
 from ftsearch.models.text import load_classifier
 from ftsearch.problems import problem_type
 from ftsearch.train import TrainSettings
 from ftsearch.train import fit as train_fit
-from tests.helpers import labelled_reviews, optuna_study, review_loaders, runs, seeded_classifier, store
+from tests.helpers import (
+    cached_features,
+    labelled_reviews,
+    optuna_study,
+    review_loaders,
+    runs,
+    seeded_classifier,
+    store,
+)
 
 CPU = torch.device("cpu")
 fit = partial(train_fit, scoring=problem_type("single-label-classification"))
@@ -147,34 +155,45 @@ def fail_cache_writes(monkeypatch, where: str) -> None:
 
 
 @pytest.mark.parametrize("where", ["features", "index"])
-def test_a_full_disk_while_caching_features_leaves_no_partial_entry(tiny_bert, monkeypatch, where):
+def test_a_full_disk_while_caching_features_leaves_no_partial_entry(tiny_bert, monkeypatch, capsys, where):
     tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
     tokens = tokenize_cached(tokenizer, labelled_reviews(32, 3), 32, settings.cache_dir() / "tokens")
     frozen = _frozen(tiny_bert, 1)
     with monkeypatch.context() as patch:
         fail_cache_writes(patch, where)
-        entry, why = prefix_features(frozen, 1, tokens, 32, 0, CPU)
+        entry, why = cached_features(frozen, 1, tokens)
     assert entry is None
-    assert why.startswith(f"no space left on device writing {cache_root()}/d1-len32-") and "free space on " in why
-    assert why.endswith("; the trial trains without the cache")
+    if where == "features":  # allocating, before the first epoch: the trial trains without the cache
+        message = why
+        assert why.endswith("; the trial trains without the cache")
+    else:  # publishing, after the first epoch: the states are computed again, as without the cache
+        message = capsys.readouterr().err
+        assert message.rstrip().endswith("; the states are computed again each epoch")
+    assert f"no space left on device writing {cache_root()}/d1-len32-" in message and "free space on " in message
     assert list(cache_root().iterdir()) == []  # neither the entry nor its partial folder
     # With space again, the entry is written and read back as usual.
-    assert prefix_features(frozen, 1, tokens, 32, 0, CPU)[1].startswith("computed")
-    assert prefix_features(frozen, 1, tokens, 32, 0, CPU)[1] == "hit"
+    assert cached_features(frozen, 1, tokens)[1] == "written by the first epoch"
+    assert cached_features(frozen, 1, tokens)[1] == "hit"
 
 
-def test_a_trial_whose_feature_cache_meets_a_full_disk_trains_without_it(write_study, monkeypatch, capsys):
-    fail_cache_writes(monkeypatch, "index")
-    path = write_study("cached", n_trials=1, **ONE_EPOCH, **{"search.freeze_depth": {"low": 1, "high": 1},
-                                                             "search.augment": {}})
+@pytest.mark.parametrize("where", ["features", "index"])
+def test_a_trial_whose_feature_cache_meets_a_full_disk_trains_without_it(write_study, monkeypatch, capsys, where):
+    fail_cache_writes(monkeypatch, where)
+    path = write_study("cached", n_trials=1, **{"search.freeze_depth": {"low": 1, "high": 1}, "search.augment": {},
+                                                "search.epochs": {"low": 2, "high": 2}})
     assert main(["search", str(path)]) == 0
     [trial] = optuna_study("cached").trials
-    assert trial.state.name == "COMPLETE"
+    assert trial.state.name == "COMPLETE" and len(trial.intermediate_values) == 2
     [child] = runs("cached")[1]
     note = child.data.tags["ftsearch.feature_cache"]
-    assert note.startswith(f"off (train: no space left on device writing {cache_root()}/d1-len32-")
-    assert note.endswith("; the trial trains without the cache)")
-    assert f"frozen-prefix cache: {note}" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert f"frozen-prefix cache: {note}" in out
+    if where == "features":
+        assert note.startswith(f"off (train: no space left on device writing {cache_root()}/d1-len32-")
+        assert note.endswith("; the trial trains without the cache)")
+    else:  # found out when the first epoch publishes what it wrote
+        assert note == "depth 1: train written by the first epoch, val written by the first epoch"
+        assert f"frozen-prefix cache: no space left on device writing {cache_root()}/d1-len32-" in err
     assert list(cache_root().iterdir()) == []
 
 

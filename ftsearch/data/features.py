@@ -2,8 +2,9 @@
 
 A trial that freezes the embeddings and the lowest k blocks, and does not augment its inputs,
 computes the same hidden states after block k for every example in every epoch; so do all trials
-that share the backbone, k and the tokenised data. They are computed once, stored in half
-precision on disk (memory-mapped, so the OS keeps hot entries in memory), and the trial trains
+that share the backbone, k and the tokenised data. They are computed once, by the first such
+trial's first epoch as it trains (``PrefixStates``), stored in half precision on disk
+(memory-mapped, so the OS keeps hot entries in memory), and every later epoch and trial trains
 only the blocks above k from them.
 
 An entry is keyed by a hash of the frozen weights themselves, k, the maximum length, the token
@@ -19,7 +20,11 @@ import errno
 import hashlib
 import os
 import shutil
+import sys
 import time
+import uuid
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -163,23 +168,17 @@ def _make_room(root: Path, needed: int, budget: int) -> None:
         shutil.rmtree(oldest, ignore_errors=True)
 
 
-def prefix_features(
-    model: nn.Module,
-    depth: int,
-    split: TokenizedSplit,
-    max_length: int,
-    pad_id: int,
-    device: torch.device,
-    batch_size: int = 64,
-) -> tuple[FeatureSplit | None, str]:
-    """The split's hidden states after the lowest ``depth`` blocks, from the cache or computed now.
+def open_entry(
+    model: nn.Module, depth: int, split: TokenizedSplit, max_length: int, device: torch.device,
+) -> tuple[FeatureSplit | FeatureFill | None, str]:
+    """The split's entry for the hidden states after the lowest ``depth`` blocks of ``model``.
 
-    Returns ``(None, why)`` when the entry cannot fit in the cache's budget or the disk is full
-    (the caller then trains without the cache; no partial entry is left), else
-    ``(features, 'hit' | 'computed in N s')``.
+    ``(features, 'hit')`` when it is cached; ``(fill, 'written by the first epoch')`` when it is not, with room made
+    and the disk allocated for it: a ``FeatureFill`` that the first pass of training writes
+    (``PrefixStates``); ``(None, why)`` when it cannot fit in the cache's budget or on the disk
+    (the trial then trains without the cache; nothing partial is left).
     """
     hidden = model.config.hidden_size
-    tokens = int(sum(len(ids) for ids in split.ids))
     needed = feature_bytes(split, hidden)
     budget = budget_bytes()
     if needed > budget:
@@ -190,35 +189,76 @@ def prefix_features(
         entry = _open(folder)
         if entry is not None:
             return entry, "hit"
-    start = time.monotonic()
     # Written under a private name, then renamed: a concurrent worker never sees a partial entry.
-    partial = root / f".{folder.name}.{os.getpid()}.tmp"
+    partial = root / f".{folder.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     try:
         with writing(folder):
             try:
                 root.mkdir(parents=True, exist_ok=True)
                 _make_room(root, needed, budget)
-                shutil.rmtree(partial, ignore_errors=True)
                 partial.mkdir()
-                offsets = np.cumsum([0] + [len(ids) for ids in split.ids]).astype(np.int64)
-                store = _allocate(partial / FEATURES_FILE, (tokens, hidden))
-                _compute_into(store, offsets, model, depth, split, pad_id, device, batch_size)
-                store.flush()
-                del store
-                np.savez(partial / INDEX_FILE, offsets=offsets, labels=np.asarray(split.labels))
+                return FeatureFill(folder, partial, split, hidden), "written by the first epoch"
             except BaseException:
                 shutil.rmtree(partial, ignore_errors=True)  # before ``writing`` measures the free space
                 raise
     except DiskFull as full:
         return None, f"{full}; the trial trains without the cache"
-    try:
-        os.rename(partial, folder)
-    except OSError:  # another worker finished the same entry first; theirs is as good
-        shutil.rmtree(partial, ignore_errors=True)
-    entry = _open(folder)
-    if entry is None:  # evicted at once by another worker's budget: train without the cache
-        return None, "evicted by another process as soon as it was written (raise the budget)"
-    return entry, f"computed in {time.monotonic() - start:.0f} s"
+
+
+class FeatureFill:
+    """A cache entry being written as its split passes once through the frozen prefix.
+
+    Training's first epoch computes these hidden states anyway, so it ``record``s them batch by
+    batch instead of the cache computing them in a pass of its own before training. ``finish``
+    publishes the entry once every example is recorded. An entry that is never finished (the
+    epoch was cut short, the trial failed) is deleted, never read: ``abandon``, or when the fill
+    is garbage collected.
+    """
+
+    def __init__(self, folder: Path, partial: Path, split: TokenizedSplit, hidden: int):
+        self.folder, self.partial = folder, partial
+        self.offsets = np.cumsum([0] + [len(ids) for ids in split.ids]).astype(np.int64)
+        self.labels = np.asarray(split.labels)
+        self._missing = np.ones(len(split.ids), dtype=bool)
+        self._started = time.monotonic()
+        self._cleanup = weakref.finalize(self, shutil.rmtree, partial, True)
+        self._store = _allocate(partial / FEATURES_FILE, (int(self.offsets[-1]), hidden))
+
+    @property
+    def complete(self) -> bool:
+        """Whether every example's states are recorded."""
+        return not self._missing.any()
+
+    def record(self, rows: list[int], states: np.ndarray) -> None:
+        """Store ``states`` (batch, padded length, hidden) of examples ``rows`` of the split."""
+        for row, i in enumerate(rows):
+            self._store[self.offsets[i] : self.offsets[i + 1]] = states[row, : self.offsets[i + 1] - self.offsets[i]]
+        self._missing[rows] = False
+
+    def finish(self) -> tuple[FeatureSplit | None, str]:
+        """Publish the complete entry under its key: ``(features, 'written in N s')``, or
+        ``(None, why)`` when it could not be (the caller goes on without it)."""
+        try:
+            with writing(self.folder):
+                self._store.flush()
+                del self._store
+                np.savez(self.partial / INDEX_FILE, offsets=self.offsets, labels=self.labels)
+        except DiskFull as full:
+            self.abandon()
+            return None, str(full)
+        try:
+            os.rename(self.partial, self.folder)
+        except OSError:  # another worker finished the same entry first; theirs is as good
+            shutil.rmtree(self.partial, ignore_errors=True)
+        self._cleanup.detach()
+        entry = _open(self.folder)
+        if entry is None:
+            return None, "evicted by another process as soon as it was written (raise the budget)"
+        return entry, f"written in {time.monotonic() - self._started:.0f} s"
+
+    def abandon(self) -> None:
+        """Delete the partial entry."""
+        self._cleanup()
 
 
 def _allocate(path: Path, shape: tuple[int, int]) -> np.memmap:
@@ -241,19 +281,60 @@ def _allocate(path: Path, shape: tuple[int, int]) -> np.memmap:
     return np.lib.format.open_memmap(path, mode="r+")
 
 
-def _compute_into(store, offsets, model, depth, split, pad_id, device, batch_size) -> None:
-    model.to(device)
-    lengths = np.diff(offsets)
-    collate = PadCollator(pad_id)
-    for rows in LengthGroupedBatches(lengths, batch_size, shuffle=False):  # longest first: least padding
-        batch = collate([split.example(i) for i in rows])
-        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        types = batch["token_type_ids"].to(device) if "token_type_ids" in batch else None
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            states = prefix_hidden_states(model, depth, ids, mask, types)
-        states = states.to("cpu", torch.float16).numpy()
-        for row, i in enumerate(rows):
-            store[offsets[i] : offsets[i + 1]] = states[row, : offsets[i + 1] - offsets[i]]
+class PrefixStates:
+    """Batches of a split's hidden states after the frozen prefix, for ``UpperBlocksClassifier``.
+
+    Until the split's entry is complete, each pass batches its tokens, runs them through the
+    lowest ``depth`` blocks of ``model`` and records the states in ``fill``; the pass that
+    completes it publishes the entry (``entry``), and later passes read it (``features``, a
+    ``feature_loader``). So the first epoch costs what an uncached one does and trains on exactly
+    what later epochs read (float16 states; bf16 autocast on a GPU, as in training). The batch
+    order is the same either way: the length-grouped sampler's state carries over.
+    """
+
+    generator = None  # what ``ftsearch.train`` checkpoints of a DataLoader
+
+    def __init__(self, fill: FeatureFill, split: TokenizedSplit, pad_id: int, model: nn.Module, depth: int,
+                 device: torch.device, features: Callable[[FeatureSplit], DataLoader], sampler: LengthGroupedBatches):
+        self.fill, self.split, self.model, self.depth, self.device = fill, split, model, depth, device
+        self.features = features
+        self.collate = PadCollator(pad_id)
+        self.batch_sampler = sampler
+        self.entry: FeatureSplit | None = None
+        self._loader: DataLoader | None = None
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+    def __iter__(self):
+        if self._loader is not None:
+            yield from self._loader
+            return
+        for rows in self.batch_sampler:
+            batch = self.collate([self.split.example(i) for i in rows])
+            states = self._states(batch)
+            if self.fill is not None:
+                self.fill.record(rows, states.to("cpu").numpy())
+            yield {"inputs_embeds": states, "attention_mask": batch["attention_mask"], "labels": batch["labels"]}
+        if self.fill is not None and self.fill.complete:
+            self._publish()
+
+    def _states(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+        types = batch["token_type_ids"].to(self.device) if "token_type_ids" in batch else None
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            return prefix_hidden_states(self.model, self.depth, ids, mask, types).to(torch.float16)
+
+    def _publish(self) -> None:
+        self.entry, how = self.fill.finish()
+        self.fill = None
+        if self.entry is None:  # later passes compute the states again, as without the cache
+            print(f"warning: frozen-prefix cache: {how}; the states are computed again each epoch",
+                  file=sys.stderr, flush=True)
+            return
+        self._loader = self.features(self.entry)
+        self._loader.batch_sampler.load_state_dict(self.batch_sampler.state_dict())
+        self.batch_sampler = self._loader.batch_sampler
 
 
 class _FeatureExamples(Dataset):

@@ -45,6 +45,10 @@ class TokenizedSplit:
             return self.ids[index], self.labels[index]
         return self.ids[index], self.labels[index], self.type_ids[index]
 
+    def lengths(self) -> np.ndarray:
+        """Each example's number of tokens."""
+        return np.fromiter((len(ids) for ids in self.ids), dtype=np.int64, count=len(self.ids))
+
 
 def tokenizer_key(tokenizer) -> str:
     """A hash of everything that decides how the tokenizer splits text."""
@@ -254,8 +258,7 @@ def make_loader(
 ) -> DataLoader:
     """A DataLoader over a tokenised split with length-grouped, dynamically padded batches;
     shuffling and augmentation are seeded."""
-    lengths = np.fromiter((len(ids) for ids in split.ids), dtype=np.int64, count=len(split.ids))
     return batched_loader(
-        _Examples(split), lengths, batch_size, PadCollator(pad_id, augment, seed),
+        _Examples(split), split.lengths(), batch_size, PadCollator(pad_id, augment, seed),
         shuffle=shuffle, seed=seed, pin_memory=pin_memory,
     )

@@ -180,7 +180,7 @@ def _swapped(owner: nn.Module, name: str, replacement: nn.Module) -> Iterator[No
         setattr(owner, name, original)
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference mode: a first epoch trains the upper blocks on these states
 def prefix_hidden_states(
     model: nn.Module, depth: int, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     token_type_ids: torch.Tensor | None = None,
@@ -193,11 +193,15 @@ def _prefix_forward(model: nn.Module, depth: int, input_ids: torch.Tensor, atten
                     token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
     owner, name = _blocks_owner(model)
     blocks = getattr(owner, name)
-    model.eval()
+    training = model.training
+    model.eval()  # the frozen prefix runs without dropout, as in training (freeze_lowest_blocks)
     # Only a pair's segments are passed: models without them (DistilBERT) take no such argument.
     segments = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
-    with _swapped(owner, name, nn.ModuleList(blocks[:depth])):
-        return model.base_model(input_ids=input_ids, attention_mask=attention_mask, **segments).last_hidden_state
+    try:
+        with _swapped(owner, name, nn.ModuleList(blocks[:depth])):
+            return model.base_model(input_ids=input_ids, attention_mask=attention_mask, **segments).last_hidden_state
+    finally:
+        model.train(training)
 
 
 def trainable_inputs_of_prefix(model: nn.Module, depth: int, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[str]:
