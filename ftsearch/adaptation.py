@@ -215,11 +215,12 @@ def _groups(model: nn.Module, layers: Layers, trial: TrialConfig) -> list[ParamG
 
 @dataclass
 class CachedTraining:
-    """A trial that trains from cached hidden states: the wrapped model and its loaders."""
+    """A trial that trains from cached hidden states: the wrapped model and its loaders (each a
+    ``PrefixStates`` while its split's entry is yet to be written by the first epoch)."""
 
     model: UpperBlocksClassifier
-    train_loader: torch.utils.data.DataLoader
-    val_loader: torch.utils.data.DataLoader
+    train_loader: torch.utils.data.DataLoader | PrefixStates
+    val_loader: torch.utils.data.DataLoader | PrefixStates
 
 
 @dataclass
