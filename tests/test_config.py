@@ -26,8 +26,9 @@ def test_every_shipped_study_loads(path, cpu):
 def test_cpu_plan_shrinks_imdb():
     full, cpu = load_study("imdb"), load_study("imdb", cpu=True)
     assert full.data.train_size is None
-    assert cpu.data.train_size == 1600 and cpu.search.max_length == [256]
-    assert "train 1600" in cpu.plan_summary()
+    assert cpu.data.train_size == 4000 and cpu.search.max_length == [256] and cpu.search.truncation == ["head_tail"]
+    assert full.search.augment.token_mask is not None and cpu.search.augment.used() == set()  # the cache applies
+    assert "train 4000" in cpu.plan_summary()
 
 
 def test_overrides_are_typed_and_win_over_the_plan():

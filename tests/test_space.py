@@ -25,9 +25,10 @@ def test_samples_stay_in_range_and_freeze_depth_follows_the_backbone(blocks, exp
 
 
 def test_fixed_trial_gives_exactly_those_values():
-    config = load_study("imdb", cpu=True)
-    params = {"backbone": "minilm-l6", "freeze_depth": 5, "lr": 1e-4, "batch_size": 32, "weight_decay": 0.01,
-              "epochs": 2, "warmup_ratio": 0.05, "max_length": 256, "token_mask": 0.1, "token_delete": 0.0}
+    config = load_study("imdb")
+    params = {"backbone": "minilm-l6", "freeze_depth": 4, "lr": 1e-4, "batch_size": 32, "weight_decay": 0.01,
+              "epochs": 2, "warmup_ratio": 0.05, "max_length": 256, "truncation": "head", "token_mask": 0.1,
+              "token_delete": 0.0}
     cfg = sample_trial(optuna.trial.FixedTrial(params), config, {"minilm-l6": 6})
     dump = cfg.model_dump()
     assert {k: dump[k] for k in params} == params and dump["seed"] == 0
