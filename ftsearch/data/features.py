@@ -220,7 +220,6 @@ class FeatureFill:
         self.offsets = np.cumsum([0] + [len(ids) for ids in split.ids]).astype(np.int64)
         self.labels = np.asarray(split.labels)
         self._missing = np.ones(len(split.ids), dtype=bool)
-        self._started = time.monotonic()
         self._cleanup = weakref.finalize(self, shutil.rmtree, partial, True)
         self._store = _allocate(partial / FEATURES_FILE, (int(self.offsets[-1]), hidden))
 
@@ -236,8 +235,8 @@ class FeatureFill:
         self._missing[rows] = False
 
     def finish(self) -> tuple[FeatureSplit | None, str]:
-        """Publish the complete entry under its key: ``(features, 'written in N s')``, or
-        ``(None, why)`` when it could not be (the caller goes on without it)."""
+        """Publish the complete entry under its key: ``(features, '')``, or ``(None, why)`` when it
+        could not be (the caller goes on without it)."""
         try:
             with writing(self.folder):
                 self._store.flush()
@@ -254,7 +253,7 @@ class FeatureFill:
         entry = _open(self.folder)
         if entry is None:
             return None, "evicted by another process as soon as it was written (raise the budget)"
-        return entry, f"written in {time.monotonic() - self._started:.0f} s"
+        return entry, ""
 
     def abandon(self) -> None:
         """Delete the partial entry."""
